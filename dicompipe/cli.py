@@ -1,0 +1,208 @@
+"""The ``dicompipe`` command. Research use only.
+
+Examples::
+
+    dicompipe series study/ --json
+    dicompipe analyze study/ --organ lung --out runs/
+    dicompipe history list --since 2026-01-01
+
+Each subcommand is a thin wrapper over a library function; errors from the
+``DicompipeError`` family print one clear message and exit 2 (traceback with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dicompipe.errors import DicompipeError
+from dicompipe.types import RESEARCH_USE
+
+
+def _p_series(sub):
+    p = sub.add_parser("series", help="list the series found under PATH and which one would be analysed",
+                       description="Discover DICOM series (folder, zip, DICOMDIR, file), PNG/JPG slices "
+                                   "or NIfTI under PATH; show which series would be chosen and why the "
+                                   "others were not. Reads headers only; never writes to PATH.")
+    p.add_argument("path", help="a folder, a .zip of one, a DICOM file, an image folder or a NIfTI file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--series", help="force a series by SeriesInstanceUID, series number or key")
+    p.add_argument("--include-phi", action="store_true", help="also show patient name/ID")
+    p.set_defaults(func=_cmd_series)
+
+
+def _cmd_series(args) -> int:
+    raise NotImplementedError  # io stage: table/JSON of io.discover + io.select
+
+
+def _p_analyze(sub):
+    p = sub.add_parser("analyze", help="analyse one CT and write a report folder",
+                       description="Analyse one CT (DICOM folder/zip/file, PNG/JPG slices, NIfTI): "
+                                   "choose the series, prepare it in HU, classify each slice with "
+                                   "the organ's ResNet50, aggregate a calibrated verdict, explain "
+                                   "with Grad-CAM and write reports into a new folder under --out. "
+                                   + RESEARCH_USE)
+    p.add_argument("input", help="the CT to analyse")
+    p.add_argument("--organ", choices=["lung", "pancreas", "auto"], default="auto",
+                   help="organ model to use (auto: from headers, else from lung-air content)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
+    p.add_argument("--series", help="force a series by SeriesInstanceUID, series number or key")
+    p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference backend (auto: ONNX Runtime on CPU when installed)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--all-slices", action="store_true", help="do not skip slices outside the organ")
+    p.add_argument("--cam", dest="cam", action="store_true", default=True, help="Grad-CAM (default)")
+    p.add_argument("--no-cam", dest="cam", action="store_false", help="skip Grad-CAM")
+    p.add_argument("--cam-slices", choices=["all", "key"], default="key",
+                   help="which slices get CAM image files (computation always covers all)")
+    p.add_argument("--format", default=None,
+                   help="comma list of outputs: txt,png,json,nifti,dicom (default: all but dicom)")
+    p.add_argument("--include-phi", action="store_true",
+                   help="write patient identifiers into reports and history (off by default)")
+    p.add_argument("--history", help="case-history database file (default: user data dir)")
+    p.add_argument("--no-history", action="store_true", help="do not record the case")
+    p.add_argument("--config", help="pipeline config YAML (default: configs/<organ>.yaml)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from dicompipe import history, report
+    from dicompipe.pipeline import analyze
+
+    bar = None if args.quiet else _ProgressBar()
+    try:
+        a = analyze(args.input, organ=args.organ, model=args.model, series=args.series,
+                    device=args.device, backend=args.backend, cam=args.cam,
+                    select_slices=not args.all_slices, config=args.config,
+                    batch_size=args.batch_size, include_phi=args.include_phi,
+                    progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    formats = args.format.split(",") if args.format else None
+    try:
+        run_dir = report.write(a, args.out, formats=formats, cam_slices=args.cam_slices,
+                               include_phi=args.include_phi)
+    except DicompipeError as e:
+        if not args.no_history:
+            history.record(a, report_dir=None, db=args.history, status="failed", reason=str(e))
+        raise
+    if not args.no_history:
+        history.record(a, report_dir=run_dir, db=args.history)
+    v = a.verdict
+    probs = ", ".join(f"{k} {p:.2f}" for k, p in v.probabilities.items())
+    print(f"{a.organ}: {v.label.upper()}{' (uncertain)' if v.uncertain else ''}  [{probs}]")
+    print(f"series: {a.series.series_description or a.series.key} ({a.series.reason})")
+    for w in a.warnings:
+        print(f"warning: {w}")
+    print(f"report: {run_dir}")
+    print(RESEARCH_USE)
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar on stderr fed by analyze()'s progress callback."""
+
+    def __init__(self):
+        from tqdm import tqdm
+        self._bar = tqdm(total=100, file=sys.stderr, leave=False,
+                         bar_format="{desc:<28}{bar}| {percentage:3.0f}% {elapsed}")
+
+    def __call__(self, stage: str, fraction: float, message: str):
+        self._bar.set_description_str(stage)
+        self._bar.n = int(100 * fraction)
+        self._bar.refresh()
+
+    def close(self):
+        self._bar.close()
+
+
+def _p_train(sub):
+    p = sub.add_parser("train", help="train a bundle on labelled images or DICOM")
+    p.add_argument("data", help="class-folder image tree or CSV manifest")
+    p.add_argument("--organ", choices=["lung", "pancreas"], required=True)
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from dicompipe.model.train import main as train_main
+    return train_main(args)
+
+
+def _p_evaluate(sub):
+    p = sub.add_parser("evaluate", help="evaluate a bundle on a leak-free split, write metrics")
+    p.add_argument("data", help="class-folder image tree or CSV manifest")
+    p.add_argument("--model", required=True, help="bundle name or folder")
+    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from dicompipe.model.evaluate import main as evaluate_main
+    return evaluate_main(args)
+
+
+def _p_history(sub):
+    p = sub.add_parser("history", help="the case history (list, show, export)")
+    p.add_argument("--db", help="history database (default: user data dir)")
+    hs = p.add_subparsers(dest="history_cmd", required=True)
+    lp = hs.add_parser("list", help="list recorded analyses")
+    lp.add_argument("--patient", help="patient pseudonym (or ID with --include-phi records)")
+    lp.add_argument("--since", help="YYYY-MM-DD")
+    lp.add_argument("--organ")
+    lp.add_argument("--json", action="store_true")
+    sp = hs.add_parser("show", help="show one record")
+    sp.add_argument("id", type=int)
+    ep = hs.add_parser("export", help="export the history")
+    ep.add_argument("--csv", metavar="FILE", default="-", help="CSV file (default: stdout)")
+    p.set_defaults(func=_cmd_history)
+
+
+def _cmd_history(args) -> int:
+    from dicompipe.history import main as history_main
+    return history_main(args)
+
+
+def _p_ui(sub):
+    p = sub.add_parser("ui", help="start the web app (needs dicompipe[ui])")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost")
+    p.set_defaults(func=_cmd_ui)
+
+
+def _cmd_ui(args) -> int:
+    from dicompipe.ui import launch
+    return launch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicompipe", description=__doc__.split("\n")[0],
+                                     epilog=RESEARCH_USE)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    from dicompipe import __version__
+    parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DicompipeError as e:
+        if args.debug:
+            raise
+        print(f"dicompipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dicompipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""``analyze()``: the one orchestrator that the CLI, the UI and batch runners call.
+
+Example::
+
+    >>> import dicompipe
+    >>> a = dicompipe.analyze("study/", organ="lung")
+    >>> print(a.verdict.label, a.verdict.probabilities)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from dicompipe import io
+from dicompipe.errors import DicompipeError, UnsupportedInput
+from dicompipe.types import Analysis
+
+ORGANS = ("lung", "pancreas")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: progress callback: (stage name, fraction done 0..1, message)
+Progress = Callable[[str, float, str], None]
+
+
+def load_config(organ: str, path: str | Path | None = None) -> dict:
+    """The pipeline settings for an organ (``configs/<organ>.yaml``) or from ``path``."""
+    if organ not in ORGANS:
+        raise UnsupportedInput(f"Unknown organ {organ!r}: choose one of {', '.join(ORGANS)} or 'auto'.")
+    p = Path(path) if path else CONFIG_DIR / f"{organ}.yaml"
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise DicompipeError(f"Cannot read pipeline config {p}: {e.strerror}.") from e
+
+
+def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
+            device: str = "auto", backend: str = "auto", cam: bool = True,
+            select_slices: bool = True, config: str | Path | None = None,
+            batch_size: int = 16, include_phi: bool = False,
+            progress: Progress | None = None) -> Analysis:
+    """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.
+
+    ``organ``: "lung", "pancreas" or "auto" (from BodyPartExamined/descriptions, else content).
+    ``model``: a bundle name or folder (default: the organ config's built-in bundle).
+    ``series``: force a series by SeriesInstanceUID, series number or discover key.
+    ``progress``: optional callback ``(stage, fraction, message)``; silent when None.
+    Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
+    """
+    from dicompipe import explain, model as model_stage, preprocess
+
+    say = progress or (lambda *a: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 4)
+        t0 = now
+
+    say("discover", 0.0, f"Reading headers under {path}")
+    candidates = io.discover(path)
+    lap("discover")
+    chosen = io.select(candidates, series=series)
+    lap("select")
+    say("load", 0.1, f"Loading series {chosen.series_description or chosen.key}")
+    volume = io.load(chosen)
+    lap("load")
+
+    organ, organ_reason = _resolve_organ(organ, chosen, volume)
+    cfg = load_config(organ, config)
+    bundle = model_stage.load_bundle(model or cfg["model"], organ=organ)
+    lap("load_model")
+
+    say("preprocess", 0.25, "Windowing, resampling and selecting slices")
+    sel = cfg.get("slice_selection", {})
+    batch = preprocess.prepare(volume, bundle.spec, organ=organ,
+                               select_slices=select_slices and sel.get("enabled", True),
+                               selection=sel)
+    lap("preprocess")
+
+    say("predict", 0.4, f"Classifying {len(batch.included)} slices")
+    preds = model_stage.predict(
+        bundle, batch, device=device, backend=backend, batch_size=batch_size,
+        progress=(lambda f: say("predict", 0.4 + 0.4 * f, "Classifying slices")) if progress else None)
+    lap("predict")
+    agg = {k: v for k, v in (cfg.get("aggregation") or {}).items() if v is not None}
+    verdict = model_stage.aggregate(preds, bundle=bundle, **agg)
+    lap("aggregate")
+
+    cams = None
+    if cam:
+        say("explain", 0.85, "Grad-CAM for every analysed slice")
+        cams = explain.gradcam(preds)
+        lap("explain")
+
+    warnings = [*chosen.warnings, *volume.warnings, *batch.warnings]
+    return Analysis(
+        input=str(path), organ=organ, organ_reason=organ_reason, series=chosen,
+        candidates=candidates, volume=volume, batch=batch, predictions=preds,
+        verdict=verdict, cams=cams, model=bundle.card(), timings=timings,
+        warnings=list(dict.fromkeys(warnings)),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        include_phi=include_phi)
+
+
+_ORGAN_WORDS = {
+    "lung": ("CHEST", "LUNG", "THORAX", "THORACIC", "TORSO_CHEST", "PULM"),
+    "pancreas": ("ABDOMEN", "PANCREAS", "ABD", "PELVIS", "LIVER", "ABDOMINAL"),
+}
+
+
+def _resolve_organ(organ: str, series, volume) -> tuple[str, str]:
+    """Pick the organ for "auto" from header words, else from the lung-air fraction."""
+    if organ != "auto":
+        if organ not in ORGANS:
+            raise UnsupportedInput(
+                f"Unknown organ {organ!r}: choose one of {', '.join(ORGANS)} or 'auto'.")
+        return organ, "given by the user"
+    text = " ".join(filter(None, [series.body_part, series.series_description])).upper()
+    for name, words in _ORGAN_WORDS.items():
+        hit = next((w for w in words if w in text.split() or w in text), None)
+        if hit:
+            return name, f"auto: header says {hit!r} (BodyPartExamined/SeriesDescription)"
+    if volume.windowed:
+        raise UnsupportedInput(
+            "Cannot choose the organ automatically for already-windowed PNG/JPG slices "
+            "(no headers, no Hounsfield units): pass --organ lung or --organ pancreas.")
+    a = volume.array
+    body = a > -500
+    lung_air = (a > -950) & (a < -400)
+    frac = float(lung_air.sum()) / max(1, int(body.sum() + lung_air.sum()))
+    if frac > 0.15:
+        return "lung", f"auto: lung-air fraction {frac:.2f} > 0.15 of the body (no header hint)"
+    return "pancreas", f"auto: lung-air fraction {frac:.2f} <= 0.15 of the body (no header hint)"
