@@ -1,0 +1,66 @@
+"""The ResNet50 classifier (DESIGN.md): MONAI ResNet, Bottleneck [3, 4, 6, 3], 2D,
+``conv1_t_stride=2`` (standard ImageNet topology, 4.1 GMAC at 224, layer4 7x7).
+
+Layer names match torchvision's resnet50, so an ImageNet state dict loads by name.
+
+Example::
+
+    >>> net = resnet50(num_classes=3)
+    >>> logits, layer4 = forward_with_features(net, torch.zeros(1, 3, 224, 224))
+    >>> layer4.shape
+    torch.Size([1, 2048, 7, 7])
+"""
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import ResNet
+
+
+def resnet50(num_classes: int, in_channels: int = 3) -> ResNet:
+    """A standard-topology ResNet50 (stride-2 stem, no bias in downsample convs)."""
+    return ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
+                  n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
+                  num_classes=num_classes, bias_downsample=False)
+
+
+def forward_with_features(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass returning (logits, layer4 activations) — layer4 feeds Grad-CAM."""
+    x = net.maxpool(net.act(net.bn1(net.conv1(x))))
+    a = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    logits = net.fc(torch.flatten(net.avgpool(a), 1))
+    return logits, a
+
+
+class WithFeatures(torch.nn.Module):
+    """Wrapper whose forward returns (logits, layer4): used for ONNX export and backends."""
+
+    def __init__(self, net: ResNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return forward_with_features(self.net, x)
+
+
+def load_torchvision_weights(net: ResNet, state_dict: dict, *, skip_head: bool = True) -> list[str]:
+    """Load a torchvision resnet50 state dict by name (e.g. ImageNet weights a user has).
+
+    The head (``fc``) is skipped by default since class counts differ; a 1-channel stem
+    gets the RGB kernels summed. Returns the names that were not loaded.
+    """
+    own = net.state_dict()
+    take, missing = {}, []
+    for k, v in state_dict.items():
+        if skip_head and k.startswith("fc."):
+            continue
+        if k not in own:
+            missing.append(k)
+            continue
+        if k == "conv1.weight" and v.shape[1] != own[k].shape[1]:
+            v = v.sum(1, keepdim=True).repeat(1, own[k].shape[1], 1, 1) / own[k].shape[1]
+        if v.shape != own[k].shape:
+            missing.append(k)
+            continue
+        take[k] = v
+    net.load_state_dict(take, strict=False)
+    return missing + [k for k in own if k not in take and not k.startswith("fc.")]
