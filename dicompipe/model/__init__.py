@@ -7,3 +7,7 @@ Example::
     >>> preds = model.predict(bundle, batch)
     >>> verdict = model.aggregate(preds, bundle=bundle)
 """
+from dicompipe.model.bundle import (  # noqa: F401
+    Bundle, available_bundles, load_bundle, resnet50_from_torchvision, save_bundle,
+)
+from dicompipe.model.network import resnet50  # noqa: F401
