@@ -1,0 +1,513 @@
+"""The dicompipe Streamlit app (start it with ``dicompipe ui``). Research use only.
+
+Flow: input (upload or server folder) -> discovered series, the chosen one and why ->
+organ -> Analyse (progress per stage) -> verdict card, class chart, per-slice curve,
+slice viewer with Grad-CAM, downloads; a second tab holds the case history.
+Everything shown comes from the library through :mod:`dicompipe.ui.services`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+import uuid
+
+import streamlit as st
+
+from dicompipe.errors import DicompipeError
+from dicompipe.types import RESEARCH_USE
+from dicompipe.ui import inputs, services, views
+
+log = logging.getLogger("dicompipe.ui")
+
+STAGES = {"discover": "Reading headers", "load": "Loading the series",
+          "preprocess": "Preparing slices", "predict": "Classifying slices",
+          "explain": "Grad-CAM", "report": "Writing reports"}
+ORGAN_NAMES = {"auto": "Auto (from headers / content)", "lung": "Lung", "pancreas": "Pancreas"}
+
+st.set_page_config(page_title="dicompipe · CT analysis", page_icon=":material/radiology:",
+                   layout="wide", initial_sidebar_state="expanded")
+st.markdown(views.CSS, unsafe_allow_html=True)
+ss = st.session_state
+
+
+# --------------------------------------------------------------------------- helpers
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, DicompipeError):
+        return str(e)
+    log.exception("unexpected error in the app")
+    return (f"Something went wrong ({type(e).__name__}: {e}). The server log has the details; "
+            "please report it with the input type you used.")
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server process)…")
+def _bundle(organ: str, override: str | None, allow: bool):
+    return services.load_bundle(organ)
+
+
+def _preloaded(organ: str):
+    """Bundles kept in memory across runs and sessions; None lets analyze() load/complain."""
+    def one(o):
+        try:
+            return _bundle(o, services.model_override(), services.allow_untrained())
+        except DicompipeError:
+            return None                          # analyze() raises the clear message itself
+    if organ != "auto":
+        return one(organ)
+    got = {o: b for o in services.ORGANS if (b := one(o)) is not None}
+    return got or None
+
+
+def _series_label(s) -> str:
+    bits = [f"#{s.series_number}" if s.series_number is not None else s.key,
+            s.series_description or s.kind.upper(),
+            f"{s.n_instances} images"]
+    if s.slice_thickness:
+        bits.append(f"{s.slice_thickness:g} mm")
+    return " · ".join(bits)
+
+
+def _series_table(candidates, chosen, include_phi: bool):
+    import pandas as pd
+    rows = []
+    for s in candidates:
+        r = {"": "●" if s.key == chosen.key else "",
+             "series": s.series_number, "description": s.series_description or "—",
+             "type": s.modality or s.kind, "images": s.n_instances,
+             "thickness mm": s.slice_thickness, "orientation": s.orientation or "—",
+             "usable": "yes" if s.usable else f"no — {s.unusable_reason or 'not a volume'}"}
+        if include_phi:
+            r.update(patient=s.patient_name, patient_id=s.patient_id, study_date=s.study_date)
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- input
+def _stage_input(source: str):
+    """Stage the current upload / folder once per change; discover its series."""
+    if source == "upload":
+        files = ss.get("upload") or []
+        sig = tuple((f.name, f.size) for f in files)
+        if not files:
+            _drop_input()
+            return
+        if ss.get("input_sig") == sig:
+            return
+        _drop_input()
+        ss.input_sig = sig
+        try:
+            staged = inputs.stage_uploads((f.name, f.getvalue()) for f in files)
+        except DicompipeError as e:
+            ss.input_error = str(e)
+            return
+        ss.staged = staged
+        ss.input_path, ss.input_label = str(staged.path), staged.label
+    else:
+        folder = (ss.get("folder") or "").strip()
+        if not folder:
+            _drop_input()
+            return
+        sig = ("folder", folder)
+        if ss.get("input_sig") == sig:
+            return
+        _drop_input()
+        ss.input_sig = sig
+        ss.input_path, ss.input_label = folder, folder
+    try:
+        ss.candidates, ss.chosen = services.discover(ss.input_path)
+    except Exception as e:  # noqa: BLE001 - shown as one message
+        ss.input_error = _error_text(e)
+
+
+def _drop_input():
+    staged = ss.pop("staged", None)
+    if staged is not None:
+        staged.cleanup()
+    for k in ("input_sig", "input_path", "input_label", "candidates", "chosen", "input_error",
+              "result", "run_error", "series_key"):
+        ss.pop(k, None)
+
+
+# --------------------------------------------------------------------------- analysis
+def _run(organ: str, include_phi: bool, all_slices: bool):
+    ss.pop("result", None)
+    ss.pop("run_error", None)
+    chosen = ss.get("chosen")
+    key = ss.get("series_key")
+    series = key if (key and chosen is not None and key != chosen.key) else None
+    t0 = time.perf_counter()
+    with st.status("Analysing…", expanded=True) as status:
+        bar = st.progress(0.0, text="Starting")
+        done = st.empty()
+        seen: list[str] = []
+
+        def progress(stage: str, fraction: float, message: str):
+            if stage not in seen:
+                seen.append(stage)
+                done.markdown("  \n".join(
+                    ("✓ " if i < len(seen) - 1 else "… ") + STAGES.get(s, s.title())
+                    for i, s in enumerate(seen)))
+            bar.progress(min(max(float(fraction), 0.0), 1.0),
+                         text=f"{STAGES.get(stage, stage.title())} — {message}")
+
+        try:
+            a = services.analyze(ss.input_path, organ=organ, series=series,
+                                 include_phi=include_phi, select_slices=not all_slices,
+                                 progress=progress, model=_preloaded(organ))
+        except Exception as e:  # noqa: BLE001 - one clear message, no traceback
+            status.update(label="Analysis stopped", state="error", expanded=False)
+            ss.run_error = _error_text(e)
+            return
+        progress("report", 0.95, "TXT, JSON and annotated images")
+        run_dir, report_error = None, None
+        try:
+            run_dir = services.write_reports(a, include_phi)
+        except Exception as e:  # noqa: BLE001
+            report_error = _error_text(e)
+        history_error = None
+        try:
+            if report_error:
+                services.record_history(a, None, status="failed", reason=report_error)
+            else:
+                services.record_history(a, run_dir)
+        except Exception as e:  # noqa: BLE001
+            history_error = _error_text(e)
+        bar.progress(1.0, text="Done")
+        status.update(label=f"Analysis complete in {time.perf_counter() - t0:.1f} s",
+                      state="complete", expanded=False)
+    dl = {}
+    if run_dir is not None:
+        try:
+            dl = services.downloads(run_dir)
+        except OSError as e:
+            report_error = f"Cannot read the report folder {run_dir}: {e}"
+    staged = ss.get("staged")
+    ss.result = {"a": a, "run_dir": run_dir, "dl": dl, "report_error": report_error,
+                 "history_error": history_error, "id": uuid.uuid4().hex[:8],
+                 "input_label": ss.get("input_label", "")}
+    ss.pop("slice", None)
+    ss.pop("last_pick", None)
+    if staged is not None:                       # the upload is no longer needed on disk
+        staged.cleanup()
+
+
+# --------------------------------------------------------------------------- result views
+def _verdict(res, include_phi: bool):
+    a = res["a"]
+    left, right = st.columns([1.1, 1], gap="large")
+    with left:
+        st.markdown(views.verdict_card_html(a, test_model=services.allow_untrained()),
+                    unsafe_allow_html=True)
+    with right:
+        st.markdown("**Probability per class**")
+        st.altair_chart(views.prob_chart(a), width="stretch")
+        s = a.series
+        who = ""
+        if include_phi and a.include_phi and (s.patient_name or s.patient_id):
+            who = f" · patient {s.patient_name or ''} {s.patient_id or ''}".rstrip()
+        st.markdown(f'<div class="dp-caption">Input {res["input_label"]} · series '
+                    f'{_series_label(s)}{who}<br>Chosen because: {s.reason or "—"}</div>',
+                    unsafe_allow_html=True)
+    if a.warnings:
+        st.markdown(views.notes_html(a.warnings), unsafe_allow_html=True)
+
+
+def _jump_to_key():
+    pick = ss.get("key_jump")
+    if pick:
+        ss.slice = int(pick)
+    ss.key_jump = None
+
+
+def _viewer(res):
+    a = res["a"]
+    slices = a.batch.slices
+    n = len(slices)
+    if n == 0:
+        st.info("No slices to show.")
+        return
+    keys = {k.z: k for k in a.verdict.key_slices}
+    pos_of_z = {s.z: i for i, s in enumerate(slices, start=1)}
+    if not (1 <= int(ss.get("slice") or 0) <= n):
+        first = a.verdict.key_slices[0].z if a.verdict.key_slices else None
+        ss.slice = pos_of_z.get(first, 1)
+
+    st.markdown("#### Slices")
+    img_col, ctl_col = st.columns([1.05, 1], gap="large")
+    with ctl_col:
+        ev = st.altair_chart(views.z_curve(a, int(ss.slice), n), width="stretch",
+                             on_select="rerun", selection_mode="pick", key=f"zc-{res['id']}")
+        picked = None
+        try:
+            pts = (ev.selection.get("pick") if ev is not None else None) or []
+            picked = int(pts[0]["slice"]) if pts else None
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+            picked = None
+        if picked is not None and picked != ss.get("last_pick") and 1 <= picked <= n:
+            ss.last_pick = picked
+            ss.slice = picked
+            st.rerun()
+        if picked is None:
+            ss.last_pick = None
+        st.markdown('<div class="dp-caption">Click a point to open that slice; '
+                    '◇ marks the key slices behind the verdict.</div>', unsafe_allow_html=True)
+        if keys:
+            opts = [pos_of_z[z] for z in sorted(keys) if z in pos_of_z]
+            st.selectbox("Jump to a key slice", [None] + opts, key="key_jump",
+                         on_change=_jump_to_key,
+                         format_func=lambda p: "—" if p is None else
+                         f"slice {p} · {a.verdict.label} {views.pct(keys[slices[p - 1].z].probability)}")
+        st.slider("Slice", 1, n, key="slice")
+        c1, c2 = st.columns(2)
+        with c1:
+            if a.volume.windowed:
+                win_name = None
+                st.caption("PNG/JPG slices are already windowed; window presets do not apply.")
+            else:
+                win_name = st.segmented_control(
+                    "Window", list(views.WINDOWS), key="window",
+                    default=views.DEFAULT_WINDOW.get(a.organ, "Lung"))
+        cams = a.cams
+        with c2:
+            show_cam = st.toggle("Grad-CAM overlay", value=True, key="cam_on",
+                                 disabled=cams is None)
+        label = a.verdict.label
+        opacity = 0.45
+        if cams is not None:
+            c3, c4 = st.columns(2)
+            with c3:
+                labels = list(cams.labels)
+                label = st.selectbox("Class to explain", labels, key=f"cam_label-{res['id']}",
+                                     index=labels.index(a.verdict.label)
+                                     if a.verdict.label in labels else 0)
+            with c4:
+                opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="cam_opacity",
+                                    disabled=not show_cam)
+        else:
+            st.caption("Grad-CAM was not computed for this analysis.")
+
+    pos = int(ss.slice)
+    ms = slices[pos - 1]
+    vz = ms.volume_z[len(ms.volume_z) // 2] if ms.volume_z else None
+    with img_col:
+        if vz is None:
+            st.info("This model slice has no source image.")
+            return
+        window = None if a.volume.windowed else views.WINDOWS.get(
+            win_name or views.DEFAULT_WINDOW.get(a.organ, "Lung"))
+        cam = None
+        if cams is not None and show_cam and ms.included:
+            vol = services.cam_volume(a, label)
+            top = cams.scale.get(label, 0.0)
+            if vol is not None and top > 0:
+                cam = vol[vz] / top
+        sx, sy = a.volume.image.GetSpacing()[:2]
+        rgb = views.slice_rgb(a.volume.array[vz], window, cam, opacity, (sx, sy))
+        st.image(rgb, width="stretch")
+        inst = [i.instance_number for i in ms.sources if i.instance_number is not None]
+        desc = [f"Slice {pos} of {n}", f"volume z {vz}"]
+        if inst:
+            desc.append("instance #" + ", ".join(map(str, inst[:3])) + ("…" if len(inst) > 3 else ""))
+        if ms.included and ms.row is not None:
+            table = _slice_probs(a)
+            p = table.get(ms.z, {})
+            if p:
+                desc.append(" · ".join(f"{l} {views.pct(v)}" for l, v in p.items()))
+            if ms.z in keys:
+                desc.append("key slice")
+        st.markdown(f'<div class="dp-caption" data-testid="slice-caption">{" · ".join(desc)}</div>',
+                    unsafe_allow_html=True)
+        if not ms.included:
+            st.markdown(views.notes_html(
+                [ms.skip_reason or "skipped by slice selection"],
+                "Not analysed: no prediction or Grad-CAM for this slice"), unsafe_allow_html=True)
+        elif cam is not None:
+            st.markdown(views.colorbar_html(label, cams.scale[label]), unsafe_allow_html=True)
+
+
+def _slice_probs(a) -> dict:
+    key = f"_probs-{id(a)}"
+    if key not in ss:
+        ss[key] = {r["z"]: r.get("probabilities", {}) for r in a.slice_table()}
+    return ss[key]
+
+
+def _downloads(res, include_phi: bool):
+    st.markdown("#### Report and downloads")
+    if res.get("report_error"):
+        st.error(f"The reports could not be written: {res['report_error']}")
+    dl = res.get("dl") or {}
+    cols = st.columns(4)
+    specs = [("txt", "Report (TXT)"), ("json", "Analysis (JSON)"),
+             ("png", "Annotated images (zip)"), ("zip", "Everything (zip)")]
+    for col, (k, label) in zip(cols, specs):
+        with col:
+            if k in dl:
+                name, data, mime = dl[k]
+                st.download_button(label, data, file_name=name, mime=mime, key=f"dl-{k}",
+                                   on_click="ignore", width="stretch", icon=":material/download:")
+            else:
+                st.button(label, disabled=True, key=f"dl-{k}-off", width="stretch")
+    a = res["a"]
+    bits = []
+    if res.get("run_dir"):
+        bits.append(f"Saved in {res['run_dir']}")
+    bits.append("patient identifiers included" if a.include_phi
+                else "patient identifiers left out (turn on “Show patient identifiers” and "
+                     "analyse again to include them)")
+    if res.get("history_error"):
+        bits.append(f"not recorded in the case history: {res['history_error']}")
+    st.markdown(f'<div class="dp-caption">{" · ".join(bits)}</div>', unsafe_allow_html=True)
+    if "txt" in dl:
+        with st.expander("Read the report here"):
+            st.code(dl["txt"][1].decode("utf-8", "replace"), language=None)
+
+
+def _details(res, include_phi: bool):
+    a = res["a"]
+    with st.expander("Series, model and timings"):
+        st.markdown(f"**Series found** — the chosen one is marked ●. Chosen because: "
+                    f"{a.series.reason or '—'}")
+        st.dataframe(_series_table(a.candidates, a.series, include_phi and a.include_phi),
+                     hide_index=True, width="stretch")
+        m = a.model
+        st.markdown(f"**Model** {m.get('name', '?')} {m.get('version', '')} · "
+                    f"sha256 `{str(m.get('sha256', ''))[:16]}…` · "
+                    f"{'trained' if m.get('trained', True) else 'UNTRAINED (test weights)'}  \n"
+                    f"Intended use: {m.get('intended_use', RESEARCH_USE)}")
+        if a.timings:
+            st.markdown("**Timings** " + " · ".join(f"{k} {v:.2f} s" for k, v in a.timings.items()))
+
+
+# --------------------------------------------------------------------------- history
+def _history_tab(include_phi: bool):
+    import pandas as pd
+
+    c1, c2, c3 = st.columns([1.2, 1, 1.4])
+    with c1:
+        today = _dt.date.today()
+        rng = st.date_input("Analysed between", (today - _dt.timedelta(days=30), today),
+                            key="h_dates", max_value=today)
+    with c2:
+        organ = st.selectbox("Organ", ["any", "lung", "pancreas"], key="h_organ")
+    try:
+        rows = services.history_rows(
+            since=rng[0] if isinstance(rng, (tuple, list)) and rng else None,
+            organ=None if organ == "any" else organ)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"The case history cannot be read: {_error_text(e)}")
+        return
+    df = pd.DataFrame(rows)
+    verdict_col = next((c for c in ("verdict", "label", "verdict_label") if c in df.columns), None)
+    with c3:
+        verdicts = sorted(df[verdict_col].dropna().unique()) if verdict_col and len(df) else []
+        chosen_v = st.multiselect("Verdict", verdicts, key="h_verdict", placeholder="any")
+    if len(df):
+        tcol = next((c for c in ("time", "created", "recorded", "timestamp") if c in df.columns), None)
+        if tcol and isinstance(rng, (tuple, list)) and len(rng) == 2:
+            t = pd.to_datetime(df[tcol], errors="coerce", utc=True).dt.date
+            df = df[(t >= rng[0]) & (t <= rng[1]) | t.isna()]
+        if chosen_v and verdict_col:
+            df = df[df[verdict_col].isin(chosen_v)]
+    if not len(df):
+        st.markdown('<div class="dp-empty">No recorded cases match these filters.</div>',
+                    unsafe_allow_html=True)
+        return
+    hidden = {"probabilities", "input_hash", "content_hash", "report_dir", "reason"}
+    if not include_phi:
+        hidden |= {"patient_id", "patient_name", "study_date"}
+    show = [c for c in df.columns if c not in hidden]
+    ev = st.dataframe(df[show], hide_index=True, width="stretch", key="h_table",
+                      on_select="rerun", selection_mode="single-row")
+    sel = list(getattr(getattr(ev, "selection", None), "rows", []) or [])
+    if not sel:
+        st.caption("Select a row to open that case's report.")
+        return
+    row = df.iloc[sel[0]].to_dict()
+    rd = row.get("report_dir")
+    from pathlib import Path
+    txt = Path(rd) / "report.txt" if rd else None
+    if txt is None or not txt.is_file():
+        st.info("This case has no report on disk" + (f" (looked in {rd})." if rd else "."))
+        return
+    data = txt.read_bytes()
+    st.download_button("Download this report (TXT)", data, file_name=f"report-{row.get('id', '')}.txt",
+                       mime="text/plain", on_click="ignore", key="h_dl", icon=":material/download:")
+    st.code(data.decode("utf-8", "replace"), language=None)
+
+
+# --------------------------------------------------------------------------- page
+with st.sidebar:
+    st.markdown('<p class="dp-brand">dicompipe</p><p class="dp-sub">CT analysis with Grad-CAM · '
+                'research use only</p>', unsafe_allow_html=True)
+    source = st.radio("Input", ["upload", "folder"], horizontal=True, key="source",
+                      format_func={"upload": "Upload", "folder": "Folder on server"}.get)
+    if source == "upload":
+        st.file_uploader("DICOM files, one zip of a DICOM folder, or PNG/JPG slices",
+                         accept_multiple_files=True, key="upload",
+                         help=f"Up to {inputs.MAX_TOTAL_BYTES // 2**20} MB in all. Files are "
+                              "kept in a private temporary folder and removed after the analysis.")
+    else:
+        st.text_input("Folder or file on the server", key="folder",
+                      placeholder="/data/exports/case-001",
+                      help="A DICOM folder (any layout), a zip, a DICOMDIR, PNG/JPG slices or NIfTI. "
+                           "Read only; nothing is written there.")
+    _stage_input(source)
+    if ss.get("input_error"):
+        st.error(ss.input_error)
+    chosen = ss.get("chosen")
+    if chosen is not None:
+        usable = [s for s in ss.candidates if s.usable] or [chosen]
+        keys = [s.key for s in usable]
+        by_key = {s.key: s for s in usable}
+        if ss.get("series_key") not in keys:
+            ss.series_key = chosen.key
+        st.selectbox("Series", keys, key="series_key",
+                     format_func=lambda k: _series_label(by_key[k]) + (" (chosen)" if k == chosen.key else ""))
+        st.caption(f"Chosen automatically: {chosen.reason or '—'}"
+                   + (f" · {len(ss.candidates) - len(usable)} other(s) not usable"
+                      if len(ss.candidates) > len(usable) else ""))
+    images_input = chosen is not None and chosen.kind == "images"
+    organ = st.selectbox("Organ", ["auto", "lung", "pancreas"], key="organ",
+                         format_func=ORGAN_NAMES.get)
+    need_organ = images_input and organ == "auto"
+    if need_organ:
+        st.caption("PNG/JPG slices carry no headers: choose lung or pancreas.")
+    include_phi = st.toggle("Show patient identifiers", value=False, key="phi",
+                            help="Off by default: names, IDs and dates stay out of the screen, "
+                                 "the reports and the case history.")
+    all_slices = st.toggle("Analyse every slice", value=False, key="all_slices",
+                           help="Turn off slice selection (slices without the organ are "
+                                "normally skipped, each with its reason).")
+    run = st.button("Analyse", type="primary", width="stretch", key="run",
+                    disabled=chosen is None or need_organ)
+    st.markdown(f'<div class="dp-disclaimer">{RESEARCH_USE}</div>', unsafe_allow_html=True)
+
+tab_a, tab_h = st.tabs(["Analysis", "Case history"])
+with tab_a:
+    if run and chosen is not None and not need_organ:
+        _run(organ, include_phi, all_slices)
+    if ss.get("run_error"):
+        st.error(ss.run_error)
+    res = ss.get("result")
+    if res is not None:
+        _verdict(res, include_phi)
+        _viewer(res)
+        _downloads(res, include_phi)
+        _details(res, include_phi)
+    elif chosen is not None and not ss.get("run_error"):
+        st.markdown("#### Series found")
+        st.dataframe(_series_table(ss.candidates, chosen, include_phi), hide_index=True,
+                     width="stretch")
+        st.markdown(f'<div class="dp-caption">Chosen (●): {chosen.reason or "—"}. Pick another '
+                    'in the sidebar, choose the organ, then press <b>Analyse</b>.</div>',
+                    unsafe_allow_html=True)
+    elif not ss.get("input_error") and not ss.get("run_error"):
+        st.markdown(
+            '<div class="dp-empty"><b>Start with a CT</b><br>Upload DICOM files, a zip of a DICOM '
+            'folder or PNG/JPG slices in the sidebar — or give a folder on this server. '
+            'dicompipe picks the series, classifies every relevant slice, and shows the verdict '
+            'with a calibrated probability and Grad-CAM explanations.</div>',
+            unsafe_allow_html=True)
+with tab_h:
+    _history_tab(include_phi)

@@ -1,0 +1,180 @@
+"""Uploads -> a private temporary folder the pipeline can read.
+
+Uploaded files (DICOM files with or without extension, one zip of a DICOM folder, PNG/JPG
+slices) are written into a fresh temporary folder; a zip is extracted safely there (the io
+stage's safe extraction when it exposes one, else a strict fallback: no absolute paths, no
+``..``, no links, bounded size and file count). The folder is removed by
+:meth:`StagedInput.cleanup` or when the object is garbage-collected.
+
+Example::
+
+    >>> staged = stage_uploads([("ct.zip", data)])
+    >>> staged.path          # give this to dicompipe.io.discover / dicompipe.analyze
+    >>> staged.cleanup()
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from dicompipe.errors import UnsupportedInput
+
+#: total upload bound (all files together), bytes
+MAX_TOTAL_BYTES = int(float(os.environ.get("DICOMPIPE_UI_MAX_TOTAL_MB", "2048")) * 2**20)
+#: bound on what a zip may expand to, bytes, and on its number of members
+MAX_UNZIPPED_BYTES = int(float(os.environ.get("DICOMPIPE_UI_MAX_UNZIPPED_MB", "4096")) * 2**20)
+MAX_ZIP_MEMBERS = 20000
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class StagedInput:
+    """An upload written to a temporary folder; ``path`` is what the pipeline reads."""
+
+    path: Path
+    names: list[str]
+    n_bytes: int
+    kind: str                                   # "zip" | "images" | "dicom" | "mixed"
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (safe to call twice)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def alive(self) -> bool:
+        return self._tmp is not None and self.path.exists()
+
+    @property
+    def label(self) -> str:
+        """Short human description, e.g. ``"ct.zip (12.3 MB)"`` or ``"40 files (8.1 MB)"``."""
+        what = self.names[0] if len(self.names) == 1 else f"{len(self.names)} files"
+        return f"{what} ({self.n_bytes / 2**20:.1f} MB)"
+
+
+def _safe_name(name: str) -> str:
+    """A plain file name from an uploaded name (no folders, no odd characters)."""
+    base = re.split(r"[\\/]", name)[-1].strip() or "upload"
+    base = re.sub(r"[^A-Za-z0-9._ -]+", "_", base).lstrip(".") or "upload"
+    return base[:120]
+
+
+def stage_uploads(files: Iterable[tuple[str, bytes]], *,
+                  max_total_bytes: int = MAX_TOTAL_BYTES) -> StagedInput:
+    """Write uploads ``(name, bytes)`` into a new temporary folder and return it.
+
+    One zip is extracted into the folder; several files (DICOM or images) are written side
+    by side. Raises :class:`UnsupportedInput` for nothing uploaded, too much data, several
+    zips, a zip mixed with other files, or an unsafe zip.
+    """
+    files = [(n, d) for n, d in files]
+    if not files:
+        raise UnsupportedInput("Nothing was uploaded: choose DICOM files, a zip of a DICOM "
+                               "folder, or PNG/JPG slices.")
+    total = sum(len(d) for _, d in files)
+    if total > max_total_bytes:
+        raise UnsupportedInput(
+            f"The upload is {total / 2**20:.0f} MB, above the limit of "
+            f"{max_total_bytes / 2**20:.0f} MB: upload one series, or give a folder path on "
+            "the server instead.")
+    zips = [n for n, d in files if n.lower().endswith(".zip") or d[:4] == b"PK\x03\x04"]
+    if zips and len(files) > 1:
+        raise UnsupportedInput(
+            f"Upload either one zip or individual files, not both ({len(zips)} zip(s) among "
+            f"{len(files)} files).")
+    tmp = tempfile.TemporaryDirectory(prefix="dicompipe-ui-")
+    try:
+        root = Path(tmp.name)
+        if zips:
+            name, data = files[0]
+            stem = _safe_name(name)
+            zpath = root / stem
+            zpath.write_bytes(data)
+            dest = root / (Path(stem).stem or "upload")
+            extract_zip(zpath, dest)
+            zpath.unlink()
+            return StagedInput(dest, [name], total, "zip", tmp)
+        dest = root / "upload"
+        dest.mkdir()
+        used: set[str] = set()
+        for i, (name, data) in enumerate(files):
+            safe = _safe_name(name)
+            if safe in used:                       # same name twice: keep both
+                safe = f"{i:05d}_{safe}"
+            used.add(safe)
+            (dest / safe).write_bytes(data)
+        suffixes = {Path(n).suffix.lower() for n in used}
+        kind = ("images" if suffixes <= IMAGE_SUFFIXES else
+                "dicom" if not suffixes & IMAGE_SUFFIXES else "mixed")
+        return StagedInput(dest, [n for n, _ in files], total, kind, tmp)
+    except BaseException:
+        tmp.cleanup()
+        raise
+
+
+def extract_zip(zpath: Path, dest: Path) -> Path:
+    """Extract ``zpath`` into ``dest`` safely (io stage's extractor when it offers one)."""
+    from dicompipe import io
+    for name in ("safe_extract", "extract_zip", "safe_unzip"):
+        fn = getattr(io, name, None)
+        if callable(fn):
+            try:
+                fn(zpath, dest)
+                return dest
+            except TypeError:
+                break                              # different signature: use ours
+    return _extract_zip(zpath, dest)
+
+
+def _extract_zip(zpath: Path, dest: Path) -> Path:
+    try:
+        zf = zipfile.ZipFile(zpath)
+    except zipfile.BadZipFile as e:
+        raise UnsupportedInput(f"{zpath.name} is not a readable zip file ({e}).") from e
+    with zf:
+        members = zf.infolist()
+        if len(members) > MAX_ZIP_MEMBERS:
+            raise UnsupportedInput(
+                f"{zpath.name} holds {len(members)} entries, more than {MAX_ZIP_MEMBERS}: "
+                "zip one series only.")
+        size = sum(m.file_size for m in members)
+        if size > MAX_UNZIPPED_BYTES:
+            raise UnsupportedInput(
+                f"{zpath.name} expands to {size / 2**20:.0f} MB, above the limit of "
+                f"{MAX_UNZIPPED_BYTES / 2**20:.0f} MB: zip one series only.")
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        for m in members:
+            name = m.filename.replace("\\", "/")
+            mode = (m.external_attr >> 16) & 0xFFFF
+            if stat.S_ISLNK(mode):
+                raise UnsupportedInput(f"{zpath.name} contains a link ({name}); refused for safety.")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or ".." in parts or re.match(r"^[A-Za-z]:", name):
+                raise UnsupportedInput(
+                    f"{zpath.name} contains an unsafe path ({name}); refused for safety.")
+            if m.is_dir() or not parts:
+                continue
+            target = root.joinpath(*parts)
+            if root not in target.resolve().parents:
+                raise UnsupportedInput(
+                    f"{zpath.name} contains an unsafe path ({name}); refused for safety.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with zf.open(m) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > m.file_size:      # lying header (zip bomb)
+                        raise UnsupportedInput(
+                            f"{zpath.name}: entry {name} is larger than its header says; refused.")
+                    out.write(chunk)
+    return dest

@@ -1,0 +1,225 @@
+"""Display helpers for the app: window presets, the slice + CAM composite, the colour bar,
+the verdict card and the charts. Display only; every number comes from the Analysis.
+
+Example::
+
+    >>> rgb = slice_rgb(hu_slice, window=(-600, 1500), cam=cam01, opacity=0.45)
+"""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+
+from dicompipe.types import RESEARCH_USE, Analysis
+
+#: display windows (level, width) in HU
+WINDOWS: dict[str, tuple[float, float]] = {
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (40.0, 400.0),
+    "Abdomen": (50.0, 350.0),
+    "Pancreas": (40.0, 250.0),
+    "Bone": (400.0, 1800.0),
+}
+DEFAULT_WINDOW = {"lung": "Lung", "pancreas": "Abdomen"}
+CMAP = "inferno"
+
+CSS = """
+<style>
+:root { --dp-teal: #0f6e7a; --dp-ink: #1f2a37; --dp-muted: #5b6775; --dp-line: #dfe5ea; }
+.block-container { padding-top: 2.2rem; padding-bottom: 2rem; max-width: 1400px; }
+section[data-testid="stSidebar"] { width: 320px !important; }
+h1, h2, h3 { color: var(--dp-ink); letter-spacing: -0.01em; }
+.dp-brand { font-size: 1.35rem; font-weight: 650; color: var(--dp-ink); margin: 0; }
+.dp-sub { color: var(--dp-muted); font-size: 0.85rem; margin: 0 0 0.6rem 0; }
+.dp-card { border: 1px solid var(--dp-line); border-radius: 10px; padding: 14px 18px;
+           background: #fff; }
+.dp-card .dp-kicker { color: var(--dp-muted); font-size: 0.78rem; text-transform: uppercase;
+                      letter-spacing: 0.06em; margin-bottom: 2px; }
+.dp-card .dp-label { font-size: 1.9rem; font-weight: 650; line-height: 1.15; }
+.dp-card .dp-prob { font-size: 1.05rem; color: var(--dp-ink); margin-top: 2px; }
+.dp-card .dp-meta { color: var(--dp-muted); font-size: 0.82rem; margin-top: 8px; line-height: 1.45; }
+.dp-badge { display: inline-block; border-radius: 999px; padding: 1px 10px; font-size: 0.78rem;
+            font-weight: 600; margin-left: 8px; vertical-align: middle; }
+.dp-badge.unc { background: #fff4dc; color: #7a5200; border: 1px solid #f0d9a6; }
+.dp-badge.ok { background: #e6f3f4; color: #0f5e68; border: 1px solid #c3e1e4; }
+.dp-badge.test { background: #fde8e8; color: #8a1f1f; border: 1px solid #f3c1c1; }
+.dp-disclaimer { font-size: 0.78rem; color: #6b4f00; background: #fffaf0;
+                 border: 1px solid #f1e3bf; border-radius: 8px; padding: 6px 10px; margin-top: 10px; }
+.dp-note { font-size: 0.85rem; color: #334155; background: #f5f7f9; border-left: 3px solid #9fb3c2;
+           border-radius: 6px; padding: 8px 12px; margin: 4px 0 8px 0; }
+.dp-note ul { margin: 0.2rem 0 0 1rem; padding: 0; }
+.dp-cbar { display: flex; align-items: center; gap: 8px; font-size: 0.78rem; color: var(--dp-muted);
+           margin-top: 4px; }
+.dp-cbar .bar { flex: 1; height: 12px; border-radius: 3px; border: 1px solid var(--dp-line); }
+.dp-caption { font-size: 0.82rem; color: var(--dp-muted); margin-top: 4px; }
+.dp-empty { color: var(--dp-muted); border: 1px dashed var(--dp-line); border-radius: 10px;
+            padding: 28px; text-align: center; margin-top: 12px; }
+div[data-testid="stMetricValue"] { font-size: 1.3rem; }
+</style>
+"""
+
+_COLOURS = {"normal": "#3f8f6b", "benign": "#c08a2e", "malignant": "#b54747", "tumour": "#b54747"}
+_FALLBACK = ["#3f6f9f", "#8a6fb0", "#6f8f3f", "#9f5f3f"]
+
+
+def class_colour(label: str, i: int = 0) -> str:
+    return _COLOURS.get(label.lower(), _FALLBACK[i % len(_FALLBACK)])
+
+
+def pct(p: float) -> str:
+    return f"{100 * p:.0f}%" if 0.01 <= p <= 0.99 else f"{100 * p:.1f}%"
+
+
+# --------------------------------------------------------------------------- image
+def _cmap_lut(name: str = CMAP) -> np.ndarray:
+    from matplotlib import colormaps
+    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def gray(slice2d: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """uint8 grey image: HU under (level, width), or 8-bit input as is (``window`` None)."""
+    if window is None:
+        return np.clip(slice2d, 0, 255).astype(np.uint8)
+    from dicompipe.preprocess.render import window as hu_window
+    return (hu_window(slice2d, *window) * 255).astype(np.uint8)
+
+
+def slice_rgb(slice2d: np.ndarray, window: tuple[float, float] | None,
+              cam: np.ndarray | None = None, opacity: float = 0.45,
+              spacing_xy: tuple[float, float] = (1.0, 1.0), min_side: int = 512) -> np.ndarray:
+    """The viewer image: windowed CT with the CAM (already in [0, 1]) blended on top.
+
+    The blend weight grows with the map value, so cold regions show the plain CT. The image
+    is enlarged to at least ``min_side`` pixels and corrected for non-square pixels.
+    """
+    from PIL import Image
+
+    g = gray(slice2d, window)
+    rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32)
+    if cam is not None:
+        m = np.clip(np.asarray(cam, np.float32), 0, 1)
+        col = _cmap_lut()[(m * 255).astype(np.uint8)].astype(np.float32)
+        a = (opacity * np.sqrt(m))[..., None]
+        rgb = (1 - a) * rgb + a * col
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    sx, sy = spacing_xy
+    w, h = img.size
+    h_mm = h * (sy / sx if sx > 0 else 1.0)
+    f = max(1.0, min_side / max(w, h_mm))
+    size = (max(1, round(w * f)), max(1, round(h_mm * f)))
+    if size != (w, h):
+        img = img.resize(size, Image.BILINEAR)
+    return np.asarray(img)
+
+
+def colorbar_html(label: str, scale: float, name: str = CMAP) -> str:
+    lut = _cmap_lut(name)
+    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 8:.0f}%"
+                      for i, (r, g, b) in enumerate(lut[np.linspace(0, 255, 9).astype(int)]))
+    return (f'<div class="dp-cbar"><span>0</span><div class="bar" style="background: '
+            f'linear-gradient(90deg, {stops});"></div><span>max</span></div>'
+            f'<div class="dp-caption">Grad-CAM for <b>{html.escape(label)}</b>, one colour scale '
+            f'for the whole volume (max = {scale:.3g}): a faint slice looks faint.</div>')
+
+
+# --------------------------------------------------------------------------- verdict
+def verdict_card_html(a: Analysis, test_model: bool = False) -> str:
+    v = a.verdict
+    p = v.probabilities.get(v.label, 0.0)
+    colour = class_colour(v.label, a.predictions.labels.index(v.label)
+                          if v.label in a.predictions.labels else 0)
+    lo, hi = v.uncertain_band
+    badge = (f'<span class="dp-badge unc" title="top probability inside the uncertain band '
+             f'{pct(lo)}–{pct(hi)}">uncertain</span>' if v.uncertain else
+             '<span class="dp-badge ok">confident</span>')
+    if test_model or not a.model.get("trained", True):
+        badge += '<span class="dp-badge test">untrained model</span>'
+    m = a.model
+    n_skip = sum(1 for s in a.batch.slices if not s.included)
+    meta = [f"{html.escape(a.organ.title())} CT · {html.escape(a.organ_reason)}",
+            f"{v.n_slices} slices analysed" + (f", {n_skip} skipped" if n_skip else "")
+            + f" · aggregation {html.escape(v.rule)} · temperature {v.temperature:.2f}",
+            f"Uncertain when the top probability is between {pct(lo)} and {pct(hi)}",
+            f"Model {html.escape(str(m.get('name', '?')))} {html.escape(str(m.get('version', '')))}"]
+    return (
+        f'<div class="dp-card" data-testid="verdict-card">'
+        f'<div class="dp-kicker">Volume-level result</div>'
+        f'<div class="dp-label" style="color:{colour}">{html.escape(v.label.title())}{badge}</div>'
+        f'<div class="dp-prob">Calibrated probability <b>{pct(p)}</b></div>'
+        f'<div class="dp-meta">{"<br>".join(meta)}</div>'
+        f'<div class="dp-disclaimer">{html.escape(RESEARCH_USE)}</div></div>')
+
+
+def notes_html(warnings: list[str], title: str = "Notes from the pipeline") -> str:
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f'<div class="dp-note"><b>{html.escape(title)}</b><ul>{items}</ul></div>'
+
+
+# --------------------------------------------------------------------------- charts
+def prob_chart(a: Analysis):
+    import altair as alt
+    import pandas as pd
+
+    labels = list(a.verdict.probabilities)
+    df = pd.DataFrame({"class": [l.title() for l in labels],
+                       "probability": [a.verdict.probabilities[l] for l in labels],
+                       "colour": [class_colour(l, i) for i, l in enumerate(labels)]})
+    df["text"] = df["probability"].map(pct)
+    base = alt.Chart(df).encode(
+        y=alt.Y("class:N", sort=None, title=None, axis=alt.Axis(labelFontSize=13)),
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), title="calibrated probability",
+                axis=alt.Axis(format="%", tickCount=5)))
+    bars = base.mark_bar(cornerRadiusEnd=3, height=22).encode(
+        color=alt.Color("colour:N", scale=None), tooltip=["class", "text"])
+    text = base.mark_text(align="left", dx=4, fontSize=13, color="#1f2a37").encode(text="text:N")
+    lo, hi = a.verdict.uncertain_band
+    band = alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(
+        color="#f0d9a6", opacity=0.35).encode(x="lo:Q", x2="hi:Q")
+    return (band + bars + text).properties(height=40 + 34 * len(labels))
+
+
+def z_curve_frame(a: Analysis) -> Any:
+    """Long table for the per-slice curve: slice number (1-based, slider units), class, p."""
+    import pandas as pd
+
+    rows = []
+    key_z = {k.z for k in a.verdict.key_slices}
+    for i, r in enumerate(a.slice_table(), start=1):
+        if not r.get("included") or "probabilities" not in r:
+            continue
+        for l, p in r["probabilities"].items():
+            rows.append({"slice": i, "class": l.title(), "probability": float(p),
+                         "key": r["z"] in key_z})
+    return pd.DataFrame(rows, columns=["slice", "class", "probability", "key"])
+
+
+def z_curve(a: Analysis, current: int, n_slices: int):
+    """Per-slice calibrated probabilities along z; key slices ringed; click a point to jump."""
+    import altair as alt
+    import pandas as pd
+
+    df = z_curve_frame(a)
+    labels = [l.title() for l in a.predictions.labels]
+    colours = [class_colour(l, i) for i, l in enumerate(a.predictions.labels)]
+    x = alt.X("slice:Q", title="slice (z)", scale=alt.Scale(domain=[1, max(2, n_slices)], nice=False),
+              axis=alt.Axis(format="d", tickMinStep=1))
+    y = alt.Y("probability:Q", title="probability", scale=alt.Scale(domain=[0, 1]),
+              axis=alt.Axis(format="%", tickCount=3))
+    colour = alt.Color("class:N", scale=alt.Scale(domain=labels, range=colours),
+                       legend=alt.Legend(orient="top", title=None, labelFontSize=12))
+    pick = alt.selection_point(name="pick", fields=["slice"], on="click", nearest=True,
+                               empty=False)
+    lines = alt.Chart(df).mark_line(strokeWidth=2, interpolate="monotone").encode(x=x, y=y, color=colour)
+    pts = alt.Chart(df).mark_circle(size=38, opacity=0.85).encode(
+        x=x, y=y, color=colour,
+        tooltip=[alt.Tooltip("slice:Q"), "class:N", alt.Tooltip("probability:Q", format=".0%")]
+    ).add_params(pick)
+    verdict = a.verdict.label.title()
+    keys = alt.Chart(df[(df["key"]) & (df["class"] == verdict)]).mark_point(
+        shape="diamond", size=150, filled=False, strokeWidth=2, color="#1f2a37").encode(
+        x=x, y=y, tooltip=[alt.Tooltip("slice:Q", title="key slice")])
+    cur = alt.Chart(pd.DataFrame({"slice": [current]})).mark_rule(
+        color="#0f6e7a", strokeDash=[4, 3], strokeWidth=1.5).encode(x=x)
+    return (cur + lines + pts + keys).properties(height=190)
