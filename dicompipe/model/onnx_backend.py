@@ -1,0 +1,314 @@
+"""ONNX Runtime inference backend (optional extra ``pip install dicompipe[fast]``).
+
+The bundle's ResNet50 is exported once through :class:`~dicompipe.model.network.WithFeatures`
+with two outputs, ``logits`` (N, K) and ``layer4`` (N, 2048, h, w), dynamic batch and image
+size, opset 17, so the closed-form Grad-CAM works on its output unchanged. The ``.onnx`` is
+cached, keyed by the weights' sha256 (a change of weights means a new file, the stale one is
+removed):
+
+- next to a user bundle: ``BUNDLE/models/onnx/<sha256>.<precision>.onnx`` when writable;
+- otherwise (built-in bundles inside the package, read-only folders) in the user cache
+  ``$DICOMPIPE_CACHE`` or ``$XDG_CACHE_HOME/dicompipe/onnx`` (``~/.cache/dicompipe/onnx``).
+
+Every file is written to a temporary name in the target folder and renamed (atomic).
+
+``precision="int8"``: ONNX Runtime static quantization (QDQ, per-channel int8 weights,
+uint8 activations, MinMax ranges). The activation ranges come from the bundle's
+``models/int8_calibration.json`` (written by ``benchmarks/int8_eval.py`` from a few hundred
+rendered training slices, and only when int8 passed the accuracy gate), so no data are needed
+at run time. Without that file int8 is refused with a :class:`ModelError`.
+
+Example::
+
+    >>> run = OnnxBackend(load_bundle("lung-resnet50"))        # exports on first use
+    >>> logits, layer4 = run(np.zeros((2, 3, 224, 224), np.float32))
+    >>> run.name, run.device, run.path.name
+    ('onnx', 'cpu', '3f1c...e2.fp32.onnx')
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dicompipe.errors import ModelError
+
+try:  # the extra: fail at import so backends.get_backend falls back to torch on "auto"
+    import onnxruntime as ort
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"onnxruntime is not installed ({e})") from e
+
+OPSET = 17
+#: bump when the export recipe changes so cached files are rebuilt
+EXPORT_VERSION = 1
+PRECISIONS = ("fp32", "int8")
+CALIBRATION_FILE = "models/int8_calibration.json"
+INPUT, OUTPUTS = "x", ("logits", "layer4")
+
+
+# --------------------------------------------------------------------------- CPU facts
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-thread siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for c in cpus:
+        f = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")
+        try:
+            cores.add(f.read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def session_options(threads: int | None = None) -> "ort.SessionOptions":
+    """Options tuned for CPU inference of one CNN: one intra-op thread per physical core
+    (``$DICOMPIPE_THREADS`` overrides), sequential execution, every graph optimisation."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+# --------------------------------------------------------------------------- cache
+def _user_cache() -> Path:
+    if os.environ.get("DICOMPIPE_CACHE"):
+        return Path(os.environ["DICOMPIPE_CACHE"]).expanduser() / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dicompipe" / "onnx"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir(bundle) -> Path:
+    """Where ``bundle``'s exports live: beside a writable user bundle, else the user cache.
+
+    Built-in bundles (inside the installed package) always use the user cache, so a
+    source checkout never grows 100 MB build products under version control.
+    """
+    from dicompipe.model.bundle import BUILTIN_DIR
+
+    root = Path(bundle.path).resolve()
+    builtin = BUILTIN_DIR.resolve() in (root, *root.parents)
+    if not builtin and _writable(root / "models" / "onnx"):
+        return root / "models" / "onnx"
+    d = _user_cache()
+    if not _writable(d):
+        raise ModelError(f"Cannot write the ONNX export for bundle {bundle.name!r}: neither "
+                         f"{root / 'models' / 'onnx'} nor {d} is writable. Set $DICOMPIPE_CACHE "
+                         "to a writable folder or use --backend torch.")
+    return d
+
+
+def model_path(bundle, precision: str = "fp32") -> Path:
+    """The cache file for ``bundle`` at ``precision`` (it may not exist yet)."""
+    return cache_dir(bundle) / f"{bundle.sha256}.v{EXPORT_VERSION}.{precision}.onnx"
+
+
+@contextlib.contextmanager
+def _atomic(target: Path):
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _remove_stale(target: Path, precision: str) -> None:
+    """Drop exports of this precision made from other weights/recipes in the same folder
+    (only beside a bundle: the shared user cache may serve several bundles)."""
+    if target.parent.name != "onnx" or target.parent.parent.name != "models":
+        return
+    for old in target.parent.glob(f"*.{precision}.onnx"):
+        if old != target:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+# --------------------------------------------------------------------------- export
+def export(bundle, path: Path | None = None) -> Path:
+    """Export ``bundle``'s network to ONNX fp32 (cached; returns the file).
+
+    Two outputs (logits, layer4), dynamic batch/height/width, opset 17, constants folded,
+    then ORT's offline pre-processing (shape inference, BN folding) so that the file also
+    quantizes well. Rebuilt when the weights' sha256 or the export recipe changes.
+    """
+    import torch
+
+    from dicompipe.model.network import WithFeatures
+
+    path = Path(path) if path else model_path(bundle, "fp32")
+    if path.is_file():
+        return path
+    net = bundle.network()
+    spec = bundle.spec
+    x = torch.zeros(1, spec.channels, spec.size, spec.size)
+    with _atomic(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = tmp.with_name(tmp.name + ".raw.onnx")
+        try:
+            kw = dict(input_names=[INPUT], output_names=list(OUTPUTS), opset_version=OPSET,
+                      do_constant_folding=True,
+                      dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"},
+                                    "logits": {0: "batch"},
+                                    "layer4": {0: "batch", 2: "h", 3: "w"}})
+            with torch.no_grad():
+                try:   # TorchScript exporter: 2x faster to export, clean graph for a CNN
+                    torch.onnx.export(WithFeatures(net).eval(), (x,), str(raw), dynamo=False, **kw)
+                except Exception:  # pragma: no cover - future torch without the legacy exporter
+                    kw.pop("dynamic_axes")
+                    b = torch.export.Dim("batch", min=1, max=65536)
+                    torch.onnx.export(WithFeatures(net).eval(), (x,), str(raw), dynamo=True,
+                                      dynamic_shapes={"x": {0: b}}, external_data=False, **kw)
+            _preprocess(raw, tmp)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"Exporting bundle {bundle.name!r} to ONNX failed: {e}. "
+                             "Use --backend torch.") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                raw.unlink()
+    _remove_stale(path, "fp32")
+    return path
+
+
+def _preprocess(src: Path, dst: Path) -> None:
+    """ORT's quantization pre-processing: basic graph optimisation + shape inference.
+
+    Removes the exporter's Identity aliases, folds what is left of BatchNorm, and stores
+    value shapes; harmless for fp32 and required for good int8 kernels."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        except Exception:  # pragma: no cover - keep the plain export then
+            onnx.save(onnx.load(str(src)), str(dst))
+
+
+def calibration_path(bundle) -> Path:
+    return Path(bundle.path) / CALIBRATION_FILE
+
+
+def quantize(bundle, path: Path | None = None, calibration: Path | None = None) -> Path:
+    """The int8 (QDQ, per-channel) model of ``bundle`` from its stored calibration ranges."""
+    path = Path(path) if path else model_path(bundle, "int8")
+    if path.is_file():
+        return path
+    cal = Path(calibration) if calibration else calibration_path(bundle)
+    if not cal.is_file():
+        raise ModelError(
+            f"Bundle {bundle.name!r} ships no int8 calibration ({cal}): int8 was not validated "
+            "for it (see benchmarks/int8_eval.py). Use precision fp32.")
+    data = json.loads(cal.read_text())
+    if data.get("sha256") != bundle.sha256:
+        raise ModelError(f"{cal} was calibrated for other weights (sha256 "
+                         f"{str(data.get('sha256'))[:12]}…, bundle {bundle.sha256[:12]}…): "
+                         "re-run benchmarks/int8_eval.py or use precision fp32.")
+    fp32 = export(bundle)
+    with _atomic(path) as tmp, tempfile.TemporaryDirectory() as td:
+        ranges = Path(td) / "ranges.json"
+        ranges.write_text(json.dumps(data["tensors"]))
+        quantize_static_file(fp32, tmp, calibration_cache=ranges)
+    _remove_stale(path, "int8")
+    return path
+
+
+def quantize_static_file(src: Path, dst: Path, reader=None, calibration_cache: Path | None = None):
+    """ORT static quantization with dicompipe's settings (QDQ, per-channel int8 weights,
+    uint8 activations — the fast choice on VNNI/AMX x86 —, MinMax ranges).
+
+    ``reader``: a CalibrationDataReader; or ``calibration_cache``: an existing ranges JSON
+    (then no data are needed); with both, the ranges computed from ``reader`` are written there.
+    """
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    import logging
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=str(calibration_cache) if calibration_cache else None)
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+# --------------------------------------------------------------------------- backend
+class OnnxBackend:
+    """ONNX Runtime callable ``x (N, C, H, W) float32 -> (logits (N, K), layer4 (N, 2048, h, w))``.
+
+    ``device``: "cpu" (or "cuda" when onnxruntime-gpu is installed). ``precision``: "fp32"
+    or "int8" (only for bundles that ship an int8 calibration). ``threads``: intra-op
+    threads (default: physical cores). ``path``: use this .onnx instead of the cache.
+    """
+
+    name = "onnx"
+
+    def __init__(self, bundle, device: str = "cpu", precision: str = "fp32", *,
+                 threads: int | None = None, path: str | Path | None = None):
+        if precision not in PRECISIONS:
+            raise ModelError(f"Unknown precision {precision!r}: use {' or '.join(PRECISIONS)}.")
+        self.device = "cpu" if device in (None, "", "auto") else str(device)
+        self.precision = precision
+        self.name = "onnx" if precision == "fp32" else f"onnx-{precision}"
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelError("ONNX Runtime has no CUDA provider here (install "
+                                 "onnxruntime-gpu) — use --backend torch on a GPU.")
+            idx = int(self.device.split(":")[1]) if ":" in self.device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+        elif self.device != "cpu":
+            raise ModelError(f"Unknown device {device!r} for the ONNX backend: use cpu.")
+        if path is None:
+            path = export(bundle) if precision == "fp32" else quantize(bundle)
+        self.path = Path(path)
+        self.options = session_options(threads)
+        self.threads = self.options.intra_op_num_threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), self.options, providers=providers)
+        except Exception as e:
+            raise ModelError(f"ONNX Runtime cannot load {self.path}: {e}. Delete the file "
+                             "(it is rebuilt) or use --backend torch.") from e
+        self._input = self.session.get_inputs()[0].name
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        if len(self._outputs) != 2:
+            raise ModelError(f"{self.path} has outputs {self._outputs}; expected (logits, layer4).")
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        logits, layer4 = self.session.run(self._outputs, {self._input: x})
+        return logits, layer4
+
+    def __repr__(self) -> str:
+        return f"OnnxBackend({self.path.name}, {self.device}, {self.precision}, threads={self.threads})"
