@@ -31,7 +31,52 @@ def _p_series(sub):
 
 
 def _cmd_series(args) -> int:
-    raise NotImplementedError  # io stage: table/JSON of io.discover + io.select
+    import json
+
+    from dicompipe import io
+    from dicompipe.errors import NoSeriesFound
+
+    found = io.discover(args.path)
+    chosen, error = None, None
+    try:
+        chosen = io.select(found, series=args.series)
+    except NoSeriesFound as e:
+        error = e
+    if args.json:
+        print(json.dumps({
+            "source": str(args.path), "chosen": chosen.key if chosen else None,
+            "error": str(error) if error else None,
+            "skipped": {"not_dicom": len(found.skipped.not_dicom),
+                        "unreadable": [{"file": f, "why": w} for f, w in found.skipped.unreadable]},
+            "series": [s.to_dict(include_phi=args.include_phi) for s in found],
+        }, indent=2))
+        return 2 if error else 0
+    head = f"{'':1} {'key':<10} {'mod':<6} {'n':>5} {'matrix':>9} {'pixel mm':>11} {'step mm':>8} " \
+           f"{'orient':<9} {'tilt':>5}  description"
+    print(head)
+    for s in found:
+        ps = f"{s.pixel_spacing[1]:.3f}x{s.pixel_spacing[0]:.3f}" if s.pixel_spacing else "-"
+        step = f"{s.spacing_stats['median']:.3f}" if s.spacing_stats else "-"
+        matrix = f"{s.columns}x{s.rows}" if s.rows else "-"
+        tilt = f"{s.gantry_tilt:.1f}" if s.gantry_tilt else "0"
+        who = ""
+        if args.include_phi and s.patient_id:
+            who = f"  [{s.patient_name or ''} {s.patient_id} {s.study_date or ''}]"
+        print(f"{'*' if s is chosen else ' ':1} {s.key:<10} {(s.modality or s.kind)[:6]:<6} "
+              f"{s.n_instances:>5} {matrix:>9} {ps:>11} {step:>8} {s.orientation or '-':<9} {tilt:>5}  "
+              f"{s.series_description or ''}{who}")
+    if found.skipped_summary:
+        print(f"skipped: {found.skipped_summary}")
+    if chosen is not None:
+        print(f"\nchosen: {chosen.key} - {chosen.reason}")
+        for w in chosen.warnings:
+            print(f"  warning: {w}")
+    for s in found:
+        if s is not chosen and s.reason:
+            print(f"{s.key}: {s.reason}")
+    if error:
+        raise error
+    return 0
 
 
 def _p_analyze(sub):

@@ -1,0 +1,482 @@
+"""DICOM headers: read each file once (no pixels), group instances into candidate volumes.
+
+Every per-instance fact that loading needs (orientation, rescale, pixel layout, the byte
+offset of uncompressed pixel data...) is kept in ``InstanceRef.meta`` so that
+:func:`dicompipe.io.load` never parses a header again.
+
+Example::
+
+    >>> from dicompipe.io.dicom import read_headers, group_series
+    >>> refs, skipped = read_headers(["a.dcm", "b.dcm"])
+    >>> series = group_series(refs, source="export/")
+"""
+from __future__ import annotations
+
+import math
+import struct
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID)
+
+from dicompipe.types import InstanceRef, SeriesInfo
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+_PIXEL_TAG_LE = b"\xe0\x7f\x10\x00"
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+_TILT_MIN_DEG = 0.01          # below this a shear between slices is rounding, not tilt
+_OBLIQUE_DEG = 10.0           # further than this from every patient axis: "oblique"
+POSITION_TOL_MM = 1e-3        # positions closer than this along the normal are duplicates
+
+
+class Skipped:
+    """Counts and names of files that were not used, for messages."""
+
+    def __init__(self):
+        self.not_dicom: list[str] = []
+        self.unreadable: list[tuple[str, str]] = []      # (file, why)
+        self.dicomdir: list[str] = []
+
+    def merge(self, other: "Skipped") -> None:
+        self.not_dicom += other.not_dicom
+        self.unreadable += other.unreadable
+        self.dicomdir += other.dicomdir
+
+    def summary(self) -> str:
+        parts = []
+        if self.not_dicom:
+            parts.append(f"{len(self.not_dicom)} non-DICOM file(s) skipped")
+        if self.unreadable:
+            f, why = self.unreadable[0]
+            more = f" and {len(self.unreadable) - 1} more" if len(self.unreadable) > 1 else ""
+            parts.append(f"{len(self.unreadable)} unreadable DICOM file(s) skipped ({f}: {why}{more})")
+        return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- reading
+def _looks_like_dicom_without_preamble(path: Path) -> bool:
+    """True for a raw data set without the 128-byte preamble (old ACR-NEMA style files)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, elem = struct.unpack("<HH", head[:4])
+    return group in (0x0002, 0x0008) and elem < 0x0100 and (
+        head[4:6].isalpha() or struct.unpack("<I", head[4:8])[0] < 0x10000)
+
+
+def _str(v) -> str | None:
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _floats(v, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _num(v, default=None):
+    try:
+        return float(v) if v not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _int(v, default=None):
+    try:
+        return int(v) if v not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _pixel_element(fp, ts: UID) -> tuple[int | None, int | None]:
+    """(value offset, value length) of Pixel Data at the file position after a
+    ``stop_before_pixels`` read, for native little-endian files; (None, None) otherwise."""
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8 or head[:4] != _PIXEL_TAG_LE:
+        return None, None
+    if ts == ImplicitVRLittleEndian:
+        return start + 8, struct.unpack("<I", head[4:8])[0]
+    if len(head) < 12 or head[4:6] not in (b"OW", b"OB"):
+        return None, None
+    return start + 12, struct.unpack("<I", head[8:12])[0]
+
+
+def read_header(path, keep: object = None) -> tuple[list[InstanceRef], dict] | None:
+    """Read one file's header (no pixels). Returns (instance refs, series facts) or None when
+    the file is not DICOM. A multi-frame file gives one ref per frame. Raises
+    ``InvalidDicomError``/``OSError``/``ValueError`` for a damaged DICOM file.
+
+    ``keep`` is stored in every ref's meta (it keeps a temporary extraction folder alive).
+    """
+    path = Path(path)
+    with open(path, "rb") as fp:
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        except InvalidDicomError:
+            if not _looks_like_dicom_without_preamble(path):
+                return None
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        fm = getattr(ds, "file_meta", None)
+        ts = UID(fm.get("TransferSyntaxUID") or "") if fm is not None else UID("")
+        if not ts:
+            implicit, little = ds.original_encoding
+            ts = (ImplicitVRLittleEndian if implicit else
+                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        offset = length = None
+        if ts in _NATIVE_LE:
+            offset, length = _pixel_element(fp, ts)
+    sop_class = _str(ds.get("SOPClassUID")) or (_str(fm.get("MediaStorageSOPClassUID")) if fm else None)
+    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        return [], {"dicomdir": True}
+    if sop_class is None and "Rows" not in ds and "Modality" not in ds:
+        return None                                    # forced read of something that is not DICOM
+    sop_uid = _str(ds.get("SOPInstanceUID")) or (_str(fm.get("MediaStorageSOPInstanceUID")) if fm else None)
+    image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or []))
+    facts = {
+        "study_instance_uid": _str(ds.get("StudyInstanceUID")),
+        "series_instance_uid": _str(ds.get("SeriesInstanceUID")),
+        "frame_of_reference_uid": _str(ds.get("FrameOfReferenceUID")),
+        "sop_class_uid": sop_class,
+        "modality": _str(ds.get("Modality")),
+        "series_number": _int(ds.get("SeriesNumber")),
+        "series_description": _str(ds.get("SeriesDescription")),
+        "image_type": image_type,
+        "body_part": _str(ds.get("BodyPartExamined")),
+        "patient_id": _str(ds.get("PatientID")),
+        "patient_name": _str(ds.get("PatientName")),
+        "study_date": _str(ds.get("StudyDate")),
+        "gantry_tilt_tag": _num(ds.get("GantryDetectorTilt"), 0.0),
+        "transfer_syntax": str(ts),
+        "has_pixels": offset is not None or _has_pixel_data(path, ds, ts),
+        "folder": str(path.parent),
+    }
+    base = {
+        "ts": str(ts),
+        "rows": _int(ds.get("Rows")), "cols": _int(ds.get("Columns")),
+        "bits_allocated": _int(ds.get("BitsAllocated")), "bits_stored": _int(ds.get("BitsStored")),
+        "pixel_representation": _int(ds.get("PixelRepresentation"), 0),
+        "samples": _int(ds.get("SamplesPerPixel"), 1),
+        "photometric": _str(ds.get("PhotometricInterpretation")),
+        "pixel_offset": offset, "pixel_length": length,
+        "acquisition": _int(ds.get("AcquisitionNumber")),
+        "image_type": image_type,
+        "thickness": _num(ds.get("SliceThickness")),
+        "n_frames": _int(ds.get("NumberOfFrames"), 1) or 1,
+    }
+    if keep is not None:
+        base["keep"] = keep
+    inst_no = _int(ds.get("InstanceNumber"))
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        refs = _enhanced_refs(ds, path, sop_uid, inst_no, base)
+    else:
+        meta = dict(base,
+                    iop=_floats(ds.get("ImageOrientationPatient"), 6),
+                    spacing=_floats(ds.get("PixelSpacing"), 2),
+                    slope=_num(ds.get("RescaleSlope"), 1.0),
+                    intercept=_num(ds.get("RescaleIntercept"), 0.0))
+        pos = _floats(ds.get("ImagePositionPatient"), 3)
+        if base["n_frames"] > 1:
+            # legacy multi-frame (no functional groups): frames stacked along the normal
+            step = _num(ds.get("SpacingBetweenSlices")) or base["thickness"]
+            refs = []
+            for f in range(base["n_frames"]):
+                p = _legacy_frame_position(pos, meta["iop"], step, f)
+                refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f, position=p, meta=meta))
+        else:
+            refs = [InstanceRef(str(path), sop_uid, inst_no, position=pos, meta=meta)]
+    return refs, facts
+
+
+def _has_pixel_data(path: Path, ds, ts) -> bool:
+    """Pixel presence for non-native syntaxes (the header-only read stopped before it)."""
+    return "Rows" in ds and "Columns" in ds and (
+        ds.get("BitsAllocated") is not None or "NumberOfFrames" in ds)
+
+
+def _legacy_frame_position(pos, iop, step, f):
+    if pos is None or iop is None or not step:
+        return pos if f == 0 else None
+    n = np.cross(iop[:3], iop[3:])
+    return tuple(float(v) for v in np.asarray(pos) + f * step * n)
+
+
+def _enhanced_refs(ds, path: Path, sop_uid, inst_no, base) -> list[InstanceRef]:
+    """One ref per frame of an Enhanced (multi-frame) image from its functional groups."""
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def item(fg, seq):
+        for g in (fg, shared):
+            if g is not None and seq in g and len(g[seq].value):
+                return g[seq].value[0]
+        return None
+
+    refs = []
+    for f in range(base["n_frames"]):
+        fg = per[f] if f < len(per) else None
+        po = item(fg, "PlaneOrientationSequence")
+        pp = item(fg, "PlanePositionSequence")
+        pm = item(fg, "PixelMeasuresSequence")
+        pv = item(fg, "PixelValueTransformationSequence")
+        meta = dict(base,
+                    iop=_floats(po.get("ImageOrientationPatient"), 6) if po else None,
+                    spacing=_floats(pm.get("PixelSpacing"), 2) if pm else None,
+                    slope=_num(pv.get("RescaleSlope"), 1.0) if pv else _num(ds.get("RescaleSlope"), 1.0),
+                    intercept=(_num(pv.get("RescaleIntercept"), 0.0) if pv
+                               else _num(ds.get("RescaleIntercept"), 0.0)))
+        if pm is not None and pm.get("SliceThickness") is not None:
+            meta["thickness"] = _num(pm.get("SliceThickness"))
+        pos = _floats(pp.get("ImagePositionPatient"), 3) if pp else None
+        refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f, position=pos, meta=meta))
+    return refs
+
+
+def read_headers(files: Iterable, keep: object = None):
+    """Read every file's header. Returns ([(refs, facts)], Skipped, dicomdir files)."""
+    found, skipped = [], Skipped()
+    for f in files:
+        try:
+            r = read_header(f, keep)
+        except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
+                struct.error, AttributeError) as e:
+            skipped.unreadable.append((str(f), f"{type(e).__name__}: {e}"[:200]))
+            continue
+        if r is None:
+            skipped.not_dicom.append(str(f))
+        elif r[1].get("dicomdir"):
+            skipped.dicomdir.append(str(f))
+        else:
+            found.append(r)
+    return found, skipped
+
+
+# --------------------------------------------------------------------------- geometry helpers
+def normal_of(iop) -> np.ndarray:
+    """Unit slice normal (row × column) of an ImageOrientationPatient."""
+    n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    return n / (np.linalg.norm(n) or 1.0)
+
+
+def orientation_label(vec) -> str:
+    """axial / coronal / sagittal from the dominant axis of a slice normal, else oblique."""
+    v = np.abs(np.asarray(vec, float))
+    i = int(np.argmax(v))
+    if v[i] < math.cos(math.radians(_OBLIQUE_DEG)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[i]
+
+
+def stack_geometry(refs: list[InstanceRef]) -> dict:
+    """Sort refs along the slice normal and describe the stack.
+
+    Returns dict(order, normal, axis, t (positions along ``axis``), tilt_deg). ``axis`` is
+    the unit vector from the first to the last slice position; it differs from ``normal``
+    by the gantry tilt.
+    """
+    iop = refs[0].meta.get("iop")
+    n = normal_of(iop)
+    pos = np.array([r.position for r in refs], float)
+    d = pos @ n
+    order = sorted(range(len(refs)), key=lambda i: (d[i], refs[i].instance_number or 0, refs[i].file,
+                                                    refs[i].frame or 0))
+    axis, tilt = n, 0.0
+    if len(refs) > 1:
+        span = pos[order[-1]] - pos[order[0]]
+        if np.linalg.norm(span) > POSITION_TOL_MM:
+            axis = span / np.linalg.norm(span)
+            tilt = math.degrees(math.acos(min(1.0, abs(float(axis @ n)))))
+            if tilt < _TILT_MIN_DEG:
+                axis, tilt = n, 0.0
+    t = pos[order] @ axis
+    return {"order": order, "normal": n, "axis": axis, "t": t, "tilt_deg": tilt}
+
+
+def spacing_stats(t: np.ndarray) -> dict[str, float]:
+    """min/median/max step between consecutive distinct slice positions (mm)."""
+    steps = np.diff(np.asarray(t, float))
+    steps = steps[steps > POSITION_TOL_MM]
+    if not len(steps):
+        return {}
+    return {"min": float(steps.min()), "median": float(np.median(steps)),
+            "max": float(steps.max()), "largest_gap": float(steps.max())}
+
+
+# --------------------------------------------------------------------------- grouping
+_NON_IMAGE = {
+    "1.2.840.10008.5.1.4.1.1.88": "structured report (SR), not an image",
+    "1.2.840.10008.5.1.4.1.1.481": "radiotherapy (RT) object, not a CT image",
+    "1.2.840.10008.5.1.4.1.1.66": "segmentation/registration object, not a CT image",
+    "1.2.840.10008.5.1.4.1.1.11": "presentation state, not an image",
+    "1.2.840.10008.5.1.4.1.1.104": "encapsulated document (PDF/CDA), not an image",
+    "1.2.840.10008.5.1.4.1.1.9": "waveform, not an image",
+}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _split_key(ref: InstanceRef, facts: dict) -> tuple:
+    m = ref.meta
+    iop = tuple(round(v, 3) for v in m["iop"]) if m.get("iop") else None
+    sp = tuple(round(v, 4) for v in m["spacing"]) if m.get("spacing") else None
+    localizer = any(w in facts["image_type"] for w in ("LOCALIZER", "SCOUT", "TOPOGRAM"))
+    return (iop, m.get("rows"), m.get("cols"), sp, localizer, tuple(facts["image_type"][:2]),
+            facts["sop_class_uid"])
+
+
+def group_series(found: list[tuple[list[InstanceRef], dict]], source: str) -> list[SeriesInfo]:
+    """Group instances by SeriesInstanceUID (or a fallback key when it is empty), split where
+    orientation, matrix, pixel spacing, image type or repeated acquisitions differ, and
+    describe each group as a :class:`SeriesInfo`."""
+    by_series: dict[tuple, list] = defaultdict(list)
+    for refs, facts in found:
+        uid = facts["series_instance_uid"]
+        key = ("uid", uid, facts["frame_of_reference_uid"]) if uid else (
+            "nouid", facts["study_instance_uid"], facts["frame_of_reference_uid"],
+            facts["series_number"], facts["series_description"], facts["modality"], facts["folder"])
+        for r in refs:
+            by_series[key].append((r, facts))
+
+    out: list[SeriesInfo] = []
+    for skey, members in by_series.items():
+        parts: dict[tuple, list] = defaultdict(list)
+        for r, facts in members:
+            parts[_split_key(r, facts)].append((r, facts))
+        groups = []
+        for pkey, pm in parts.items():
+            groups.extend(_split_acquisitions(pm))
+        groups.sort(key=lambda g: (-len(g), g[0][0].file))
+        for i, g in enumerate(groups):
+            info = _describe(g, source, split=len(groups) > 1)
+            if skey[0] == "nouid":
+                info.warnings.append(
+                    "SeriesInstanceUID is empty in the data sets: grouped by FrameOfReferenceUID, "
+                    "series number, description and folder instead")
+            out.append(info)
+    out.sort(key=lambda s: (s.series_number if s.series_number is not None else 1 << 30,
+                            s.series_instance_uid or "", -s.n_instances))
+    _assign_keys(out)
+    return out
+
+
+def _split_acquisitions(members: list) -> list[list]:
+    """Split a group by AcquisitionNumber when positions repeat across acquisitions
+    (e.g. two phases stored under one SeriesInstanceUID)."""
+    pos = [tuple(np.round(r.position, 2)) if r.position else None for r, _ in members]
+    if len(set(pos)) == len(pos):
+        return [members]
+    acq = defaultdict(list)
+    for r, f in members:
+        acq[r.meta.get("acquisition")].append((r, f))
+    if len(acq) < 2:
+        return [members]
+    for g in acq.values():
+        p = [tuple(np.round(r.position, 2)) if r.position else None for r, _ in g]
+        if len(set(p)) != len(p):
+            return [members]
+    return list(acq.values())
+
+
+def _assign_keys(series: list[SeriesInfo]) -> None:
+    """Keys: ``s<SeriesNumber>`` (``s3.1``, ``s3.2`` when a number repeats), ``dcm<i>`` when
+    the series has no number."""
+    total: dict[str, int] = {}
+    for s in series:
+        if s.series_number is not None:
+            total[f"s{s.series_number}"] = total.get(f"s{s.series_number}", 0) + 1
+    count: dict[str, int] = {}
+    unnumbered = 0
+    for s in series:
+        if s.series_number is None:
+            unnumbered += 1
+            s.key = f"dcm{unnumbered}"
+            continue
+        base = f"s{s.series_number}"
+        count[base] = count.get(base, 0) + 1
+        s.key = base if total[base] == 1 else f"{base}.{count[base]}"
+
+
+def _describe(members: list, source: str, split: bool) -> SeriesInfo:
+    refs = [r for r, _ in members]
+    facts = members[0][1]
+    m0 = refs[0].meta
+    info = SeriesInfo(
+        key="", kind="dicom", source=str(source), instances=refs,
+        study_instance_uid=facts["study_instance_uid"],
+        series_instance_uid=facts["series_instance_uid"],
+        frame_of_reference_uid=facts["frame_of_reference_uid"],
+        sop_class_uid=facts["sop_class_uid"], modality=facts["modality"],
+        series_number=facts["series_number"], series_description=facts["series_description"],
+        image_type=facts["image_type"], body_part=facts["body_part"],
+        rows=m0.get("rows"), columns=m0.get("cols"),
+        pixel_spacing=m0.get("spacing"), slice_thickness=m0.get("thickness"),
+        transfer_syntax=facts["transfer_syntax"],
+        patient_id=facts["patient_id"], patient_name=facts["patient_name"],
+        study_date=facts["study_date"])
+    if split:
+        info.warnings.append("this series was split: its instances differ in orientation, matrix, "
+                             "pixel spacing, image type or acquisition")
+    reason = _unusable_reason(refs, facts)
+    geometric = all(r.position is not None for r in refs) and m0.get("iop") is not None
+    if geometric:
+        g = stack_geometry(refs)
+        info.instances = [refs[i] for i in g["order"]]
+        info.orientation = orientation_label(g["axis"] if g["tilt_deg"] else g["normal"])
+        info.gantry_tilt = round(g["tilt_deg"], 4)
+        info.spacing_stats = spacing_stats(g["t"])
+        n_unique = 1 + int(np.sum(np.diff(g["t"]) > POSITION_TOL_MM)) if len(refs) else 0
+        if n_unique < len(refs):
+            info.warnings.append(f"{len(refs) - n_unique} instance(s) repeat a slice position "
+                                 "(duplicates are dropped when loading)")
+        if g["tilt_deg"]:
+            info.warnings.append(f"gantry tilt {g['tilt_deg']:.2f} deg (slices are sheared; "
+                                 "loading resamples onto an orthogonal grid)")
+        st = info.spacing_stats
+        if st and st["max"] > 1.5 * st["median"]:
+            info.warnings.append(f"missing slice(s): largest gap {st['max']:.3f} mm "
+                                 f"vs median spacing {st['median']:.3f} mm")
+        elif st and st["max"] - st["min"] > max(0.01 * st["median"], POSITION_TOL_MM):
+            info.warnings.append(f"irregular slice spacing {st['min']:.3f}..{st['max']:.3f} mm")
+        if reason is None and n_unique < 2:
+            info.warnings.append("single slice: not a volume (a one-slice input)")
+    elif reason is None:
+        if len(refs) == 1:
+            info.warnings.append("single slice without position/orientation: geometry assumed")
+        else:
+            reason = "no ImagePositionPatient/ImageOrientationPatient: slices cannot be placed in space"
+    if reason:
+        info.usable, info.unusable_reason = False, reason
+    return info
+
+
+def _unusable_reason(refs: list[InstanceRef], facts: dict) -> str | None:
+    sop = facts["sop_class_uid"] or ""
+    for prefix, why in _NON_IMAGE.items():
+        if sop.startswith(prefix):
+            return why
+    if facts["modality"] in ("SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PR", "KO", "SEG", "REG", "DOC"):
+        return f"{facts['modality']} object, not a CT image"
+    if not facts["has_pixels"] or not refs[0].meta.get("rows"):
+        return "non-image object (no pixel data)"
+    if sop.startswith(_SECONDARY_CAPTURE):
+        return "secondary capture (a screenshot-like image, no reliable geometry or HU)"
+    it = facts["image_type"]
+    if any(w in it for w in ("LOCALIZER", "SCOUT", "TOPOGRAM")):
+        return "localizer/scout image"
+    if refs[0].meta.get("samples", 1) != 1:
+        return "colour image (SamplesPerPixel > 1), not a CT volume"
+    return None

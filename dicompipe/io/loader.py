@@ -1,0 +1,314 @@
+"""Load a discovered DICOM series into a :class:`~dicompipe.types.Volume` (HU, LPS).
+
+Slices are sorted along the slice normal (never by InstanceNumber), duplicates dropped,
+gaps and irregular spacing resampled to a uniform grid (or refused above ``max_gap``),
+gantry tilt corrected by resampling onto an orthogonal grid, and RescaleSlope/Intercept
+applied per slice. Uncompressed little-endian pixels are read straight from the file
+offsets found by ``discover`` (no second header parse); compressed ones are decoded by
+pydicom's pixel backends (pylibjpeg-openjpeg, GDCM, pyjpegls, native RLE) in threads.
+
+Example::
+
+    >>> from dicompipe import io
+    >>> vol = io.load(io.select(io.discover("export/")))
+    >>> vol.image.GetSpacing(), vol.array.shape
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.pixels import pixel_array
+
+from dicompipe.errors import UnreadableSeries
+from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
+from dicompipe.types import InstanceRef, SeriesInfo, Volume
+
+#: relative deviation of one step from the mean step still treated as uniform spacing
+UNIFORM_TOL = 0.01
+
+
+def _workers(workers: int | None) -> int:
+    return max(1, workers or min(4, os.cpu_count() or 1))
+
+
+def _stored_dtype(m: dict) -> np.dtype:
+    bits = m.get("bits_allocated") or 16
+    if bits not in (8, 16, 32):
+        raise ValueError(f"BitsAllocated {bits}")
+    return np.dtype(f"{'i' if m.get('pixel_representation') else 'u'}{bits // 8}").newbyteorder("<")
+
+
+def _fast_ok(r: InstanceRef, nbytes: int) -> bool:
+    m = r.meta
+    return (m.get("pixel_offset") is not None and m.get("samples", 1) == 1
+            and m.get("bits_allocated") in (8, 16, 32)
+            and (m.get("pixel_length") or 0) >= nbytes * m.get("n_frames", 1))
+
+
+def _fix_bits(a: np.ndarray, m: dict) -> None:
+    """Apply BitsStored < BitsAllocated in place, as pydicom does (mask or sign-extend)."""
+    stored, alloc = m.get("bits_stored"), m.get("bits_allocated")
+    if not stored or not alloc or stored >= alloc:
+        return
+    shift = alloc - stored
+    if m.get("pixel_representation"):
+        np.left_shift(a, shift, out=a)
+        np.right_shift(a, shift, out=a)
+    else:
+        np.bitwise_and(a, (1 << stored) - 1, out=a)
+
+
+def read_pixels(refs: list[InstanceRef], workers: int | None = None):
+    """Stored pixel values of ``refs`` as one (n, rows, cols) array, plus {index: error}
+    for slices that could not be read (truncated or corrupt files)."""
+    m0 = refs[0].meta
+    rows, cols = m0["rows"], m0["cols"]
+    dtype = _stored_dtype(m0)
+    out = np.empty((len(refs), rows, cols), dtype)
+    nbytes = rows * cols * dtype.itemsize
+    failed: dict[int, str] = {}
+    fast, slow = [], defaultdict(list)
+    for i, r in enumerate(refs):
+        if (r.meta.get("rows"), r.meta.get("cols")) != (rows, cols):
+            failed[i] = f"matrix {r.meta.get('rows')}x{r.meta.get('cols')} differs from {rows}x{cols}"
+        elif _fast_ok(r, nbytes) and _stored_dtype(r.meta) == dtype:
+            fast.append(i)
+        else:
+            slow[r.file].append(i)
+
+    def read_fast(i):
+        r = refs[i]
+        try:
+            with open(r.file, "rb") as f:
+                f.seek(r.meta["pixel_offset"] + (r.frame or 0) * nbytes)
+                got = f.readinto(memoryview(out[i]).cast("B"))
+            if got != nbytes:
+                failed[i] = f"truncated pixel data ({got} of {nbytes} bytes)"
+            else:
+                _fix_bits(out[i], r.meta)
+        except OSError as e:
+            failed[i] = f"cannot read: {e.strerror or e}"
+
+    def read_slow(item):
+        file, idx = item
+        try:
+            arr = pixel_array(file)
+            if arr.ndim == 2:
+                arr = arr[None]
+            if arr.ndim != 3:
+                raise ValueError(f"decoded pixel array has shape {arr.shape}, expected monochrome frames")
+            for i in idx:
+                out[i] = arr[refs[i].frame or 0]
+        except Exception as e:  # any decoder failure is a per-file warning, not a crash
+            for i in idx:
+                failed[i] = f"cannot decode pixel data: {type(e).__name__}: {e}"[:300]
+
+    n = _workers(None if (len(fast) + len(slow)) > 8 else 1)
+    with ThreadPoolExecutor(n) as ex:
+        list(ex.map(read_fast, fast))
+        list(ex.map(read_slow, slow.items()))
+    return out, failed
+
+
+def _to_hu(raw: list, refs: list[InstanceRef]) -> tuple[np.ndarray | None, sitk.Image | None]:
+    """HU from stored values (``raw`` is a one-item list, emptied to free the stored array
+    early). Returns (float32 array, None) or, when every slice shares slope 1 and one
+    intercept, (None, float32 SimpleITK image) converted by SimpleITK without a float copy."""
+    slopes = np.array([r.meta.get("slope", 1.0) for r in refs], float)
+    inters = np.array([r.meta.get("intercept", 0.0) for r in refs], float)
+    if np.all(slopes == 1.0) and np.all(inters == inters[0]):
+        img = sitk.GetImageFromArray(raw.pop())
+        return None, sitk.ShiftScale(img, float(inters[0]), 1.0, sitk.sitkFloat32)
+    stored = raw.pop()
+    out = np.empty(stored.shape, np.float32)
+    for i in range(len(refs)):
+        out[i] = stored[i] * slopes[i] + inters[i]          # float64 per slice, rounded once
+    return out, None
+
+
+def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
+               correct_tilt: bool = True, workers: int | None = None) -> Volume:
+    """Load a DICOM :class:`SeriesInfo` (see module docstring).
+
+    ``max_gap``: largest allowed gap between slices in mm before the series is refused
+    (default: 3 × the median spacing); smaller gaps and irregular spacing are resampled to
+    a uniform grid by linear interpolation along the stack. ``correct_tilt``: resample a
+    gantry-tilted (sheared) stack onto an orthogonal grid (False keeps the slices and
+    reports the tilt; the geometry is then that of the untilted planes).
+    """
+    refs = list(series.instances)
+    if not refs:
+        raise UnreadableSeries(f"Series {series.key} has no instances to load.")
+    if not series.usable:
+        raise UnreadableSeries(
+            f"Series {series.key} ({series.series_description or series.modality or 'no description'}) "
+            f"is not a loadable volume: {series.unusable_reason}. Choose another series "
+            "(see `dicompipe series PATH`).")
+    warnings: list[str] = []
+    m0 = refs[0].meta
+    geometric = m0.get("iop") is not None and all(r.position is not None for r in refs)
+    if geometric:
+        g = stack_geometry(refs)
+        refs = [refs[i] for i in g["order"]]
+        t = g["t"]
+        keep, dropped = [0], []
+        for i in range(1, len(refs)):
+            if t[i] - t[keep[-1]] <= POSITION_TOL_MM:
+                dropped.append(i)
+            else:
+                keep.append(i)
+        if dropped:
+            names = ", ".join(os.path.basename(refs[i].file) + (f"#{refs[i].frame}" if refs[i].frame else "")
+                              for i in dropped[:5])
+            warnings.append(f"dropped {len(dropped)} instance(s) duplicating a slice position: {names}"
+                            + (" ..." if len(dropped) > 5 else ""))
+        refs, t = [refs[i] for i in keep], t[keep]
+    else:
+        g, t = None, np.zeros(len(refs))
+
+    raw, failed = read_pixels(refs, workers)
+    if failed:
+        for i, why in sorted(failed.items())[:5]:
+            warnings.append(f"skipped slice {refs[i].file}: {why}")
+        if len(failed) > 5:
+            warnings.append(f"... and {len(failed) - 5} more unreadable slice(s)")
+        ok = [i for i in range(len(refs)) if i not in failed]
+        if not ok:
+            raise UnreadableSeries(
+                f"No slice of series {series.key} could be decoded (first: {refs[0].file}: "
+                f"{failed[0]}). Check that the files are complete and that the codec "
+                "packages (pylibjpeg-openjpeg, python-gdcm) are installed.")
+        raw, refs, t = raw[ok], [refs[i] for i in ok], t[ok]
+
+    holder = [raw]
+    del raw
+    arr, img = _to_hu(holder, refs)
+    slices = [[r] for r in refs]
+
+    ps = m0.get("spacing") or (1.0, 1.0)
+    if not m0.get("spacing"):
+        warnings.append("no PixelSpacing: assuming 1 mm pixels")
+    if geometric:
+        iop = m0["iop"]
+        row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+        row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+        n, axis = normal_of(iop), g["axis"]
+        origin = np.asarray(refs[0].position, float)
+    else:
+        row, col = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+        n = axis = np.array([0, 0, 1.0])
+        origin = np.asarray(refs[0].position or (0.0, 0.0, 0.0), float)
+        if len(refs) > 1:
+            warnings.append("no ImagePositionPatient/ImageOrientationPatient: slices stacked in file order")
+
+    if len(refs) > 1 and geometric:
+        steps = np.diff(t)
+        step = float((t[-1] - t[0]) / (len(t) - 1))
+        if np.max(np.abs(steps - step)) > max(UNIFORM_TOL * step, POSITION_TOL_MM):
+            if arr is None:
+                arr = sitk.GetArrayFromImage(img)
+                img = None
+            arr, slices, step, msg = _regularise(arr, refs, t, max_gap, series)
+            warnings.append(msg)
+    else:
+        step = m0.get("thickness") or 1.0
+        if len(refs) == 1:
+            warnings.append(f"single slice: z spacing set to SliceThickness ({step:g} mm)")
+
+    if img is None:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr, np.float32))
+        del arr
+    tilt = g["tilt_deg"] if g else 0.0
+    dn = step * float(axis @ n)
+    img.SetOrigin(tuple(map(float, origin)))
+    img.SetSpacing((float(ps[1]), float(ps[0]), float(dn if tilt else step)))
+    img.SetDirection(tuple(float(v) for v in np.column_stack([row, col, n]).ravel()))
+    if tilt:
+        if correct_tilt:
+            img = _untilt(img, origin, step * axis, n, dn, axis, row)
+            warnings.append(f"gantry tilt {tilt:.2f} deg corrected: resampled onto an orthogonal grid "
+                            f"({img.GetSize()[0]}x{img.GetSize()[1]} in-plane, linear interpolation)")
+        else:
+            warnings.append(f"gantry tilt {tilt:.2f} deg NOT corrected: geometry is that of the "
+                            "tilted planes stacked along their normal")
+    return Volume(image=img, slices=slices, series=series, windowed=False, warnings=warnings)
+
+
+def _regularise(arr, refs, t, max_gap, series):
+    """Resample slices at irregular positions ``t`` (mm along the stack) to a uniform step."""
+    steps = np.diff(t)
+    med = float(np.median(steps))
+    limit = max_gap if max_gap is not None else 3.0 * med
+    j = int(np.argmax(steps))
+    if steps[j] > limit + POSITION_TOL_MM:
+        raise UnreadableSeries(
+            f"Series {series.key}: gap of {steps[j]:.2f} mm between {refs[j].file} and "
+            f"{refs[j + 1].file} (median spacing {med:.2f} mm) exceeds the allowed {limit:.2f} mm. "
+            "Slices are missing from the export: re-export the full series, or pass a larger "
+            "max_gap to resample across the gap.")
+    span = float(t[-1] - t[0])
+    nz = int(round(span / med)) + 1
+    step = span / (nz - 1)
+    out = np.empty((nz,) + arr.shape[1:], np.float32)
+    slices = []
+    resampled = 0
+    for k in range(nz):
+        tau = t[0] + k * step
+        i = int(np.searchsorted(t, tau - POSITION_TOL_MM))
+        i = min(i, len(t) - 1)
+        if abs(t[i] - tau) <= max(POSITION_TOL_MM, 1e-3 * step):
+            out[k] = arr[i]
+            slices.append([refs[i]])
+            continue
+        a = max(i - 1, 0)
+        w = (tau - t[a]) / (t[i] - t[a])
+        out[k] = (1.0 - w) * arr[a] + w * arr[i]
+        slices.append([refs[a], refs[i]])
+        resampled += 1
+    msg = (f"irregular slice spacing ({steps.min():.3f}..{steps.max():.3f} mm, largest gap "
+           f"{steps.max():.3f} mm between {os.path.basename(refs[j].file)} and "
+           f"{os.path.basename(refs[j + 1].file)}): resampled to a uniform {step:.4f} mm grid, "
+           f"{resampled} of {nz} slices interpolated linearly")
+    return out, slices, step, msg
+
+
+def _untilt(img: sitk.Image, p0, step_vec, n, dn, axis, row) -> sitk.Image:
+    """Resample a sheared (gantry-tilted) stack onto an orthogonal grid.
+
+    ``img`` carries the untilted geometry (planes stacked along their normal ``n`` every
+    ``dn`` mm); the true slice k lies ``k * (step_vec - dn n)`` further. The output grid has
+    its z axis along the table (``axis``), the row direction kept, and covers every voxel.
+    """
+    shear = np.asarray(step_vec, float) - dn * np.asarray(n, float)
+    # output physical point x -> point of the untilted image: x - ((x - p0)·n / dn) * shear
+    A = np.eye(3) - np.outer(shear, n) / dn
+    b = (np.asarray(p0, float) @ n) / dn * shear
+    tf = sitk.AffineTransform(3)
+    tf.SetMatrix(tuple(A.ravel()))
+    tf.SetTranslation(tuple(b))
+    u3 = np.asarray(axis, float)
+    u1 = np.asarray(row, float) - (row @ u3) * u3
+    u1 /= np.linalg.norm(u1)
+    u2 = np.cross(u3, u1)
+    sx, sy, _ = img.GetSpacing()
+    nx, ny, nz = img.GetSize()
+    step = float(np.linalg.norm(step_vec))
+    corners = []
+    for i in (0, nx - 1):
+        for j in (0, ny - 1):
+            for k in (0, nz - 1):
+                p = img.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
+                corners.append(np.asarray(p) + k * shear)
+    rel = (np.asarray(corners) - p0) @ np.column_stack([u1, u2, u3])
+    lo, hi = rel.min(0), rel.max(0)
+    spacing = (sx, sy, step)
+    size = [int(math.floor((hi[a] - lo[a]) / spacing[a] + 1e-6)) + 1 for a in range(3)]
+    origin = np.asarray(p0, float) + lo[0] * u1 + lo[1] * u2 + lo[2] * u3
+    fill = float(sitk.GetArrayViewFromImage(img).min())
+    return sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
+                         tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)

@@ -1,0 +1,149 @@
+"""Find candidate volumes under a path: a folder (recursive, any file names), a DICOMDIR,
+a zip of an export, a single DICOM (or multi-frame) file, PNG/JPG slices, or NIfTI.
+
+Only headers are read. Non-DICOM files are skipped and counted; damaged DICOM files are
+skipped with their name and reason; the input is never written to.
+
+Example::
+
+    >>> found = discover("export.zip")
+    >>> [s.key for s in found], found.skipped_summary
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dicompipe.errors import NoSeriesFound, UnsupportedInput
+from dicompipe.io.archive import MAX_ZIP_BYTES, MAX_ZIP_MEMBERS, extract_zip, is_zip
+from dicompipe.io.dicom import Skipped, group_series, read_headers
+from dicompipe.io.images import discover_images, is_image_file
+from dicompipe.io.nifti import discover_nifti, is_nifti
+from dicompipe.types import SeriesInfo
+
+
+class Discovery(list):
+    """``list[SeriesInfo]`` plus what was skipped: ``source``, ``skipped`` (a
+    :class:`~dicompipe.io.dicom.Skipped`), ``skipped_summary`` (one line) and ``archive``
+    (the :class:`~dicompipe.io.archive.ExtractedArchive` of a zip input, else None)."""
+
+    def __init__(self, items=(), source: str = "", skipped: Skipped | None = None, archive=None):
+        super().__init__(items)
+        self.source = source
+        self.skipped = skipped or Skipped()
+        self.archive = archive
+
+    @property
+    def skipped_summary(self) -> str:
+        return self.skipped.summary()
+
+
+def _walk(folder: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for f in sorted(files):
+            p = Path(root) / f
+            if p.is_file():
+                out.append(p)
+    return out
+
+
+def _dicomdir_files(path: Path) -> list[Path] | None:
+    """Files referenced by a DICOMDIR, or None if it cannot be read as one."""
+    import pydicom
+    from pydicom.fileset import FileSet
+    try:
+        fs = FileSet(pydicom.dcmread(path))
+        return [Path(inst.path) for inst in fs]
+    except Exception:  # a damaged DICOMDIR: fall back to scanning its folder
+        return None
+
+
+def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
+             max_zip_members: int = MAX_ZIP_MEMBERS) -> Discovery:
+    """All candidate volumes under ``path`` as a :class:`Discovery` (a list of SeriesInfo).
+
+    Raises :class:`UnsupportedInput` if ``path`` does not exist or is an unsafe zip, and
+    :class:`NoSeriesFound` if nothing readable was found (the message counts what was).
+    """
+    src = Path(path)
+    if not src.exists():
+        raise UnsupportedInput(f"{src} does not exist. Give a folder, a .zip, a DICOM file, "
+                               "an image folder or a NIfTI file.")
+    archive = None
+    root = src
+    if src.is_file() and is_zip(src):
+        archive = extract_zip(src, max_bytes=max_zip_bytes, max_members=max_zip_members)
+        root = archive.path
+    if root.is_dir():
+        files = _walk(root)
+    elif is_nifti(root) or is_image_file(root):
+        files = [root]
+    else:
+        files = [root]
+        listed = None
+        if root.name.upper() == "DICOMDIR" or _is_dicomdir(root):
+            listed = _dicomdir_files(root)
+            files = listed if listed is not None else _walk(root.parent)
+
+    images = [f for f in files if is_image_file(f)]
+    niftis = [f for f in files if is_nifti(f)]
+    others = [f for f in files if not is_image_file(f) and not is_nifti(f)]
+    skipped = Skipped()
+    nested_zips = [f for f in others if f.suffix.lower() == ".zip"]
+    skipped.not_dicom += [str(f) for f in nested_zips]
+    others = [f for f in others if f.suffix.lower() != ".zip"]
+
+    found, sk = read_headers(others, keep=archive)
+    skipped.merge(sk)
+    out: list[SeriesInfo] = group_series(found, source=str(src))
+    img_series, bad = discover_images(images, str(src))
+    skipped.not_dicom += bad
+    out += img_series
+    for f in niftis:
+        try:
+            out.append(discover_nifti(f, str(src)))
+        except Exception as e:  # noqa: BLE001 - a damaged NIfTI is skipped like a damaged DICOM
+            skipped.unreadable.append((str(f), str(e)[:200]))
+    _keys(out)
+    if archive is not None:
+        for s in out:
+            for r in s.instances:
+                r.meta.setdefault("keep", archive)
+                member = archive.members.get(r.file)
+                if member:
+                    r.meta["archive_member"] = member
+    summary = skipped.summary()
+    for s in out:
+        if summary:
+            s.warnings.append(f"input {src}: {summary}")
+    if not out:
+        n = len(files)
+        raise NoSeriesFound(
+            f"Nothing readable under {src}: {n} file(s) looked at"
+            + (f"; {summary}" if summary else "")
+            + (f"; {len(skipped.dicomdir)} DICOMDIR index file(s) without images" if skipped.dicomdir else "")
+            + ". Point dicompipe at a folder or zip of DICOM files, PNG/JPG slices or a NIfTI file.")
+    return Discovery(out, source=str(src), skipped=skipped, archive=archive)
+
+
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return b"1.2.840.10008.1.3.10" in head
+
+
+def _keys(series: list[SeriesInfo]) -> None:
+    used = {s.key for s in series if s.key}
+    for kind in ("images", "nifti"):
+        group = [s for s in series if s.kind == kind]
+        for i, s in enumerate(group):
+            k = kind if len(group) == 1 else f"{kind}{i + 1}"
+            while k in used:
+                k += "_"
+            s.key = k
+            used.add(k)
