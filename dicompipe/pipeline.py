@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 
 from dicompipe import io
-from dicompipe.errors import DicompipeError, UnsupportedInput
+from dicompipe.errors import DicompipeError, UnreadableSeries, UnsupportedInput
 from dicompipe.types import Analysis
 
 ORGANS = ("lung", "pancreas")
@@ -41,13 +41,15 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
             device: str = "auto", backend: str = "auto", cam: bool = True,
             select_slices: bool = True, config: str | Path | None = None,
             batch_size: int = 16, include_phi: bool = False,
-            progress: Progress | None = None) -> Analysis:
+            progress: Progress | None = None, allow_untrained: bool = False) -> Analysis:
     """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.
 
     ``organ``: "lung", "pancreas" or "auto" (from BodyPartExamined/descriptions, else content).
     ``model``: a bundle name or folder (default: the organ config's built-in bundle).
     ``series``: force a series by SeriesInstanceUID, series number or discover key.
     ``progress``: optional callback ``(stage, fraction, message)``; silent when None.
+    ``allow_untrained``: accept a bundle whose metadata says ``"trained": false`` (tests,
+    benchmarks); the CLI never sets it, so random weights never produce a printed verdict.
     Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
     """
     from dicompipe import explain, model as model_stage, preprocess
@@ -68,12 +70,15 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     chosen = io.select(candidates, series=series)
     lap("select")
     say("load", 0.1, f"Loading series {chosen.series_description or chosen.key}")
+    _check_series(chosen)
     volume = io.load(chosen)
+    _check_volume(volume)
     lap("load")
 
     organ, organ_reason = _resolve_organ(organ, chosen, volume)
     cfg = load_config(organ, config)
-    bundle = model_stage.load_bundle(model or cfg["model"], organ=organ)
+    bundle = model_stage.load_bundle(model or cfg["model"], organ=organ,
+                                     allow_untrained=allow_untrained)
     lap("load_model")
 
     say("preprocess", 0.25, "Windowing, resampling and selecting slices")
@@ -99,6 +104,12 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         lap("explain")
 
     warnings = [*chosen.warnings, *volume.warnings, *batch.warnings]
+    if not bundle.trained:
+        warnings.append(f"Model bundle {bundle.name!r} is UNTRAINED (random/fixture weights): "
+                        "this verdict is meaningless.")
+    if verdict.uncertain:
+        warnings.append(f"Uncertain verdict: top probability {max(verdict.probabilities.values()):.2f} "
+                        f"is inside the band {list(verdict.uncertain_band)}.")
     return Analysis(
         input=str(path), organ=organ, organ_reason=organ_reason, series=chosen,
         candidates=candidates, volume=volume, batch=batch, predictions=preds,
@@ -106,6 +117,39 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         warnings=list(dict.fromkeys(warnings)),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         include_phi=include_phi)
+
+
+_CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",      # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",    # Legacy Converted Enhanced CT Image Storage
+}
+
+
+def _check_series(series) -> None:
+    """Refuse DICOM that is not CT (MR, PET, SC...) before loading any pixels."""
+    if series.kind != "dicom":
+        return
+    modality = (series.modality or "").upper()
+    if modality and modality != "CT":
+        raise UnsupportedInput(
+            f"Series {series.series_description or series.key} ({series.source}) is "
+            f"{modality}, not CT: dicompipe analyses CT in Hounsfield units only. "
+            "Choose a CT series with --series (see `dicompipe series PATH`).")
+    if not modality and series.sop_class_uid and series.sop_class_uid not in _CT_SOP_CLASSES:
+        raise UnsupportedInput(
+            f"Series {series.key} ({series.source}) has SOP class {series.sop_class_uid} and no "
+            "Modality: it is not a CT image series. Choose a CT series with --series.")
+
+
+def _check_volume(volume) -> None:
+    """A DICOM CT must be a volume: one slice (a single image) is refused, clearly."""
+    if volume.series.kind == "dicom" and volume.shape[0] < 2:
+        raise UnreadableSeries(
+            f"Series {volume.series.series_description or volume.series.key} "
+            f"({volume.series.source}) has a single slice: a volume-level verdict needs a CT "
+            "volume. Point dicompipe at the folder holding the whole series (or export the "
+            "slice as PNG to analyse it as an image).")
 
 
 _ORGAN_WORDS = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dicompipe.model.bundle import save_bundle
@@ -59,3 +60,54 @@ def make_bundle(path, organ: str = "lung", *, labels: list[str] | None = None,
     if aggregation:
         md["aggregation"] = aggregation
     return save_bundle(path, net, md, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- volumes
+def chest_phantom(shape=(40, 64, 64), lung_z=(0.2, 0.8), seed: int = 0):
+    """A chest-like HU array (z, y, x): air outside, a soft-tissue body ellipse, two lungs
+    (-850 HU) only between fractions ``lung_z`` of the z range (abdomen-like elsewhere),
+    a 60 HU nodule in the right lung and a little noise."""
+    nz, ny, nx = shape
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(np.linspace(0, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx),
+                          indexing="ij")
+    a = np.full(shape, -1000.0, np.float32)
+    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
+    a[body] = 40.0
+    in_z = (z >= lung_z[0]) & (z <= lung_z[1])
+    for cx in (-0.42, 0.42):
+        lung = ((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1
+        a[lung & in_z] = -850.0
+    nod = ((x + 0.42) ** 2 + y ** 2) < 0.08 ** 2
+    a[nod & (np.abs(z - 0.5) < 0.1)] = 60.0
+    a += rng.normal(0, 10, shape).astype(np.float32)
+    return a
+
+
+def make_volume(hu, spacing=(0.8, 0.8, 1.0), origin=(-100.0, -120.0, -300.0), direction=None,
+                windowed: bool = False, uids: bool = True):
+    """A dicompipe Volume straight from an array (z, y, x), one synthetic instance per z.
+
+    ``spacing`` is (x, y, z) mm; ``direction`` a SimpleITK row-major 9-tuple (identity default).
+    """
+    import SimpleITK as sitk
+
+    from dicompipe.types import InstanceRef, SeriesInfo, Volume
+
+    img = sitk.GetImageFromArray(np.asarray(hu, np.float32))
+    img.SetSpacing(tuple(map(float, spacing)))
+    img.SetOrigin(tuple(map(float, origin)))
+    if direction is not None:
+        img.SetDirection(tuple(map(float, direction)))
+    refs = []
+    for z in range(img.GetSize()[2]):
+        pos = img.TransformIndexToPhysicalPoint((0, 0, z))
+        refs.append([InstanceRef(file=f"synthetic/{z:04d}.dcm",
+                                 sop_instance_uid=f"1.2.826.0.1.3680043.99.{z + 1}" if uids else None,
+                                 instance_number=z + 1, position=pos)])
+    series = SeriesInfo(key="synthetic", kind="images" if windowed else "dicom",
+                        source="synthetic", instances=[r[0] for r in refs], modality="CT",
+                        rows=img.GetSize()[1], columns=img.GetSize()[0],
+                        pixel_spacing=(float(spacing[1]), float(spacing[0])),
+                        series_description="synthetic chest", orientation="axial")
+    return Volume(image=img, slices=refs, series=series, windowed=windowed)

@@ -6,14 +6,8 @@ Example::
     >>> batch = preprocess.prepare(volume, spec, organ="lung")   # SliceBatch
     >>> cam_on_ct = preprocess.to_volume(batch, maps)             # SimpleITK.Image on the CT grid
 """
+from dicompipe.preprocess.prepare import prepare  # noqa: F401
+from dicompipe.preprocess.render import render, square_pad, window  # noqa: F401
 from dicompipe.types import PreprocessSpec, SliceBatch, Volume  # noqa: F401
 
-
-def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
-            select_slices: bool = True, selection: dict | None = None) -> SliceBatch:
-    raise NotImplementedError
-
-
-def to_volume(batch: SliceBatch, maps):
-    """Map per-row 2D maps (n_included, h, w) back onto the source volume grid."""
-    raise NotImplementedError
+from dicompipe.preprocess.inverse import to_volume  # noqa: F401  (explain stage)

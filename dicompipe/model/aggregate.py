@@ -1,0 +1,122 @@
+"""``aggregate``: per-slice scores -> one calibrated volume-level Verdict.
+
+Slice probabilities are calibrated first: ``softmax(logits / T)`` with the bundle's
+temperature T. Each abnormal class c (every label but the negative one, "normal" or the
+first label) gets a volume score from the rule over its slice probabilities:
+
+- ``topk_mean`` (default): mean of the k highest slice probabilities of c;
+- ``max``: the highest; ``mean``: the mean over all slices;
+- ``noisy_or``: 1 - prod(1 - p), the chance that at least one slice shows c.
+
+The negative class gets ``1 - sum(abnormal scores)``; when the abnormal scores add up to
+more than 1 they are rescaled to sum 1 (negative 0). With ``mean`` this is exactly the mean
+probability vector. A volume is abnormal when a few slices clearly are, which a per-class
+mean over a whole scan (mostly normal slices) would hide.
+
+Example::
+
+    >>> v = aggregate(preds, bundle=bundle)                 # the bundle's rule and temperature
+    >>> v.label, v.probabilities, v.uncertain, v.key_slices[0].instance_numbers
+    >>> aggregate(preds, rule="noisy_or", temperature=1.5)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dicompipe.errors import ModelError
+from dicompipe.types import KeySlice, SlicePredictions, Verdict
+
+RULES = ("topk_mean", "max", "mean", "noisy_or")
+NEGATIVE_NAMES = ("normal", "negative", "benign_or_normal", "healthy")
+
+
+def softmax(logits) -> np.ndarray:
+    """Numerically stable softmax over the last axis (float64 inside, float32 out).
+
+    >>> softmax(np.array([[0.0, 0.0]]))
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def negative_index(labels: list[str]) -> int:
+    """Index of the "no finding" class: a label named normal/negative, else the first label."""
+    for i, l in enumerate(labels):
+        if l.lower() in NEGATIVE_NAMES:
+            return i
+    return 0
+
+
+def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
+              k: int | None = None, temperature: float | None = None,
+              uncertain_band=None) -> Verdict:
+    """Volume verdict from slice predictions; arguments override the bundle's defaults.
+
+    >>> v = aggregate(preds, rule="topk_mean", k=5, temperature=1.2, uncertain_band=(0.4, 0.6))
+    """
+    defaults = dict(bundle.aggregation) if bundle is not None else {}
+    rule = rule or defaults.get("rule") or "topk_mean"
+    k = int(k if k is not None else defaults.get("k") or 5)
+    band = tuple(float(b) for b in (uncertain_band if uncertain_band is not None
+                                    else defaults.get("uncertain_band") or (0.4, 0.6)))
+    temp = float(temperature if temperature is not None
+                 else (bundle.temperature if bundle is not None else 1.0))
+    if rule not in RULES:
+        raise ModelError(f"Unknown aggregation rule {rule!r}: use one of {', '.join(RULES)}.")
+    if k < 1:
+        raise ModelError(f"Aggregation k must be >= 1, got {k}.")
+    if not temp > 0:
+        raise ModelError(f"Calibration temperature must be > 0, got {temp}.")
+    if len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0:
+        raise ModelError(f"uncertain_band must be (low, high) within [0, 1], got {band}.")
+    labels = list(preds.labels)
+    n = len(preds.logits)
+    if n == 0:
+        raise ModelError("No analysed slice to aggregate (every slice was skipped).")
+
+    p = softmax(np.asarray(preds.logits, np.float64) / temp).astype(np.float64)
+    neg = negative_index(labels)
+    kk = min(k, n)
+    scores = np.zeros(len(labels))
+    for c in range(len(labels)):
+        if c == neg:
+            continue
+        col = p[:, c]
+        if rule == "topk_mean":
+            scores[c] = np.sort(col)[-kk:].mean()
+        elif rule == "max":
+            scores[c] = col.max()
+        elif rule == "mean":
+            scores[c] = col.mean()
+        else:
+            scores[c] = 1.0 - np.prod(1.0 - col)
+    total = scores.sum()
+    if total > 1.0:
+        scores /= total
+    scores[neg] = max(0.0, 1.0 - scores.sum())
+    scores /= scores.sum()
+
+    best = int(np.argmax(scores))
+    top = float(scores[best])
+    uncertain = band[0] <= top <= band[1]
+    n_key = 1 if rule == "max" else kk
+    order = np.argsort(-p[:, best], kind="stable")[:n_key]
+    by_row = {s.row: s for s in preds.batch.slices if s.included}
+    keys = []
+    for r in order:
+        s = by_row.get(int(r))
+        if s is None:
+            continue
+        keys.append(KeySlice(
+            row=int(r), z=s.z, volume_z=list(s.volume_z),
+            instance_numbers=[i.instance_number for i in s.sources],
+            sop_instance_uids=[i.sop_instance_uid for i in s.sources],
+            files=[i.file for i in s.sources], probability=float(p[r, best])))
+    return Verdict(label=labels[best],
+                   probabilities={l: float(v) for l, v in zip(labels, scores)},
+                   uncertain=bool(uncertain), uncertain_band=band,
+                   rule=f"topk_mean(k={k})" if rule == "topk_mean" else rule,
+                   temperature=temp, key_slices=keys, n_slices=n)

@@ -1,0 +1,155 @@
+"""``prepare``: Volume -> SliceBatch (slabs, in-plane resample, slice selection, 224x224 tensors).
+
+Steps, all keeping exact LPS geometry in ``SliceBatch.grid``:
+
+1. along z, thin slices are averaged into slabs of ``spec.slab_mm`` (SimpleITK ``BinShrink``:
+   k = round(slab_mm / slice step) source slices per slab, a mean, never nearest);
+2. in-plane, linear resampling to ``spec.spacing`` mm (SimpleITK ``Resample``);
+3. slice selection per the organ config (each skip with its reason);
+4. every included grid slice -> :func:`dicompipe.preprocess.render.render` (window, square pad,
+   resize, normalise) — the same function training uses.
+
+Example::
+
+    >>> batch = prepare(volume, bundle.spec, organ="lung", selection=cfg["slice_selection"])
+    >>> batch.tensors.shape           # (n_included, 3, 224, 224) float32
+    >>> batch.slices[0].volume_z      # volume z indices averaged into model slice 0
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from dicompipe.errors import PreprocessError
+from dicompipe.preprocess.render import render, square_pad, window
+from dicompipe.preprocess.selection import skip_reasons
+from dicompipe.types import InstanceRef, ModelSlice, PreprocessSpec, SliceBatch, Volume
+
+AIR_HU = -1024.0
+
+
+def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
+            select_slices: bool = True, selection: dict | None = None) -> SliceBatch:
+    """Model-ready tensors for one volume, with the map from each model slice to its sources.
+
+    ``organ`` picks the slice-selection rules ("lung" | "pancreas"; None: keep all);
+    ``selection`` overrides their thresholds (the organ config's ``slice_selection``).
+    Raises :class:`PreprocessError` when no slice is left to analyse.
+
+    >>> b = prepare(vol, PreprocessSpec(slab_mm=5.0), organ="lung")
+    >>> [s.skip_reason for s in b.slices if not s.included]
+    """
+    if volume.image.GetDimension() != 3:
+        raise PreprocessError(f"Series {volume.series.key}: expected a 3D volume, got "
+                              f"{volume.image.GetDimension()}D.")
+    warnings: list[str] = []
+    img = volume.image
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    fill = 0.0 if volume.windowed else AIR_HU
+
+    # 1. slabs along z (mean of k consecutive slices, geometry from BinShrink)
+    nz = img.GetSize()[2]
+    dz = img.GetSpacing()[2]
+    k = 1
+    if spec.slab_mm and spec.slab_mm > dz * 1.25 and nz > 1:
+        k = max(1, min(nz, int(round(spec.slab_mm / dz))))
+    n_slabs = nz // k
+    start = (nz - n_slabs * k) // 2
+    if k > 1:
+        if n_slabs * k != nz:
+            left = list(range(start)) + list(range(start + n_slabs * k, nz))
+            warnings.append(f"{len(left)} edge slice(s) (volume z {left}) do not fill a whole "
+                            f"{k * dz:g} mm slab and are not analysed.")
+            img = img[:, :, start:start + n_slabs * k]
+        img = sitk.BinShrink(img, [1, 1, k])
+    volume_z = [list(range(start + j * k, start + (j + 1) * k)) for j in range(n_slabs)]
+
+    # 2. in-plane spacing
+    sx, sy = img.GetSpacing()[:2]
+    if spec.spacing and (abs(sx - spec.spacing) > 0.01 * spec.spacing
+                         or abs(sy - spec.spacing) > 0.01 * spec.spacing):
+        img = _resample_inplane(img, float(spec.spacing), fill)
+    grid = img
+    arr = sitk.GetArrayViewFromImage(grid)              # (z, y, x), a view: never written
+
+    # 3. slice selection
+    if select_slices:
+        reasons = skip_reasons(arr, organ, selection, windowed=volume.windowed)
+        if volume.windowed and organ:
+            warnings.append("Input is already-windowed 8-bit images (no HU): slice selection "
+                            "only skipped blank slices.")
+    else:
+        reasons = [None] * arr.shape[0]
+
+    slices: list[ModelSlice] = []
+    rows: list[int] = []
+    for z in range(arr.shape[0]):
+        srcs = _sources(volume, volume_z[z])
+        why = reasons[z]
+        ms = ModelSlice(z=z, volume_z=volume_z[z], sources=srcs, included=why is None,
+                        skip_reason=why, row=len(rows) if why is None else None)
+        if why is None:
+            rows.append(z)
+        slices.append(ms)
+    if not rows:
+        counts: dict[str, int] = {}
+        for r in reasons:
+            key = (r or "").split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+        why = ", ".join(f"{n} x {r}" for r, n in counts.items())
+        raise PreprocessError(
+            f"Series {volume.series.series_description or volume.series.key} "
+            f"({volume.series.source}): no slice in range for {organ} ({len(reasons)} slices "
+            f"skipped: {why}). Check that this CT covers the {organ}, choose the other organ, "
+            "or analyse all slices with --all-slices (select_slices=False).")
+
+    # 4. tensors, the same render() as training
+    n_ch = spec.channels
+    tensors = np.empty((len(rows), n_ch, spec.size, spec.size), np.float32)
+    last = arr.shape[0] - 1
+    for i, z in enumerate(rows):
+        if spec.channel_mode == "neighbours":
+            half = n_ch // 2
+            idx = [min(max(z + d, 0), last) for d in range(-half, n_ch - half)]
+            stack = arr[idx]
+        else:
+            stack = arr[z]
+        tensors[i] = render(stack, spec, windowed=volume.windowed)
+    _, pad = square_pad(np.empty(arr.shape[1:], np.uint8))
+
+    display = _display(arr, spec, volume.windowed)
+    return SliceBatch(tensors=tensors, slices=slices, spec=spec, grid=grid, pad=pad,
+                      volume=volume, display=display, warnings=warnings)
+
+
+def _resample_inplane(img, spacing: float, fill: float):
+    """Linear resample to ``spacing`` mm in x and y, same z, same origin and direction."""
+    size = img.GetSize()
+    sp = img.GetSpacing()
+    new_sp = (spacing, spacing, sp[2])
+    new_size = [max(1, int(round(size[i] * sp[i] / new_sp[i]))) for i in range(2)] + [size[2]]
+    return sitk.Resample(img, new_size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(),
+                         new_sp, img.GetDirection(), fill, sitk.sitkFloat32)
+
+
+def _sources(volume: Volume, zs: list[int]) -> list[InstanceRef]:
+    seen, out = set(), []
+    for z in zs:
+        for ref in (volume.slices[z] if z < len(volume.slices) else []):
+            key = (ref.file, ref.frame, ref.sop_instance_uid)
+            if key not in seen:
+                seen.add(key)
+                out.append(ref)
+    return out
+
+
+def _display(arr: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:
+    """uint8 (z, y, x) rendering of the grid under the bundle's first window (for reports)."""
+    if windowed:
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    out = np.empty(arr.shape, np.uint8)
+    level, width = spec.windows[0]
+    for z in range(arr.shape[0]):
+        out[z] = np.rint(window(arr[z], level, width) * 255.0)
+    return out

@@ -1,0 +1,73 @@
+"""Slice selection: skip grid slices that cannot show the organ, each with its reason.
+
+Rules come from ``configs/<organ>.yaml`` (``slice_selection``); HU thresholds only make sense
+for HU input, so already-windowed PNG/JPG input only has blank slices skipped.
+
+Example::
+
+    >>> reasons = skip_reasons(grid_hu, "lung", {"body_hu": -500, "min_body_fraction": 0.05,
+    ...                        "lung_air_hu": [-950, -400], "min_lung_fraction": 0.02})
+    >>> reasons[0]         # None (kept) or "too little body: 1% of the slice < 5%"
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+DEFAULTS = {
+    "lung": {"body_hu": -500, "min_body_fraction": 0.05, "lung_air_hu": [-950, -400],
+             "min_lung_fraction": 0.02},
+    "pancreas": {"body_hu": -500, "min_body_fraction": 0.05, "max_lung_fraction": 0.25,
+                 "min_soft_tissue_fraction": 0.30, "soft_tissue_hu": [-100, 200],
+                 "lung_air_hu": [-950, -400]},
+}
+
+
+def _body(slice_hu: np.ndarray, body_hu: float) -> np.ndarray:
+    """Body mask: tissue above ``body_hu`` with enclosed air (lungs, bowel gas) filled in."""
+    return ndimage.binary_fill_holes(slice_hu > body_hu)
+
+
+def skip_reasons(grid: np.ndarray, organ: str | None, selection: dict | None = None,
+                 windowed: bool = False) -> list[str | None]:
+    """One entry per slice of ``grid`` (z, y, x): None to keep it, else why it is skipped."""
+    n = grid.shape[0]
+    if windowed:
+        # 8-bit display values: no HU rules; only blank (constant) slices are skipped
+        return [None if float(np.ptp(grid[z])) > 1.0 else "blank slice (constant intensity)"
+                for z in range(n)]
+    if organ not in DEFAULTS:
+        return [None] * n
+    cfg = {**DEFAULTS[organ], **{k: v for k, v in (selection or {}).items() if v is not None}}
+    # rules are area fractions: a 2x-subsampled slice gives the same answer much faster
+    step = 2 if min(grid.shape[1:]) >= 128 else 1
+    out: list[str | None] = []
+    for z in range(n):
+        s = np.asarray(grid[z, ::step, ::step], np.float32)
+        area = s.size
+        body = _body(s, cfg["body_hu"])
+        nb = int(body.sum())
+        if nb < cfg["min_body_fraction"] * area:
+            out.append(f"too little body: {100 * nb / area:.0f}% of the slice "
+                       f"< {100 * cfg['min_body_fraction']:.0f}% (HU > {cfg['body_hu']})")
+            continue
+        lo, hi = cfg["lung_air_hu"]
+        lung = float((body & (s > lo) & (s < hi)).sum()) / nb
+        if organ == "lung":
+            if lung < cfg["min_lung_fraction"]:
+                out.append(f"no lung: lung-air ({lo}..{hi} HU) {100 * lung:.1f}% of the body "
+                           f"< {100 * cfg['min_lung_fraction']:.0f}%")
+                continue
+        else:
+            if lung > cfg["max_lung_fraction"]:
+                out.append(f"above the abdomen: lung-air {100 * lung:.0f}% of the body "
+                           f"> {100 * cfg['max_lung_fraction']:.0f}%")
+                continue
+            tlo, thi = cfg["soft_tissue_hu"]
+            soft = float((body & (s >= tlo) & (s <= thi)).sum()) / nb
+            if soft < cfg["min_soft_tissue_fraction"]:
+                out.append(f"outside the abdomen: soft tissue ({tlo}..{thi} HU) {100 * soft:.0f}% "
+                           f"of the body < {100 * cfg['min_soft_tissue_fraction']:.0f}%")
+                continue
+        out.append(None)
+    return out
