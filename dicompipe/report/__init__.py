@@ -1,7 +1,165 @@
 """Report stage: TXT, annotated PNGs, plots, JSON, NIfTI, DICOM SR and Secondary Capture.
 
+:func:`write` makes a new run folder under ``out_dir`` (never reusing an earlier one). The
+files are assembled in a hidden staging folder and the folder is renamed into place at the
+end, so a run folder is either complete or absent. The individual writers are public too:
+``text``, ``figures``, ``analysis_json``, ``dicom_sr``, ``dicom_sc`` (and ``nifti`` from
+the Grad-CAM stage).
+
+Run folder contents (all formats)::
+
+    report.txt  analysis.json  key_01.png ...  montage.png  slice_scores.png
+    probabilities.png  ct.nii.gz  cam_<label>.nii.gz ...  sr.dcm  sc/key_01.dcm ...
+    slices/slice_z012.png ...   (only with cam_slices="all")
+
 Example::
 
     >>> from dicompipe import report
-    >>> run_dir = report.write(analysis, "out/")
+    >>> run_dir = report.write(analysis, "out/")                        # txt, png, json, nifti
+    >>> run_dir = report.write(analysis, "out/", formats=["json", "dicom"])
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from dicompipe.errors import DicompipeError, ReportError
+from dicompipe.report import files as _files
+from dicompipe.types import Analysis
+
+FORMATS = ("txt", "png", "json", "nifti", "dicom")
+DEFAULT_FORMATS = ("txt", "png", "json", "nifti")
+CAM_SLICES = ("key", "all", "none")
+
+__all__ = ["write", "FORMATS", "DEFAULT_FORMATS", "parse_formats"]
+
+
+def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
+    """Normalise a format list ("txt,png" or ["txt", "png"]; None = the default set)."""
+    if formats is None:
+        return list(DEFAULT_FORMATS)
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    out = []
+    for f in formats:
+        f = f.strip().lower()
+        if f == "all":
+            out.extend(FORMATS)
+        elif f:
+            if f not in FORMATS:
+                raise ReportError(f"Unknown report format {f!r}: choose from "
+                                  f"{', '.join(FORMATS)} (or 'all').")
+            out.append(f)
+    if not out:
+        raise ReportError(f"No report format given: choose from {', '.join(FORMATS)}.")
+    return list(dict.fromkeys(out))
+
+
+def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[str] | None = None,
+          cam_slices: str = "key", include_phi: bool = False) -> Path:
+    """Write the reports of ``analysis`` into a new run folder under ``out_dir``; return it.
+
+    ``formats``: any of txt, png, json, nifti, dicom (default: all but dicom).
+    ``cam_slices``: "key" (annotated PNGs of the key slices), "all" (also one per analysed
+    slice under ``slices/``) or "none". ``include_phi``: patient identifiers in report.txt
+    and analysis.json (DICOM outputs always carry the source's patient module, which a PACS
+    needs to file them with the study).
+    Raises :class:`ReportError` (nothing is left behind) when something cannot be written.
+    """
+    fmts = parse_formats(formats)
+    if cam_slices not in CAM_SLICES:
+        raise ReportError(f"cam_slices must be one of {', '.join(CAM_SLICES)}, got {cam_slices!r}.")
+    ctx = None
+    if "dicom" in fmts:                      # check the source before writing anything
+        from dicompipe.report.dicom_source import source_context
+        ctx = source_context(analysis)
+    out_dir = Path(out_dir)
+    stage = _files.staging_dir(out_dir)
+    written: list[str] = []
+    notes: list[str] = list(ctx.notes) if ctx else []
+    try:
+        if "png" in fmts:
+            _write_pngs(analysis, stage, cam_slices, written)
+        if "nifti" in fmts:
+            _write_nifti(analysis, stage, written, notes)
+        if "dicom" in fmts:
+            from dicompipe.report import dicom_sc, dicom_sr
+            dicom_sr.write(analysis, stage / "sr.dcm", ctx)
+            written.append("sr.dcm")
+            for p in dicom_sc.write(analysis, stage / "sc", ctx):
+                written.append(f"sc/{p.name}")
+            notes.append("sr.dcm and sc/ carry the source's patient and study attributes "
+                         "(required to file them with the study), whatever --include-phi says.")
+        listing = sorted(written + [n for n, f in (("analysis.json", "json"),
+                                                   ("report.txt", "txt")) if f in fmts])
+        if "json" in fmts:
+            from dicompipe.report import analysis_json
+            analysis_json.write(analysis, stage / "analysis.json", include_phi=include_phi,
+                                files=listing, notes=notes)
+        if "txt" in fmts:
+            from dicompipe.report import text
+            text.write(analysis, stage / "report.txt", include_phi=include_phi, files=listing,
+                       notes=notes)
+        stem = _files.run_stem(analysis.organ)
+        return _files.publish(stage, out_dir, stem)
+    except OSError as e:
+        _files.discard(stage)
+        raise ReportError(f"Cannot write the report under {out_dir}: "
+                          f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}.") from e
+    except BaseException:
+        _files.discard(stage)
+        raise
+
+
+def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[str]) -> None:
+    from dicompipe.report import figures
+
+    def put(fig, name):
+        figures.save(fig, stage / name)
+        fig.clear()
+        written.append(name)
+
+    put(figures.slice_scores_figure(analysis), "slice_scores.png")
+    put(figures.probability_figure(analysis), "probabilities.png")
+    if cam_slices == "none":
+        return
+    keys = analysis.verdict.key_slices
+    for i, k in enumerate(keys, 1):
+        put(figures.key_slice_figure(analysis, k), f"key_{i:02d}.png")
+    if keys:
+        put(figures.montage_figure(analysis), "montage.png")
+    if cam_slices == "all":
+        (stage / "slices").mkdir()
+        for s in analysis.batch.included:
+            put(figures.slice_figure(analysis, s.row), f"slices/slice_z{s.z:03d}.png")
+
+
+def _write_nifti(analysis: Analysis, stage: Path, written: list[str], notes: list[str]) -> None:
+    try:
+        from dicompipe.report.nifti import write_nifti
+    except ImportError as e:  # the Grad-CAM stage provides it
+        notes.append(f"NIfTI output skipped: dicompipe.report.nifti is not available ({e}).")
+        return
+    import numpy as np
+
+    windowed = analysis.volume.windowed
+    write_nifti(analysis.volume.image, stage / "ct.nii.gz",
+                description="dicompipe CT (8-bit windowed)" if windowed else "dicompipe CT (HU)",
+                dtype=np.uint8 if windowed else np.int16)
+    written.append("ct.nii.gz")
+    cams = analysis.cams
+    if cams is None:
+        return
+    for label in cams.labels:
+        img = cams.volumes.get(label)
+        if img is None:
+            from dicompipe import preprocess
+            try:
+                img = preprocess.to_volume(analysis.batch, cams.maps[:, cams.labels.index(label)])
+            except (DicompipeError, NotImplementedError) as e:
+                notes.append(f"cam_{label}.nii.gz skipped: {e}")
+                continue
+        name = f"cam_{label}.nii.gz"
+        write_nifti(img, stage / name, description=f"Grad-CAM {label}",
+                    display_range=(0.0, float(cams.scale.get(label) or 0.0)))
+        written.append(name)

@@ -1,0 +1,178 @@
+"""``report.txt``: the human-readable report of one analysis.
+
+Sections: disclaimer, input provenance (patient identifiers only with ``include_phi``),
+model, verdict with calibrated probability per class and the uncertain band, key slices
+(InstanceNumber, SOPInstanceUID), analysed/skipped slices and why, explanation, warnings,
+timings, and the files written.
+
+Example::
+
+    >>> from dicompipe.report import text
+    >>> print(text.render(analysis))
+    >>> text.write(analysis, "out/report.txt")
+"""
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+from pathlib import Path
+
+from dicompipe.report.files import write_text
+from dicompipe.types import RESEARCH_USE, Analysis
+
+WIDTH = 78
+
+
+def _h(title: str) -> list[str]:
+    return ["", title, "-" * len(title)]
+
+
+def _kv(key: str, value) -> str:
+    return f"  {key + ':':<22}{'-' if value in (None, '', [], ()) else value}"
+
+
+def _fmt_mm(v) -> str:
+    if v is None:
+        return None
+    if isinstance(v, (tuple, list)):
+        return " x ".join(f"{x:g}" for x in v) + " mm"
+    return f"{v:g} mm"
+
+
+def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | None = None,
+           notes: list[str] | None = None) -> str:
+    """The report text. ``files``: names written in the run folder; ``notes``: writer notes."""
+    a = analysis
+    s = a.series
+    vd = a.verdict
+    out = ["dicompipe analysis report", "=" * WIDTH, RESEARCH_USE,
+           "Research software output; it has not been validated for any clinical purpose.",
+           _kv("Analysis created", a.created or "-"),
+           _kv("Report written",
+               _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))]
+
+    out += _h("Input")
+    out += [_kv("Path", a.input), _kv("Kind", s.kind),
+            _kv("Series", s.series_description or s.key),
+            _kv("Series number", s.series_number), _kv("Modality", s.modality),
+            _kv("StudyInstanceUID", s.study_instance_uid or "(missing in source)"),
+            _kv("SeriesInstanceUID", s.series_instance_uid or "(missing in source)"),
+            _kv("Body part", s.body_part),
+            _kv("Instances", s.n_instances),
+            _kv("Matrix", f"{s.rows} x {s.columns}" if s.rows and s.columns else None),
+            _kv("Pixel spacing", _fmt_mm(s.pixel_spacing)),
+            _kv("Slice thickness", _fmt_mm(s.slice_thickness)),
+            _kv("Slice spacing", ", ".join(f"{k} {v:g}" for k, v in s.spacing_stats.items())
+                + " mm" if s.spacing_stats else None),
+            _kv("Transfer syntax", s.transfer_syntax),
+            _kv("Chosen because", s.reason)]
+    others = [c for c in a.candidates if c.key != s.key]
+    if others:
+        out.append(_kv("Other series", len(others)))
+        for c in others:
+            why = c.unusable_reason if not c.usable else "usable, not chosen"
+            out.append(f"    - {c.series_description or c.key} ({c.n_instances} inst.): {why}")
+    if include_phi:
+        out += [_kv("Patient ID", s.patient_id), _kv("Patient name", s.patient_name),
+                _kv("Study date", s.study_date)]
+    else:
+        out.append(_kv("Patient", "withheld (write with --include-phi to show)"))
+    z, y, x = a.volume.shape
+    out.append(_kv("Volume", f"{z} slices of {y} x {x}, spacing "
+                   + _fmt_mm(tuple(round(v, 4) for v in a.volume.image.GetSpacing()))
+                   + (" (8-bit windowed input, not HU)" if a.volume.windowed else " (HU)")))
+
+    m = a.model or {}
+    out += _h("Model")
+    out += [_kv("Name", m.get("name")), _kv("Version", m.get("version")),
+            _kv("Weights sha256", m.get("sha256")), _kv("Organ", f"{a.organ} ({a.organ_reason})")]
+    for k in ("task", "intended_use", "training_data"):
+        if m.get(k):
+            out.append(_kv(k.replace("_", " ").capitalize(), m[k]))
+
+    out += _h("Verdict")
+    p_top = vd.probabilities.get(vd.label, 0.0)
+    out.append(f"  {vd.label.upper()}   calibrated probability {p_top:.3f}"
+               + ("   ** UNCERTAIN **" if vd.uncertain else ""))
+    lo, hi = vd.uncertain_band
+    out.append(f"  Uncertain band: top probability in [{lo:.2f}, {hi:.2f}] is reported as "
+               "uncertain.")
+    out.append("  Calibrated probability per class:")
+    for lab, p in vd.probabilities.items():
+        bar = "#" * int(round(p * 40))
+        out.append(f"    {lab:<12}{p:6.3f}  {bar}")
+    out.append(_kv("Aggregation", f"{vd.rule}, temperature {vd.temperature:.3g}, "
+                   f"over {vd.n_slices} slices"))
+
+    out += _h("Key slices (drove the verdict)")
+    if vd.key_slices:
+        out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + vd.label + ')':>10}"
+                   "  SOPInstanceUID")
+        for i, k in enumerate(vd.key_slices, 1):
+            inst = ",".join("-" if n is None else str(n) for n in k.instance_numbers) or "-"
+            uids = ",".join(u or "-" for u in k.sop_instance_uids) or "-"
+            vz = ",".join(str(v) for v in k.volume_z) or "-"
+            out.append(f"  {i:>2} {k.z:>6} {vz:>6} {inst:>8} {k.probability:>10.3f}  {uids}")
+    else:
+        out.append("  none")
+
+    table = a.slice_table()
+    n_inc = sum(r["included"] for r in table)
+    reasons = collections.Counter(r["skip_reason"] or "no reason given"
+                                  for r in table if not r["included"])
+    out += _h("Slices")
+    out.append(f"  {n_inc} of {len(table)} model slices analysed, {len(table) - n_inc} skipped.")
+    for why, n in reasons.most_common():
+        out.append(f"    skipped {n}: {why}")
+    labels = a.predictions.labels
+    out.append("")
+    out.append(f"  {'z':>4} {'Instance':>8}  " + " ".join(f"{l[:9]:>9}" for l in labels)
+               + "  status")
+    keyz = {k.z for k in vd.key_slices}
+    for r in table:
+        inst = ",".join("-" if n is None else str(n) for n in r["instance_numbers"]) or "-"
+        if r["included"] and "probabilities" in r:
+            ps = " ".join(f"{r['probabilities'][l]:>9.3f}" for l in labels)
+            status = "key" if r["z"] in keyz else "analysed"
+        else:
+            ps = " ".join(f"{'':>9}" for _ in labels)
+            status = f"skipped: {r['skip_reason'] or '-'}"
+        out.append(f"  {r['z']:>4} {inst:>8}  {ps}  {status}")
+
+    out += _h("Explanation")
+    if a.cams is None:
+        out.append("  No Grad-CAM (run without --no-cam for explanation maps).")
+    else:
+        out.append(_kv("Method", a.cams.method))
+        out.append(_kv("Display scale", ", ".join(f"{l} {v:.4g}" for l, v in a.cams.scale.items())))
+        out.append("  Overlays are scaled to the maximum over the whole volume per class "
+                   "(comparable between slices); the outline marks >= 50 % of it.")
+        if a.cams.faithfulness:
+            out.append(_kv("Faithfulness", ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                for k, v in a.cams.faithfulness.items())))
+
+    out += _h("Warnings")
+    out += [f"  - {w}" for w in a.warnings] or ["  none"]
+
+    out += _h("Timings (seconds)")
+    if a.timings:
+        out += [f"  {k:<14}{v:8.2f}" for k, v in a.timings.items()]
+        out.append(f"  {'total':<14}{sum(a.timings.values()):8.2f}")
+    else:
+        out.append("  not recorded")
+
+    if notes:
+        out += _h("Notes on the outputs")
+        out += [f"  - {n}" for n in notes]
+    if files:
+        out += _h("Files in this folder")
+        out += [f"  {f}" for f in files]
+    out += ["", RESEARCH_USE, ""]
+    return "\n".join(out)
+
+
+def write(analysis: Analysis, path: str | Path, *, include_phi: bool = False,
+          files: list[str] | None = None, notes: list[str] | None = None) -> Path:
+    """Write :func:`render`'s text to ``path`` atomically; returns ``path``."""
+    return write_text(path, render(analysis, include_phi=include_phi, files=files, notes=notes))
