@@ -26,10 +26,17 @@ POSITIVE = {"lung": ["malignant"], "pancreas": ["tumour"]}
 
 
 def make_net(n_labels: int = 3, in_channels: int = 3, seed: int = 0,
-             favour: int | None = None, bias: float = 6.0) -> torch.nn.Module:
-    """A seeded random ResNet50 (eval mode); ``favour`` adds ``bias`` to that class's logit."""
+             favour: int | None = None, bias: float = 6.0,
+             head_scale: float = 0.05) -> torch.nn.Module:
+    """A seeded random ResNet50 (eval mode); ``favour`` adds ``bias`` to that class's logit.
+
+    ``head_scale`` shrinks the random head so logits are O(1) (an untouched random head
+    gives logits of +-30 and saturated, meaningless probabilities).
+    """
     torch.manual_seed(seed)
     net = resnet50(num_classes=n_labels, in_channels=in_channels).eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(head_scale)
     if favour is not None:
         with torch.no_grad():
             net.fc.bias.zero_()
@@ -69,18 +76,19 @@ def chest_phantom(shape=(40, 64, 64), lung_z=(0.2, 0.8), seed: int = 0):
     a 60 HU nodule in the right lung and a little noise."""
     nz, ny, nx = shape
     rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(np.linspace(0, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx),
-                          indexing="ij")
-    a = np.full(shape, -1000.0, np.float32)
-    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
-    a[body] = 40.0
-    in_z = (z >= lung_z[0]) & (z <= lung_z[1])
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    zf = np.linspace(0, 1, nz)
+    body = np.where((x / 0.9) ** 2 + (y / 0.7) ** 2 < 1, 40.0, -1000.0).astype(np.float32)
+    chest = body.copy()
     for cx in (-0.42, 0.42):
-        lung = ((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1
-        a[lung & in_z] = -850.0
-    nod = ((x + 0.42) ** 2 + y ** 2) < 0.08 ** 2
-    a[nod & (np.abs(z - 0.5) < 0.1)] = 60.0
-    a += rng.normal(0, 10, shape).astype(np.float32)
+        chest[((x - cx) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -850.0
+    nodule = chest.copy()
+    nodule[((x + 0.42) ** 2 + y ** 2) < 0.08 ** 2] = 60.0
+    a = np.empty(shape, np.float32)
+    noise = rng.normal(0, 10, (ny, nx)).astype(np.float32)
+    for z in range(nz):
+        base = (nodule if abs(zf[z] - 0.5) < 0.1 else chest) if lung_z[0] <= zf[z] <= lung_z[1] else body
+        a[z] = base + np.roll(noise, 7 * z, axis=1)
     return a
 
 
