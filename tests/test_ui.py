@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 import zipfile
 from pathlib import Path
 
@@ -85,10 +86,14 @@ def _app() -> AppTest:
 
 
 def _zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A zip as the `zip` tool writes it (regular-file modes; names ending / are folders)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for n, d in files.items():
-            zf.writestr(n, d)
+            info = zipfile.ZipInfo(n)
+            info.external_attr = ((stat.S_IFDIR | 0o755) if n.endswith("/")
+                                  else (stat.S_IFREG | 0o644)) << 16
+            zf.writestr(info, d)
     return buf.getvalue()
 
 
@@ -150,6 +155,13 @@ def test_upload_to_result(fake_library):
     # the history got the case with its report folder, and the upload is gone from disk
     assert fake_library["history"] and fake_library["history"][0][1] == fake_library["reports"][0]
     assert not Path(call["path"]).exists()
+    # analysing again (e.g. after choosing another organ) stages the upload afresh
+    at.button(key="run").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(fake_library["analyze"]) == 2
+    assert not Path(fake_library["analyze"][1]["path"]).exists()
 
 
 def test_slider_skipped_slice_and_controls(fake_library, tmp_path):
@@ -232,7 +244,7 @@ def test_bad_upload_is_one_clear_message(fake_library):
     at.run()
     assert not at.exception, at.exception
     errs = [e.value for e in at.error]
-    assert len(errs) == 1 and "unsafe path" in errs[0]
+    assert len(errs) == 1 and "unsafe" in errs[0].lower()
     assert at.button(key="run").disabled
     # a readable upload with no series: the io stage's message, not a traceback
     at.file_uploader(key="upload").clear()
@@ -277,9 +289,12 @@ def test_stage_uploads_files_zip_and_bounds():
     z = inputs.stage_uploads([("case.zip", _zip_bytes({"case/ser/1.dcm": b"x", "case/2.dcm": b"y"}))])
     try:
         assert sorted(p.name for p in z.path.rglob("*.dcm")) == ["1.dcm", "2.dcm"]
-        assert not list(z.path.parent.glob("*.zip"))         # the zip itself is not kept
+        tmp_root = Path(z._tmp.name)
+        assert tmp_root in z.path.parents                     # extracted inside our temp folder
+        assert not list(tmp_root.rglob("*.zip"))               # the zip itself is not kept
     finally:
         z.cleanup()
+    assert not z.path.exists() and not tmp_root.exists()
     png = inputs.stage_uploads([("s1.png", b"p"), ("s2.png", b"p")])
     assert png.kind == "images"
     png.cleanup()
@@ -293,6 +308,13 @@ def test_stage_uploads_files_zip_and_bounds():
 
 def test_zip_bombs_and_links_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(inputs, "MAX_UNZIPPED_BYTES", 1000)
+    before = set(Path(inputs.tempfile.gettempdir()).glob("dicompipe-ui-*"))
+    with pytest.raises(UnsupportedInput):                      # through the io stage's extractor
+        inputs.stage_uploads([("bomb.zip", _zip_bytes({"x": b"0" * 5000}))])
+    with pytest.raises(UnsupportedInput, match="(?i)unsafe"):
+        inputs.stage_uploads([("evil.zip", _zip_bytes({"../x.dcm": b"0"}))])
+    assert set(Path(inputs.tempfile.gettempdir()).glob("dicompipe-ui-*")) == before  # no leftovers
+    # the local fallback (used only without the io stage's extractor) is as strict
     with pytest.raises(UnsupportedInput, match="expands to"):
         inputs._extract_zip(_write(tmp_path / "b.zip", _zip_bytes({"x": b"0" * 5000})), tmp_path / "o")
     buf = io.BytesIO()

@@ -134,7 +134,19 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
     ss.pop("run_error", None)
     chosen = ss.get("chosen")
     key = ss.get("series_key")
-    series = key if (key and chosen is not None and key != chosen.key) else None
+    series = None
+    if key and chosen is not None and key != chosen.key:
+        picked = next((s for s in ss.candidates if s.key == key), None)
+        series = (picked.series_instance_uid if picked is not None and picked.series_instance_uid
+                  else key)
+    staged = ss.get("staged")
+    if staged is not None and not staged.alive:   # analysed before: stage the upload again
+        try:
+            staged = inputs.stage_uploads((f.name, f.getvalue()) for f in ss.get("upload") or [])
+        except DicompipeError as e:
+            ss.run_error = str(e)
+            return
+        ss.staged, ss.input_path = staged, str(staged.path)
     t0 = time.perf_counter()
     with st.status("Analysing…", expanded=True) as status:
         bar = st.progress(0.0, text="Starting")
@@ -181,7 +193,6 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
             dl = services.downloads(run_dir)
         except OSError as e:
             report_error = f"Cannot read the report folder {run_dir}: {e}"
-    staged = ss.get("staged")
     ss.result = {"a": a, "run_dir": run_dir, "dl": dl, "report_error": report_error,
                  "history_error": history_error, "id": uuid.uuid4().hex[:8],
                  "input_label": ss.get("input_label", "")}

@@ -1,9 +1,9 @@
 """Uploads -> a private temporary folder the pipeline can read.
 
 Uploaded files (DICOM files with or without extension, one zip of a DICOM folder, PNG/JPG
-slices) are written into a fresh temporary folder; a zip is extracted safely there (the io
-stage's safe extraction when it exposes one, else a strict fallback: no absolute paths, no
-``..``, no links, bounded size and file count). The folder is removed by
+slices) are written into a fresh temporary folder; a zip is extracted safely inside it by
+the io stage's :func:`dicompipe.io.archive.extract_zip` (no absolute paths, no ``..``, no
+links, bounded size and member count; a strict local fallback if it is absent). The folder is removed by
 :meth:`StagedInput.cleanup` or when the object is garbage-collected.
 
 Example::
@@ -43,9 +43,13 @@ class StagedInput:
     n_bytes: int
     kind: str                                   # "zip" | "images" | "dicom" | "mixed"
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _keep: object = field(default=None, repr=False)     # the io stage's ExtractedArchive
 
     def cleanup(self) -> None:
         """Remove the temporary folder (safe to call twice)."""
+        if self._keep is not None and hasattr(self._keep, "cleanup"):
+            self._keep.cleanup()
+        self._keep = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -99,10 +103,9 @@ def stage_uploads(files: Iterable[tuple[str, bytes]], *,
             stem = _safe_name(name)
             zpath = root / stem
             zpath.write_bytes(data)
-            dest = root / (Path(stem).stem or "upload")
-            extract_zip(zpath, dest)
+            folder, keep = extract_zip(zpath, root / (Path(stem).stem or "upload"))
             zpath.unlink()
-            return StagedInput(dest, [name], total, "zip", tmp)
+            return StagedInput(folder, [name], total, "zip", tmp, keep)
         dest = root / "upload"
         dest.mkdir()
         used: set[str] = set()
@@ -121,18 +124,19 @@ def stage_uploads(files: Iterable[tuple[str, bytes]], *,
         raise
 
 
-def extract_zip(zpath: Path, dest: Path) -> Path:
-    """Extract ``zpath`` into ``dest`` safely (io stage's extractor when it offers one)."""
-    from dicompipe import io
-    for name in ("safe_extract", "extract_zip", "safe_unzip"):
-        fn = getattr(io, name, None)
-        if callable(fn):
-            try:
-                fn(zpath, dest)
-                return dest
-            except TypeError:
-                break                              # different signature: use ours
-    return _extract_zip(zpath, dest)
+def extract_zip(zpath: Path, dest: Path):
+    """Extract ``zpath`` safely under ``dest``'s parent; returns (folder, keep-alive object).
+
+    Uses the io stage's :func:`dicompipe.io.archive.extract_zip` (bounded, no traversal, no
+    links); the strict local fallback only runs when the io stage does not offer it.
+    """
+    try:
+        from dicompipe.io.archive import extract_zip as io_extract
+    except ImportError:
+        return _extract_zip(zpath, dest), None
+    arc = io_extract(zpath, max_bytes=MAX_UNZIPPED_BYTES, max_members=MAX_ZIP_MEMBERS,
+                     tmp_dir=dest.parent)
+    return arc.path, arc
 
 
 def _extract_zip(zpath: Path, dest: Path) -> Path:
