@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import textwrap
 from pathlib import Path
 
 from dicompipe.report.files import write_text
@@ -29,6 +30,11 @@ def _h(title: str) -> list[str]:
 
 def _kv(key: str, value) -> str:
     return f"  {key + ':':<22}{'-' if value in (None, '', [], ()) else value}"
+
+
+def _bullets(items) -> list[str]:
+    return [textwrap.fill(str(i), WIDTH, initial_indent="  - ", subsequent_indent="    ")
+            for i in items]
 
 
 def _fmt_mm(v) -> str:
@@ -145,15 +151,17 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
     else:
         out.append(_kv("Method", a.cams.method))
         out.append(_kv("Display scale", ", ".join(f"{l} {v:.4g}" for l, v in a.cams.scale.items())))
-        out.append("  Overlays are scaled to the maximum over the whole volume per class "
-                   "(comparable between slices); the outline marks >= 50 % of it.")
+        out.append(textwrap.fill(
+            "Overlays are scaled to the maximum over the whole volume per class (comparable "
+            "between slices); the outline marks >= 50 % of it.", WIDTH,
+            initial_indent="  ", subsequent_indent="  "))
         if a.cams.faithfulness:
             out.append(_kv("Faithfulness", ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}"
                 for k, v in a.cams.faithfulness.items())))
 
     out += _h("Warnings")
-    out += [f"  - {w}" for w in a.warnings] or ["  none"]
+    out += _bullets(a.warnings) or ["  none"]
 
     out += _h("Timings (seconds)")
     if a.timings:
@@ -164,7 +172,7 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
 
     if notes:
         out += _h("Notes on the outputs")
-        out += [f"  - {n}" for n in notes]
+        out += _bullets(notes)
     if files:
         out += _h("Files in this folder")
         out += [f"  {f}" for f in files]

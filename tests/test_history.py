@@ -1,0 +1,173 @@
+"""Case history: record/list/show/export, pseudonyms, bad databases, concurrent writers."""
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from analysis_factory import make_analysis
+from dicompipe import history
+from dicompipe.cli import main as cli_main
+from dicompipe.errors import HistoryError
+
+
+def test_record_roundtrip_with_pseudonym(tmp_history):
+    a = make_analysis()
+    rid = history.record(a, report_dir="/tmp/run1")
+    r = history.get(rid)
+    assert r["status"] == "done" and r["reason"] is None
+    assert r["label"] == a.verdict.label == "malignant"
+    assert r["probabilities"] == pytest.approx(a.verdict.probabilities, abs=1e-6)
+    assert r["model_name"] == a.model["name"] and r["model_sha256"] == a.model["sha256"]
+    assert r["study_uid"] == a.series.study_instance_uid
+    assert r["organ"] == "lung" and r["report_dir"].endswith("run1")
+    assert r["patient"].startswith("P-") and "SYNTH001" not in r["patient"]
+    assert r["patient_id"] is None and r["patient_name"] is None      # no PHI by default
+    # same patient -> same pseudonym within one database
+    assert history.get(history.record(a, report_dir=None))["patient"] == r["patient"]
+
+
+def test_include_phi_keeps_raw_id_and_patient_filter(tmp_history):
+    history.record(make_analysis(include_phi=True), report_dir=None)
+    history.record(make_analysis(), report_dir=None)
+    rows = history.list_records()
+    assert [r["patient_id"] for r in rows] == [None, "SYNTH001"]       # newest first
+    assert len(history.list_records(patient="SYNTH001")) == 1
+    assert len(history.list_records(patient=rows[0]["patient"])) == 2
+
+
+def test_failed_record_and_filters(tmp_history):
+    history.record(make_analysis(organ="pancreas"), report_dir=None, status="failed",
+                   reason="Cannot write the report folder under /x")
+    history.record(make_analysis(), report_dir="/tmp/r")
+    assert [r["status"] for r in history.list_records(organ="pancreas")] == ["failed"]
+    assert history.list_records(status="failed")[0]["reason"].startswith("Cannot write")
+    assert len(history.list_records(since="2000-01-01")) == 2
+    assert history.list_records(since="2999-01-01") == []
+    with pytest.raises(HistoryError, match="YYYY-MM-DD"):
+        history.list_records(since="yesterday")
+    with pytest.raises(HistoryError, match="status"):
+        history.record(make_analysis(), report_dir=None, status="maybe")
+
+
+def test_content_hash_tracks_source_bytes(tmp_path, tmp_history):
+    a = make_analysis(tmp_path / "src")
+    h1 = history.get(history.record(a, report_dir=None))["input_hash"]
+    assert len(h1) == 64
+    assert history.content_hash(a) == h1
+    b = make_analysis(tmp_path / "other")          # new UIDs -> different bytes
+    assert history.content_hash(b) != h1
+
+
+def test_export_csv(tmp_history, tmp_path):
+    for _ in range(3):
+        history.record(make_analysis(), report_dir=None)
+    out = tmp_path / "cases.csv"
+    assert history.export_csv(out) == 3
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and rows[0]["label"] == "malignant"
+    assert set(rows[0]) == set(history.COLUMNS)
+    buf = io.StringIO()
+    assert history.export_csv(buf, organ="pancreas") == 0
+    assert buf.getvalue().startswith("id,recorded")
+
+
+def test_wal_mode_and_schema_version(tmp_history):
+    history.record(make_analysis(), report_dir=None)
+    con = sqlite3.connect(tmp_history)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
+    con.close()
+
+
+def test_corrupt_database_is_named_and_never_replaced(tmp_path):
+    db = tmp_path / "history.sqlite"
+    junk = b"this is not sqlite at all " * 200
+    db.write_bytes(junk)
+    with pytest.raises(HistoryError, match="history.sqlite.*left untouched"):
+        history.record(make_analysis(), report_dir=None, db=db)
+    with pytest.raises(HistoryError, match=str(db)):
+        history.list_records(db)
+    assert db.read_bytes() == junk
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path):
+    db = tmp_path / "other.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE patients (x)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(HistoryError, match="not a dicompipe case history"):
+        history.record(make_analysis(), report_dir=None, db=db)
+    assert db.read_bytes() == before
+
+
+def test_database_inside_input_is_refused(tmp_path):
+    a = make_analysis(tmp_path / "src")
+    with pytest.raises(HistoryError, match="inside the analysed input"):
+        history.record(a, report_dir=None, db=tmp_path / "src" / "h.sqlite")
+    assert not (tmp_path / "src" / "h.sqlite").exists()
+
+
+def test_default_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("DICOMPIPE_HISTORY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    if history.sys.platform.startswith("linux"):
+        assert history.default_path() == tmp_path / "xdg" / "dicompipe" / "history.sqlite"
+    monkeypatch.setenv("DICOMPIPE_HISTORY", str(tmp_path / "h.db"))
+    assert history.default_path() == tmp_path / "h.db"
+
+
+def test_missing_record_and_missing_db(tmp_path):
+    with pytest.raises(HistoryError, match="No case history"):
+        history.get(1, db=tmp_path / "none.sqlite")
+    assert history.list_records(tmp_path / "none.sqlite") == []
+    history.record(make_analysis(), report_dir=None, db=tmp_path / "h.sqlite")
+    with pytest.raises(HistoryError, match="No record 99"):
+        history.get(99, db=tmp_path / "h.sqlite")
+
+
+def test_cli_list_show_export(tmp_path, capsys):
+    db = tmp_path / "h.sqlite"
+    rid = history.record(make_analysis(), report_dir="/tmp/run", db=db)
+    assert cli_main(["history", "--db", str(db), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "malignant" in out and "1 record(s)" in out
+    assert cli_main(["history", "--db", str(db), "show", str(rid)]) == 0
+    assert "lung-resnet50-test" in capsys.readouterr().out
+    assert cli_main(["history", "--db", str(db), "export", "--csv", str(tmp_path / "x.csv")]) == 0
+    assert len((tmp_path / "x.csv").read_text().splitlines()) == 2
+    assert cli_main(["history", "--db", str(db), "show", "42"]) == 2      # clear error, no trace
+    assert "No record 42" in capsys.readouterr().err
+
+
+def _writer(db: str, n: int, tag: int) -> None:
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from analysis_factory import make_analysis as mk
+    a = mk()
+    for i in range(n):
+        history.record(a, report_dir=f"/runs/{tag}/{i}", db=db)
+
+
+def test_two_processes_recording_at_once_lose_nothing(tmp_path):
+    db = str(tmp_path / "h.sqlite")
+    n = 20
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(db, n, t)) for t in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rows = history.list_records(db)
+    assert len(rows) == 2 * n
+    assert len({r["id"] for r in rows}) == 2 * n
+    for t in (1, 2):
+        assert sorted(int(r["report_dir"].rsplit("/", 1)[1]) for r in rows
+                      if f"/runs/{t}/" in r["report_dir"]) == list(range(n))
