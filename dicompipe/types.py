@@ -111,13 +111,23 @@ class Volume:
 
     @property
     def array(self) -> np.ndarray:
-        import SimpleITK as sitk
-        return sitk.GetArrayViewFromImage(self.image)
+        # a read-only view that keeps the image alive: SimpleITK's own view does not, so
+        # ``io.load(s).array`` would otherwise point at freed memory once the Volume is gone
+        return np.asarray(_ImageBuffer(self.image))
 
     @property
     def shape(self) -> tuple[int, int, int]:
         x, y, z = self.image.GetSize()
         return (z, y, x)
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's voxels to numpy (z, y, x) while holding the image."""
+
+    def __init__(self, image):
+        import SimpleITK as sitk
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
 # --------------------------------------------------------------------------- preprocess
