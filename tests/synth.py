@@ -41,7 +41,7 @@ DEFAULT_HU_TRUTH = "sphere of 60 HU (radius 35% of the field) in -800 HU air-lik
 __all__ = [
     "phantom", "write_ct_series", "write_scout", "write_sr", "write_enhanced_ct",
     "write_png_slices", "write_nifti", "make_zip", "tree_hash", "expected_geometry",
-    "voxel_lps", "write_secondary_capture", "png_slice_values",
+    "voxel_lps", "write_secondary_capture", "png_slice_values", "transcode_gdcm",
 ]
 
 
@@ -406,6 +406,33 @@ def write_secondary_capture(folder, *, name: str = "sc.dcm", study_uid: str | No
     path = folder / name
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def transcode_gdcm(paths: Iterable, transfer_syntax: str = "JPEGLosslessProcess14_1") -> list[Path]:
+    """Re-encode DICOM files in place with GDCM (an encoder independent of pydicom), e.g.
+    "JPEGLosslessProcess14_1" (JPEG lossless SV1, the common PACS export),
+    "JPEGLosslessProcess14", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless"."""
+    import gdcm
+    out = []
+    for p in paths:
+        p = Path(p)
+        r = gdcm.ImageReader()
+        r.SetFileName(str(p))
+        if not r.Read():
+            raise ValueError(f"GDCM cannot read {p}")
+        c = gdcm.ImageChangeTransferSyntax()
+        c.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, transfer_syntax)))
+        c.SetInput(r.GetImage())
+        if not c.Change():
+            raise ValueError(f"GDCM cannot encode {p} as {transfer_syntax}")
+        w = gdcm.ImageWriter()
+        w.SetFileName(str(p))
+        w.SetFile(r.GetFile())
+        w.SetImage(c.GetOutput())
+        if not w.Write():
+            raise ValueError(f"GDCM cannot write {p}")
+        out.append(p)
+    return out
 
 
 # --------------------------------------------------------------------------- images / NIfTI

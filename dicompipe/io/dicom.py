@@ -138,9 +138,14 @@ def read_header(path, keep: object = None) -> tuple[list[InstanceRef], dict] | N
             implicit, little = ds.original_encoding
             ts = (ImplicitVRLittleEndian if implicit else
                   ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if len(ds) == 0:
+            raise ValueError("no data set after the file meta (truncated or empty file)")
         offset = length = None
         if ts in _NATIVE_LE:
+            at = fp.tell()
             offset, length = _pixel_element(fp, ts)
+            if offset is None and "Rows" in ds and fp.seek(0, 2) <= at + 8:
+                raise ValueError("the file ends before its Pixel Data (truncated)")
     sop_class = _str(ds.get("SOPClassUID")) or (_str(fm.get("MediaStorageSOPClassUID")) if fm else None)
     if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
         return [], {"dicomdir": True}

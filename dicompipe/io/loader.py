@@ -22,7 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
+import pydicom
 from pydicom.pixels import pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicompipe.errors import UnreadableSeries
 from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
@@ -97,7 +99,10 @@ def read_pixels(refs: list[InstanceRef], workers: int | None = None):
     def read_slow(item):
         file, idx = item
         try:
-            arr = pixel_array(file)
+            if refs[idx[0]].meta.get("ts") == DeflatedExplicitVRLittleEndian:
+                arr = pydicom.dcmread(file).pixel_array      # the deflated data set must be inflated
+            else:
+                arr = pixel_array(file)                       # decodes without keeping the data set
             if arr.ndim == 2:
                 arr = arr[None]
             if arr.ndim != 3:
@@ -136,7 +141,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     """Load a DICOM :class:`SeriesInfo` (see module docstring).
 
     ``max_gap``: largest allowed gap between slices in mm before the series is refused
-    (default: 3 × the median spacing); smaller gaps and irregular spacing are resampled to
+    (default: 3 × the nominal spacing, the median of the smallest steps); smaller gaps and irregular spacing are resampled to
     a uniform grid by linear interpolation along the stack. ``correct_tilt``: resample a
     gantry-tilted (sheared) stack onto an orthogonal grid (False keeps the slices and
     reports the tilt; the geometry is then that of the untilted planes).
@@ -230,7 +235,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     img.SetDirection(tuple(float(v) for v in np.column_stack([row, col, n]).ravel()))
     if tilt:
         if correct_tilt:
-            img = _untilt(img, origin, step * axis, n, dn, axis, row)
+            img, slices = _untilt(img, slices, origin, step * axis, n, dn, axis, row)
             warnings.append(f"gantry tilt {tilt:.2f} deg corrected: resampled onto an orthogonal grid "
                             f"({img.GetSize()[0]}x{img.GetSize()[1]} in-plane, linear interpolation)")
         else:
@@ -242,13 +247,14 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
 def _regularise(arr, refs, t, max_gap, series):
     """Resample slices at irregular positions ``t`` (mm along the stack) to a uniform step."""
     steps = np.diff(t)
-    med = float(np.median(steps))
+    # nominal spacing: the median of the smallest steps (robust when many slices are missing)
+    med = float(np.median(steps[steps <= 1.5 * steps.min()]))
     limit = max_gap if max_gap is not None else 3.0 * med
     j = int(np.argmax(steps))
     if steps[j] > limit + POSITION_TOL_MM:
         raise UnreadableSeries(
             f"Series {series.key}: gap of {steps[j]:.2f} mm between {refs[j].file} and "
-            f"{refs[j + 1].file} (median spacing {med:.2f} mm) exceeds the allowed {limit:.2f} mm. "
+            f"{refs[j + 1].file} (nominal spacing {med:.2f} mm) exceeds the allowed {limit:.2f} mm. "
             "Slices are missing from the export: re-export the full series, or pass a larger "
             "max_gap to resample across the gap.")
     span = float(t[-1] - t[0])
@@ -277,12 +283,15 @@ def _regularise(arr, refs, t, max_gap, series):
     return out, slices, step, msg
 
 
-def _untilt(img: sitk.Image, p0, step_vec, n, dn, axis, row) -> sitk.Image:
+def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row):
     """Resample a sheared (gantry-tilted) stack onto an orthogonal grid.
 
     ``img`` carries the untilted geometry (planes stacked along their normal ``n`` every
     ``dn`` mm); the true slice k lies ``k * (step_vec - dn n)`` further. The output grid has
-    its z axis along the table (``axis``), the row direction kept, and covers every voxel.
+    its z axis along the table (``axis``), the row direction kept, and covers every voxel
+    (so it has more slices than the input). Returns (image, slices) where ``slices[z]``
+    names the source slice(s) whose tilted planes pass through the centre of output slice
+    z (the nearer first; empty when the centre lies outside the acquired stack).
     """
     shear = np.asarray(step_vec, float) - dn * np.asarray(n, float)
     # output physical point x -> point of the untilted image: x - ((x - p0)·n / dn) * shear
@@ -310,5 +319,19 @@ def _untilt(img: sitk.Image, p0, step_vec, n, dn, axis, row) -> sitk.Image:
     size = [int(math.floor((hi[a] - lo[a]) / spacing[a] + 1e-6)) + 1 for a in range(3)]
     origin = np.asarray(p0, float) + lo[0] * u1 + lo[1] * u2 + lo[2] * u3
     fill = float(sitk.GetArrayViewFromImage(img).min())
-    return sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
-                         tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)
+    out = sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
+                        tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)
+    out_slices = []
+    for z in range(size[2]):
+        centre = out.TransformContinuousIndexToPhysicalPoint(
+            ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0, float(z)))
+        kc = img.TransformPhysicalPointToContinuousIndex(tf.TransformPoint(centre))[2]
+        if kc < -0.5 or kc > nz - 0.5:
+            out_slices.append([])
+            continue
+        lo, hi = int(math.floor(kc)), int(math.ceil(kc))
+        near = [k for k in sorted({lo, hi}, key=lambda k: abs(k - kc)) if 0 <= k < nz]
+        if abs(kc - round(kc)) < 1e-3:
+            near = near[:1]
+        out_slices.append([r for k in near for r in slices[k]])
+    return out, out_slices
