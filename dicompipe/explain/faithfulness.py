@@ -159,6 +159,14 @@ def _reinitialise(module: torch.nn.Module, generator_seed: int) -> None:
             m.reset_parameters()
 
 
+def _has_submodule(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def randomisation_check(model: torch.nn.Module, x, classes: Sequence[int] | None = None, *,
                         layers: Sequence[str] = ("fc", "layer4", "layer3", "layer2", "layer1"),
                         cascading: bool = True, method: str = "gradcam",
@@ -176,6 +184,10 @@ def randomisation_check(model: torch.nn.Module, x, classes: Sequence[int] | None
         >>> randomisation_check(net, x[:4])
         {'fc': 0.21, 'layer4': 0.03, 'layer3': -0.01, 'layer2': 0.05, 'layer1': 0.02}
     """
+    missing = [n for n in layers if not _has_submodule(model, n)]
+    if missing:
+        raise ModelError(f"randomisation_check: {type(model).__name__} has no layer(s) "
+                         f"{', '.join(missing)}; pass layers= with names from named_modules().")
     ref = autograd_cam(model, x, classes, method=method)
     out: dict[str, float] = {}
     done: list[str] = []
@@ -183,8 +195,7 @@ def randomisation_check(model: torch.nn.Module, x, classes: Sequence[int] | None
         net = copy.deepcopy(model)
         targets = (done + [name]) if cascading else [name]
         for t in targets:
-            sub = net.get_submodule(t) if hasattr(net, "get_submodule") else getattr(net, t)
-            _reinitialise(sub, seed + i)
+            _reinitialise(net.get_submodule(t), seed + i)
         maps = autograd_cam(net, x, classes, method=method, target_layer=default_target_layer(net))
         rhos = [spearman(ref[n, k], maps[n, k]) for n in range(ref.shape[0])
                 for k in range(ref.shape[1])]
