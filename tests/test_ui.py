@@ -7,6 +7,7 @@ upload -> series -> analyse -> verdict/viewer/downloads, history, bad uploads.
 from __future__ import annotations
 
 import io
+import datetime as _dt
 import json
 import stat
 import zipfile
@@ -60,11 +61,16 @@ def fake_library(tmp_path, monkeypatch):
         calls["history"].append((a.verdict.label, run_dir, kw))
 
     def history_rows(since=None, organ=None):
-        rows = [{"id": 1, "time": "2026-11-30T09:00:00+00:00", "organ": "lung",
-                 "verdict": "malignant", "probability": 0.87, "patient_id": "SECRET-ID",
+        today = _dt.datetime.now(_dt.timezone.utc)
+        rows = [{"id": 2, "recorded": today.isoformat(timespec="seconds"), "organ": "lung",
+                 "label": "malignant", "probabilities": {"normal": 0.1, "malignant": 0.87},
+                 "uncertain": False, "status": "done", "patient": "P-0123456789ab",
+                 "patient_id": "SECRET-ID", "input_path": "/tmp/x/case-a",
                  "report_dir": str(tmp_path / "runs" / "run-001")},
-                {"id": 2, "time": "2026-11-29T09:00:00+00:00", "organ": "pancreas",
-                 "verdict": "normal", "probability": 0.91, "patient_id": "OTHER-ID",
+                {"id": 1, "recorded": (today - _dt.timedelta(days=1)).isoformat(),
+                 "organ": "pancreas", "label": "normal",
+                 "probabilities": {"normal": 0.91, "tumour": 0.09}, "uncertain": False,
+                 "status": "done", "patient": None, "patient_id": "OTHER-ID",
                  "report_dir": str(tmp_path / "nowhere")}]
         return [r for r in rows if organ is None or r["organ"] == organ]
 
@@ -235,6 +241,12 @@ def test_history_filters_and_opens_report(fake_library, tmp_path):
     at.toggle(key="phi").set_value(True)
     at.run()
     assert "patient_id" in at.dataframe[-1].value.columns
+    # open the selected case's report
+    at.session_state["h_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert any("verdict: malignant" in c.value for c in at.code)
+    assert "Download this report (TXT)" in [b.label for b in at.get("download_button")]
 
 
 def test_bad_upload_is_one_clear_message(fake_library):

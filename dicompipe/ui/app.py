@@ -391,7 +391,36 @@ def _details(res, include_phi: bool):
 
 
 # --------------------------------------------------------------------------- history
+def _history_frame(rows: list[dict], include_phi: bool):
+    """The history records as a readable table (the raw record stays in ``rows``)."""
+    import pandas as pd
+    from pathlib import PurePath
+
+    out = []
+    for r in rows:
+        probs = r.get("probabilities") or {}
+        label = r.get("label")
+        when = pd.to_datetime(r.get("recorded"), errors="coerce", utc=True)
+        d = {"id": r.get("id"),
+             "recorded (UTC)": when.strftime("%Y-%m-%d %H:%M") if not pd.isna(when) else "—",
+             "organ": r.get("organ"), "verdict": label,
+             "probability": probs.get(label) if label else None,
+             "uncertain": "yes" if r.get("uncertain") else "",
+             "slices": r.get("n_slices"),
+             "status": r.get("status") if r.get("status") != "done" else "",
+             "patient": r.get("patient") or "—",
+             "input": PurePath(str(r.get("input_path") or "")).name,
+             "model": " ".join(str(x) for x in (r.get("model_name"), r.get("model_version")) if x)}
+        if include_phi:
+            d["patient_id"] = r.get("patient_id")
+            d["patient_name"] = r.get("patient_name")
+        out.append(d)
+    return pd.DataFrame(out)
+
+
 def _history_tab(include_phi: bool):
+    from pathlib import Path
+
     import pandas as pd
 
     c1, c2, c3 = st.columns([1.2, 1, 1.4])
@@ -401,49 +430,51 @@ def _history_tab(include_phi: bool):
                             key="h_dates", max_value=today)
     with c2:
         organ = st.selectbox("Organ", ["any", "lung", "pancreas"], key="h_organ")
+    since = rng[0] if isinstance(rng, (tuple, list)) and rng else None
+    until = rng[1] if isinstance(rng, (tuple, list)) and len(rng) == 2 else None
     try:
-        rows = services.history_rows(
-            since=rng[0] if isinstance(rng, (tuple, list)) and rng else None,
-            organ=None if organ == "any" else organ)
+        rows = services.history_rows(since=since, organ=None if organ == "any" else organ)
     except Exception as e:  # noqa: BLE001
         st.error(f"The case history cannot be read: {_error_text(e)}")
         return
-    df = pd.DataFrame(rows)
-    verdict_col = next((c for c in ("verdict", "label", "verdict_label") if c in df.columns), None)
+    if until is not None:
+        end = pd.Timestamp(until + _dt.timedelta(days=1), tz="UTC")
+        rows = [r for r in rows if not (pd.to_datetime(r.get("recorded"), errors="coerce",
+                                                       utc=True) >= end)]
     with c3:
-        verdicts = sorted(df[verdict_col].dropna().unique()) if verdict_col and len(df) else []
+        verdicts = sorted({r.get("label") for r in rows if r.get("label")})
         chosen_v = st.multiselect("Verdict", verdicts, key="h_verdict", placeholder="any")
-    if len(df):
-        tcol = next((c for c in ("time", "created", "recorded", "timestamp") if c in df.columns), None)
-        if tcol and isinstance(rng, (tuple, list)) and len(rng) == 2:
-            t = pd.to_datetime(df[tcol], errors="coerce", utc=True).dt.date
-            df = df[(t >= rng[0]) & (t <= rng[1]) | t.isna()]
-        if chosen_v and verdict_col:
-            df = df[df[verdict_col].isin(chosen_v)]
-    if not len(df):
+    if chosen_v:
+        rows = [r for r in rows if r.get("label") in chosen_v]
+    if not rows:
         st.markdown('<div class="dp-empty">No recorded cases match these filters.</div>',
                     unsafe_allow_html=True)
         return
-    hidden = {"probabilities", "input_hash", "content_hash", "report_dir", "reason"}
-    if not include_phi:
-        hidden |= {"patient_id", "patient_name", "study_date"}
-    show = [c for c in df.columns if c not in hidden]
-    ev = st.dataframe(df[show], hide_index=True, width="stretch", key="h_table",
-                      on_select="rerun", selection_mode="single-row")
+    df = _history_frame(rows, include_phi)
+    ev = st.dataframe(
+        df, hide_index=True, width="stretch", key="h_table", on_select="rerun",
+        selection_mode="single-row",
+        column_config={"probability": st.column_config.ProgressColumn(
+                           "probability", format="percent", min_value=0.0, max_value=1.0),
+                       "id": st.column_config.NumberColumn("#", width="small")})
     sel = list(getattr(getattr(ev, "selection", None), "rows", []) or [])
     if not sel:
-        st.caption("Select a row to open that case's report.")
+        st.caption(f"{len(rows)} case(s). Select a row to open its report.")
         return
-    row = df.iloc[sel[0]].to_dict()
+    row = rows[sel[0]]
     rd = row.get("report_dir")
-    from pathlib import Path
     txt = Path(rd) / "report.txt" if rd else None
+    if row.get("status") == "failed":
+        st.info(f"Case {row.get('id')} failed: {row.get('reason') or 'no reason recorded'}")
     if txt is None or not txt.is_file():
-        st.info("This case has no report on disk" + (f" (looked in {rd})." if rd else "."))
+        st.info(f"Case {row.get('id')} has no report on disk"
+                + (f" (looked in {rd})." if rd else "."))
         return
     data = txt.read_bytes()
-    st.download_button("Download this report (TXT)", data, file_name=f"report-{row.get('id', '')}.txt",
-                       mime="text/plain", on_click="ignore", key="h_dl", icon=":material/download:")
+    st.markdown(f"**Report of case {row.get('id')}** · {rd}")
+    st.download_button("Download this report (TXT)", data,
+                       file_name=f"report-{row.get('id', '')}.txt", mime="text/plain",
+                       on_click="ignore", key="h_dl", icon=":material/download:")
     st.code(data.decode("utf-8", "replace"), language=None)
 
 

@@ -105,6 +105,10 @@ def stage_uploads(files: Iterable[tuple[str, bytes]], *,
             zpath.write_bytes(data)
             folder, keep = extract_zip(zpath, root / (Path(stem).stem or "upload"))
             zpath.unlink()
+            named = root / (Path(stem).stem or "upload")     # a readable name in reports
+            if folder != named and not named.exists():
+                folder = folder.rename(named)
+                keep = None          # its finalizer now has nothing left to remove; ours does
             return StagedInput(folder, [name], total, "zip", tmp, keep)
         dest = root / "upload"
         dest.mkdir()

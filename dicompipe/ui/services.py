@@ -40,17 +40,9 @@ def allow_untrained() -> bool:
 
 
 def data_dir() -> Path:
-    """The user data directory dicompipe uses (history's, when it says)."""
-    try:
-        from dicompipe import history
-        for name in ("default_db", "default_path", "db_path"):
-            fn = getattr(history, name, None)
-            if callable(fn):
-                return Path(fn()).expanduser().parent
-    except Exception:  # noqa: BLE001 - fall back to the XDG default
-        pass
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "dicompipe"
+    """The user data directory dicompipe uses (the history stage's)."""
+    from dicompipe import history
+    return Path(history.user_data_dir())
 
 
 def reports_root() -> Path:
@@ -143,29 +135,9 @@ def _zip(files: list[Path], root: Path) -> bytes:
 
 # --------------------------------------------------------------------------- history
 def history_rows(since: _dt.date | None = None, organ: str | None = None) -> list[dict]:
-    """Recorded cases, newest first, as plain dicts (the history stage's list function)."""
+    """Recorded cases, newest first (:func:`dicompipe.history.list_records`)."""
     from dicompipe import history
-
-    fn = next((getattr(history, n) for n in ("list_cases", "list_records", "records", "query")
-               if callable(getattr(history, n, None))), None)
-    if fn is None:
-        fn = getattr(history, "list")
-    kw: dict[str, Any] = {}
-    if since is not None:
-        kw["since"] = since.isoformat()
-    if organ:
-        kw["organ"] = organ
-    rows = fn(**kw)
-    return [r if isinstance(r, dict) else _as_dict(r) for r in rows]
-
-
-def _as_dict(r) -> dict:
-    import dataclasses
-    if dataclasses.is_dataclass(r):
-        return dataclasses.asdict(r)
-    if hasattr(r, "keys"):
-        return {k: r[k] for k in r.keys()}
-    return dict(r)
+    return history.list_records(since=since.isoformat() if since else None, organ=organ or None)
 
 
 # --------------------------------------------------------------------------- viewer
