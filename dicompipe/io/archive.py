@@ -100,7 +100,7 @@ def extract_zip(zip_path, *, max_bytes: int = MAX_ZIP_BYTES,
                 if rel is None:
                     raise UnsupportedInput(f"Unsafe member {info.filename!r} in {zip_path} (absolute path "
                                            "or '..' would write outside the extraction folder); refused.")
-                if mode and (stat.S_ISLNK(mode) or not stat.S_ISREG(mode)):
+                if stat.S_IFMT(mode) not in (0, stat.S_IFREG):       # symlink, device, fifo...
                     raise UnsupportedInput(f"Member {info.filename!r} in {zip_path} is a symbolic link or "
                                            "special file; refused. Zip the files themselves.")
                 if info.flag_bits & 0x1:

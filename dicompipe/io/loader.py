@@ -102,7 +102,13 @@ def read_pixels(refs: list[InstanceRef], workers: int | None = None):
             if refs[idx[0]].meta.get("ts") == DeflatedExplicitVRLittleEndian:
                 arr = pydicom.dcmread(file).pixel_array      # the deflated data set must be inflated
             else:
-                arr = pixel_array(file)                       # decodes without keeping the data set
+                try:
+                    arr = pixel_array(file)                   # decodes without keeping the data set
+                except Exception as first:                    # e.g. 12-bit JPEG Extended: pydicom's
+                    try:                                      # GDCM plugin refuses it, GDCM does not
+                        arr = gdcm_frames(file)
+                    except Exception:
+                        raise first from None
             if arr.ndim == 2:
                 arr = arr[None]
             if arr.ndim != 3:
@@ -118,6 +124,33 @@ def read_pixels(refs: list[InstanceRef], workers: int | None = None):
         list(ex.map(read_fast, fast))
         list(ex.map(read_slow, slow.items()))
     return out, failed
+
+
+def gdcm_frames(path) -> np.ndarray:
+    """Stored values of every frame, decoded by GDCM directly: (frames, rows, cols).
+
+    The fallback for syntaxes that pydicom's plugins decline (12-bit JPEG Extended).
+    Monochrome only.
+    """
+    import gdcm
+    r = gdcm.ImageReader()
+    r.SetFileName(str(path))
+    if not r.Read():
+        raise ValueError(f"GDCM cannot read {path}")
+    img = r.GetImage()
+    pf = img.GetPixelFormat()
+    if pf.GetSamplesPerPixel() != 1:
+        raise ValueError("GDCM fallback handles monochrome images only")
+    types = {gdcm.PixelFormat.UINT8: np.uint8, gdcm.PixelFormat.INT8: np.int8,
+             gdcm.PixelFormat.UINT16: np.uint16, gdcm.PixelFormat.INT16: np.int16,
+             gdcm.PixelFormat.UINT32: np.uint32, gdcm.PixelFormat.INT32: np.int32}
+    dtype = types.get(pf.GetScalarType())
+    if dtype is None:
+        raise ValueError(f"GDCM pixel type {pf.GetScalarTypeAsString()} not supported")
+    dims = [img.GetDimension(i) for i in range(img.GetNumberOfDimensions())]
+    frames = dims[2] if len(dims) > 2 else 1
+    buf = img.GetBuffer().encode("utf-8", "surrogateescape")
+    return np.frombuffer(buf, dtype).reshape(frames, dims[1], dims[0])
 
 
 def _to_hu(raw: list, refs: list[InstanceRef]) -> tuple[np.ndarray | None, sitk.Image | None]:
