@@ -80,7 +80,9 @@ def to_volume(batch: SliceBatch, maps, *, default: float = 0.0) -> sitk.Image:
 
     Linear interpolation from the model grid; voxels within one grid voxel outside the grid's
     outermost voxel centres take the edge value (the half-voxel rim the forward resampling
-    also covered); anything farther is ``default``.
+    also covered); anything farther is ``default``. When the model slices name the volume
+    slices they cover (``ModelSlice.volume_z``, e.g. slabs), volume slices that no included
+    model slice covers (skipped slabs, edge slices left out of a slab) are set to ``default``.
 
     Example::
 
@@ -97,5 +99,16 @@ def to_volume(batch: SliceBatch, maps, *, default: float = 0.0) -> sitk.Image:
     padded.SetDirection(g.GetDirection())
     padded.SetOrigin(g.TransformContinuousIndexToPhysicalPoint((-1.0, -1.0, -1.0)))
     ref = batch.volume.image
-    return sitk.Resample(padded, ref, sitk.Transform(), sitk.sitkLinear, float(default),
-                         sitk.sitkFloat32)
+    out = sitk.Resample(padded, ref, sitk.Transform(), sitk.sitkLinear, float(default),
+                        sitk.sitkFloat32)
+    if any(s.volume_z for s in batch.slices):
+        covered = {z for s in batch.included for z in s.volume_z}
+        nz = ref.GetSize()[2]
+        outside = [z for z in range(nz) if z not in covered]
+        if outside:
+            arr = sitk.GetArrayFromImage(out)
+            arr[outside] = default
+            masked = sitk.GetImageFromArray(arr)
+            masked.CopyInformation(out)
+            out = masked
+    return out
