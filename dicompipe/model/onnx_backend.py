@@ -70,13 +70,19 @@ def physical_cores() -> int:
 
 def session_options(threads: int | None = None) -> "ort.SessionOptions":
     """Options tuned for CPU inference of one CNN: one intra-op thread per physical core
-    (``$DICOMPIPE_THREADS`` overrides), sequential execution, every graph optimisation."""
+    (``$DICOMPIPE_THREADS`` overrides), sequential execution, every graph optimisation, and
+    no busy-wait spinning between ops: ResNet50 ops are long enough that spinning buys
+    nothing, while it steals cores from the reader/renderer threads and from other
+    processes on a small shared CPU (``DICOMPIPE_ORT_SPIN=1`` turns it back on)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    spin = "1" if os.environ.get("DICOMPIPE_ORT_SPIN", "0") == "1" else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return so
 
 
