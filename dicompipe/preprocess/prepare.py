@@ -6,6 +6,7 @@ Steps, all keeping exact LPS geometry in ``SliceBatch.grid``:
    k = round(slab_mm / slice step) source slices per slab, a mean, never nearest);
 2. in-plane, linear resampling to ``spec.spacing`` mm (SimpleITK ``Resample``);
 3. slice selection per the organ config (each skip with its reason);
+   (PNG/JPG slices have no physical spacing: steps 1-2 are skipped for them);
 4. every included grid slice -> :func:`dicompipe.preprocess.render.render` (window, square pad,
    resize, normalise) — the same function training uses.
 
@@ -48,11 +49,17 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
         img = sitk.Cast(img, sitk.sitkFloat32)
     fill = 0.0 if volume.windowed else AIR_HU
 
+    # image files (PNG/JPG) carry no physical spacing: use their slices as they are
+    physical = volume.series.kind != "images"
+    if not physical and (spec.slab_mm or spec.spacing):
+        warnings.append("PNG/JPG slices have no physical spacing: used as they are, without "
+                        "slab averaging or resampling to the bundle's spacing.")
+
     # 1. slabs along z (mean of k consecutive slices, geometry from BinShrink)
     nz = img.GetSize()[2]
     dz = img.GetSpacing()[2]
     k = 1
-    if spec.slab_mm and spec.slab_mm > dz * 1.25 and nz > 1:
+    if physical and spec.slab_mm and spec.slab_mm > dz * 1.25 and nz > 1:
         k = max(1, min(nz, int(round(spec.slab_mm / dz))))
     n_slabs = nz // k
     start = (nz - n_slabs * k) // 2
@@ -67,7 +74,7 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
 
     # 2. in-plane spacing
     sx, sy = img.GetSpacing()[:2]
-    if spec.spacing and (abs(sx - spec.spacing) > 0.01 * spec.spacing
+    if physical and spec.spacing and (abs(sx - spec.spacing) > 0.01 * spec.spacing
                          or abs(sy - spec.spacing) > 0.01 * spec.spacing):
         img = _resample_inplane(img, float(spec.spacing), fill)
     grid = img
