@@ -20,14 +20,14 @@ def lung():
     return make_analysis()
 
 
-def test_default_run_folder_contents(tmp_path, lung):
-    run = report.write(lung, tmp_path)
+def test_default_run_folder_contents(tmp_path):
+    small = make_analysis(n_z=4, lesion_z=(2,), k=2)
+    run = report.write(small, tmp_path)
     assert run.parent == tmp_path
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
-    n_keys = len(lung.verdict.key_slices)
     expected = {"report.txt", "analysis.json", "slice_scores.png", "probabilities.png",
-                "montage.png", "ct.nii.gz", *(f"cam_{l}.nii.gz" for l in lung.cams.labels),
-                *(f"key_{i:02d}.png" for i in range(1, n_keys + 1))}
+                "montage.png", "ct.nii.gz", *(f"cam_{l}.nii.gz" for l in small.cams.labels),
+                "key_01.png", "key_02.png"}
     assert names == expected                           # no DICOM by default
     assert [p.name for p in tmp_path.iterdir()] == [run.name]   # no staging left behind
 
@@ -71,8 +71,9 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
 
 
 def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
-    run = report.write(lung, tmp_path, formats="png")
-    img = Image.open(run / "key_01.png")
+    path = figures.save(figures.key_slice_figure(lung, lung.verdict.key_slices[0]),
+                        tmp_path / "key.png")
+    img = Image.open(path)
     assert img.mode in ("RGB", "RGBA") and img.width > 500 and img.height > 500
     rgb = np.asarray(img.convert("RGB")).astype(int)
     assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 60).any()        # a colour overlay is drawn
@@ -91,18 +92,22 @@ def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
     a = make_analysis(cam_volumes=False)
     v = figures.slice_view(a, a.verdict.key_slices[0].row)
     assert v.cam.shape == v.ct.shape and v.cam.max() > 0.5
-    run = report.write(a, tmp_path, formats="png,nifti")
+    run = report.write(a, tmp_path, formats="nifti")
     assert (run / f"cam_{a.verdict.label}.nii.gz").exists()
 
 
 def test_all_slices_and_no_cam(tmp_path):
-    a = make_analysis()
+    a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
     run = report.write(a, tmp_path, formats="png", cam_slices="all")
-    assert len(list((run / "slices").glob("slice_z*.png"))) == len(a.batch.included)
+    assert len(list((run / "slices").glob("slice_z*.png"))) == len(a.batch.included) == 3
+    assert {p.name for p in run.glob("*.png")} == {"slice_scores.png", "probabilities.png",
+                                                   "key_01.png", "montage.png"}
     b = make_analysis(with_cams=False)
-    run = report.write(b, tmp_path, formats="txt,png,nifti")
+    run = report.write(b, tmp_path, formats="txt,nifti")
     assert not list(run.glob("cam_*.nii.gz")) and (run / "ct.nii.gz").exists()
     assert "No Grad-CAM" in (run / "report.txt").read_text()
+    assert figures.slice_view(b, 0).cam is None
+    assert figures.to_rgb(figures.slice_figure(b, 0)).shape[2] == 3
 
 
 def test_nifti_geometry_matches_volume(tmp_path, lung):
@@ -116,8 +121,10 @@ def test_nifti_geometry_matches_volume(tmp_path, lung):
 
 def test_windowed_png_input(tmp_path):
     a = make_analysis(windowed=True)
-    run = report.write(a, tmp_path)
+    run = report.write(a, tmp_path, formats="txt,json")
     assert "8-bit windowed input" in (run / "report.txt").read_text()
+    v = figures.slice_view(a, 0)
+    assert v.ct.max() <= 1 and v.ct.max() > 0.5          # 0..255 shown as is, not re-windowed
     with pytest.raises(ReportError, match="need a DICOM source series"):
         report.write(a, tmp_path / "d", formats="dicom")
     assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
@@ -151,7 +158,6 @@ def test_parse_formats():
 
 
 def test_figures_build_without_pyplot(lung):
-    for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung),
-                figures.montage_figure(lung)):
+    for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung)):
         rgb = figures.to_rgb(fig)
         assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8

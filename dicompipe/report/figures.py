@@ -17,6 +17,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,50 +168,65 @@ def _colourbar(fig, cax, label: str, scale: float):
 
 
 # --------------------------------------------------------------------------- figures
+def _window_text(analysis: Analysis) -> str:
+    if analysis.volume.windowed:
+        return "8-bit windowed input (not HU)"
+    lvl, wid = analysis.batch.spec.windows[0]
+    return f"window L {lvl:g} / W {wid:g} HU"
+
+
 def slice_figure(analysis: Analysis, row: int, label: str | None = None, *,
                  title: str | None = None) -> Figure:
-    """One analysed slice: windowed CT, CAM overlay, colour bar, hot outline, legend panel.
+    """One analysed slice: the windowed CT alone and with the CAM overlay (colour bar, hot
+    outline), and a legend panel below (class, probabilities, slice, instance number).
 
     Example::
 
         >>> fig = slice_figure(analysis, row=3, label="malignant")
     """
-    v_label = analysis.verdict.label
-    label = label or v_label
+    label = label or analysis.verdict.label
     v = slice_view(analysis, row, label)
-    fig = Figure(figsize=(7.0, 7.9), dpi=DPI)
+    fig = Figure(figsize=(11.0, 7.0), dpi=DPI)
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(2, 2, height_ratios=[6.0, 1.45], width_ratios=[24, 1],
-                          left=0.05, right=0.88, top=0.93, bottom=0.05, hspace=0.08, wspace=0.1)
-    ax = fig.add_subplot(gs[0, 0])
+    gs = fig.add_gridspec(2, 3, height_ratios=[5.0, 1.2], width_ratios=[24, 24, 1],
+                          left=0.03, right=0.93, top=0.9, bottom=0.02, hspace=0.1, wspace=0.14)
+    ax_ct = fig.add_subplot(gs[0, 0])
+    _draw_slice(ax_ct, dataclasses.replace(v, cam=None))
+    ax_ct.set_title(f"CT ({_window_text(analysis)})", fontsize=9, pad=14)
+    ax = fig.add_subplot(gs[0, 1])
     hot = _draw_slice(ax, v)
+    ax.set_title(f"CT + Grad-CAM for '{label}'" if v.cam is not None else "no Grad-CAM",
+                 fontsize=9, pad=14)
     fig.suptitle(title or f"Grad-CAM for '{label}'", fontsize=12, fontweight="bold", y=0.985)
     if v.cam is not None:
-        _colourbar(fig, fig.add_subplot(gs[0, 1]), label, analysis.cams.scale[label])
+        _colourbar(fig, fig.add_subplot(gs[0, 2]), label, analysis.cams.scale[label])
     tax = fig.add_subplot(gs[1, :])
     tax.axis("off")
     vd = analysis.verdict
-    lines = [
+    left = [
         f"Verdict: {vd.label.upper()}{' (UNCERTAIN)' if vd.uncertain else ''}   "
-        f"P({vd.label}) = {vd.probabilities[vd.label]:.2f} (calibrated, volume)",
-        f"This slice: P({label}) = {v.probability:.2f}" if v.probability is not None else
-        "This slice: no probability",
+        f"P({vd.label}) = {vd.probabilities[vd.label]:.2f}",
+        "         (calibrated, whole volume)",
+        f"This slice: P({label}) = {v.probability:.2f} (calibrated)" if v.probability is not None
+        else "This slice: no probability",
+        f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}".rstrip(),
+    ]
+    right = [
         f"InstanceNumber {v.instance_number if v.instance_number is not None else '-'}   "
         f"z index {v.volume_z} (0..{analysis.volume.shape[0] - 1})   z = {v.z_mm:.1f} mm",
+        f"SOPInstanceUID {v.sop_instance_uid or '-'}",
     ]
-    if v.sop_instance_uid:
-        lines.append(f"SOPInstanceUID {v.sop_instance_uid}")
     if v.cam is None:
-        lines.append("No Grad-CAM for this analysis (run without --no-cam to get one).")
+        right.append("No Grad-CAM for this analysis (run without --no-cam to get one).")
     else:
-        lines.append("Overlay: colour = Grad-CAM as a fraction of its maximum over the volume")
-        lines.append("White outline: hot region (>= 50 % of that maximum)" if hot else
-                     "No region reaches 50 % of the volume maximum on this slice (no outline)")
-    lines.append(f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}"
-                 .rstrip())
-    tax.text(0.0, 1.0, "\n".join(lines), ha="left", va="top", fontsize=8.5, family="monospace",
-             transform=tax.transAxes, linespacing=1.4)
-    tax.text(0.0, -0.02, RESEARCH_USE, ha="left", va="top", fontsize=8, color="#b00000",
+        right.append("Colour: Grad-CAM as a fraction of its maximum over the whole volume")
+        right.append("White outline: hot region (>= 50 % of that maximum)" if hot else
+                     "No region reaches 50 % of the volume maximum here (no outline)")
+    kw = dict(va="top", fontsize=8.5, family="monospace", transform=tax.transAxes,
+              linespacing=1.4)
+    tax.text(0.0, 1.0, "\n".join(left), ha="left", **kw)
+    tax.text(0.43, 1.0, "\n".join(right), ha="left", **kw)
+    tax.text(0.0, 0.12, RESEARCH_USE, ha="left", va="top", fontsize=8.5, color="#b00000",
              fontweight="bold", transform=tax.transAxes)
     return fig
 
@@ -231,7 +247,7 @@ def montage_figure(analysis: Analysis, label: str | None = None, *, ncols: int =
     n = max(1, len(keys))
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    height = 3.35 * nrows + 0.9
+    height = 3.05 * nrows + 0.9
     fig = Figure(figsize=(3.0 * ncols + 1.2, height), dpi=DPI)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(nrows, ncols + 1, width_ratios=[12] * ncols + [0.6],
@@ -294,9 +310,11 @@ def slice_scores_figure(analysis: Analysis) -> Figure:
     ax.set_ylabel("calibrated probability", fontsize=9)
     ax.grid(alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
-    handles += [Patch(color="0.85", label="skipped slice"),
-                ax.plot([], [], color="black", ls="--", lw=0.8)[0]]
-    names += ["skipped slice", "key slice\n(#rank, IN = InstanceNumber)"]
+    if any(not s.included for s in slices):
+        handles.append(Patch(color="0.85", label="skipped slice"))
+        names.append("skipped slice (not analysed)")
+    handles.append(ax.plot([], [], color="black", ls="--", lw=0.8)[0])
+    names.append("key slice\n(#rank, IN = InstanceNumber)")
     ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
               frameon=False)
     fig.suptitle(f"Per-slice probabilities (temperature {vd.temperature:.2f}); verdict "

@@ -24,6 +24,18 @@ from typing import Iterator
 from dicompipe.errors import ReportError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: permissions for new files and folders (what open()/mkdir() would give under the umask);
+#: mkstemp/mkdtemp would otherwise leave them private (0600/0700)
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
@@ -36,6 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, FILE_MODE)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -67,7 +80,9 @@ def staging_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".dicompipe-run-", suffix=".partial", dir=out))
+        stage = Path(tempfile.mkdtemp(prefix=".dicompipe-run-", suffix=".partial", dir=out))
+        os.chmod(stage, DIR_MODE)
+        return stage
     except OSError as e:
         why = e.strerror or str(e)
         raise ReportError(
