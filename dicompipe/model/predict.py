@@ -56,6 +56,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
     old_threads = torch.get_num_threads()
     n_threads = int(threads or _cpu_count())
     torch.set_num_threads(n_threads)
+    t_inf = time.perf_counter()
     try:
         logits, feats = [], []
         n = len(x)
@@ -65,6 +66,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
             feats.append(a)
             if progress:
                 progress(min(1.0, (i + batch_size) / n))
+        t_inf = time.perf_counter() - t_inf
     finally:
         torch.set_num_threads(old_threads)
     k = len(labels)
@@ -84,5 +86,6 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
                     "backend": getattr(run, "name", type(run).__name__),
                     "device": getattr(run, "device", device), "threads": n_threads,
                     "batch_size": batch_size,
-                    "slices_per_s": round(len(logits) / seconds, 2) if seconds > 0 else None},
+                    "setup_s": round(seconds - t_inf, 3), "inference_s": round(t_inf, 3),
+                    "slices_per_s": round(len(logits) / t_inf, 2) if t_inf > 0 else None},
         seconds=seconds)
