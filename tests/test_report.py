@@ -161,3 +161,27 @@ def test_figures_build_without_pyplot(lung):
     for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung)):
         rgb = figures.to_rgb(fig)
         assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
+
+
+def test_cli_unwritable_report_folder_is_recorded_as_failed(tmp_path, monkeypatch, capsys):
+    import dicompipe.pipeline
+    from dicompipe import history
+    from dicompipe.cli import main as cli_main
+
+    a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
+    monkeypatch.setattr(dicompipe.pipeline, "analyze", lambda *args, **kw: a)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    db = tmp_path / "h.sqlite"
+    rc = cli_main(["analyze", "in", "--out", str(blocker / "runs"), "--history", str(db),
+                   "--quiet", "--format", "json"])
+    assert rc == 2
+    assert "Cannot write the report folder" in capsys.readouterr().err
+    (rec,) = history.list_records(db)
+    assert rec["status"] == "failed" and "Cannot write the report folder" in rec["reason"]
+    assert rec["report_dir"] is None and rec["label"] == a.verdict.label
+    rc = cli_main(["analyze", "in", "--out", str(tmp_path / "runs"), "--history", str(db),
+                   "--quiet", "--format", "json,txt"])
+    assert rc == 0
+    done = history.list_records(db, status="done")[0]
+    assert (Path(done["report_dir"]) / "analysis.json").exists()
