@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections import defaultdict
 from pathlib import Path
@@ -20,9 +21,9 @@ from typing import Iterable
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
 from dicompipe.types import InstanceRef, SeriesInfo
 
@@ -116,24 +117,93 @@ def _pixel_element(fp, ts: UID) -> tuple[int | None, int | None]:
     return start + 12, struct.unpack("<I", head[8:12])[0]
 
 
-def read_header(path, keep: object = None) -> tuple[list[InstanceRef], dict] | None:
+class _Values:
+    """Converted header values, memoised on the raw bytes: the many values that repeat
+    across a series (UIDs, orientation, spacing, matrix...) are converted by pydicom once
+    per discover() call instead of once per file. The per-instance ASCII values (UI, IS,
+    DS: SOPInstanceUID, InstanceNumber, ImagePositionPatient...) are split and parsed
+    straight from their bytes, with pydicom's conversion as the fallback for anything
+    unusual."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def reader(self, ds):
+        cs = ds.get_item(0x00080005)
+        charset = cs.value if cs is not None else None
+
+        def get(keyword: str, fn=lambda v: v, default=None):
+            tag = _TAGS[keyword]
+            elem = ds.get_item(tag)
+            if elem is None:
+                return default
+            if isinstance(elem, RawDataElement) and elem.VR != "SQ":
+                key = (tag, elem.value, elem.is_little_endian, elem.is_implicit_VR, charset)
+                try:
+                    v = self.cache[key]
+                except KeyError:
+                    v = _fast_ascii(keyword, elem.value, fn)
+                    if v is _NO:
+                        v = fn(ds[tag].value)
+                    if len(self.cache) < 100_000:
+                        self.cache[key] = v
+                return v if v is not None else default
+            v = fn(ds[tag].value)
+            return v if v is not None else default
+        return get
+
+
+_NO = object()
+_ASCII_VR = {"SOPInstanceUID": "UI", "InstanceNumber": "IS", "ImagePositionPatient": "DS",
+             "RescaleSlope": "DS", "RescaleIntercept": "DS", "AcquisitionNumber": "IS",
+             "SliceThickness": "DS"}
+
+
+def _fast_ascii(keyword: str, raw: bytes | None, fn):
+    """Value of a UI/IS/DS element from its raw bytes, or ``_NO`` to let pydicom convert."""
+    vr = _ASCII_VR.get(keyword)
+    if vr is None or raw is None:
+        return _NO
+    try:
+        parts = raw.decode("ascii").strip(" \x00").split("\\")
+        if vr == "UI":
+            return fn(parts[0].strip(" \x00")) if len(parts) == 1 else _NO
+        vals = [float(x) if vr == "DS" else int(x) for x in parts]
+    except (UnicodeDecodeError, ValueError):
+        return _NO
+    return fn(vals if len(vals) > 1 else vals[0])
+
+
+_TAGS = {kw: pydicom.datadict.tag_for_keyword(kw) for kw in (
+    "SOPClassUID", "SOPInstanceUID", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
+    "FrameOfReferenceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+    "PatientID", "PatientName", "StudyDate", "GantryDetectorTilt", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "PhotometricInterpretation", "AcquisitionNumber", "SliceThickness", "NumberOfFrames",
+    "InstanceNumber", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
+    "RescaleIntercept", "ImagePositionPatient", "SpacingBetweenSlices")}
+
+
+def read_header(path, keep: object = None, values: _Values | None = None
+                ) -> tuple[list[InstanceRef], dict] | None:
     """Read one file's header (no pixels). Returns (instance refs, series facts) or None when
     the file is not DICOM. A multi-frame file gives one ref per frame. Raises
     ``InvalidDicomError``/``OSError``/``ValueError`` for a damaged DICOM file.
 
-    ``keep`` is stored in every ref's meta (it keeps a temporary extraction folder alive).
+    ``keep`` is stored in every ref's meta (it keeps a temporary extraction folder alive);
+    ``values`` shares converted header values between the files of one discover() call.
     """
-    path = Path(path)
+    path = str(path)
     with open(path, "rb") as fp:
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
         except InvalidDicomError:
-            if not _looks_like_dicom_without_preamble(path):
+            if not _looks_like_dicom_without_preamble(Path(path)):
                 return None
             fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         fm = getattr(ds, "file_meta", None)
-        ts = UID(fm.get("TransferSyntaxUID") or "") if fm is not None else UID("")
+        ts = _meta(fm, 0x00020010) or ""
         if not ts:
             implicit, little = ds.original_encoding
             ts = (ImplicitVRLittleEndian if implicit else
@@ -144,61 +214,63 @@ def read_header(path, keep: object = None) -> tuple[list[InstanceRef], dict] | N
         if ts in _NATIVE_LE:
             at = fp.tell()
             offset, length = _pixel_element(fp, ts)
-            if offset is None and "Rows" in ds and fp.seek(0, 2) <= at + 8:
+            if offset is None and _ROWS in ds and fp.seek(0, 2) <= at + 8:
                 raise ValueError("the file ends before its Pixel Data (truncated)")
-    sop_class = _str(ds.get("SOPClassUID")) or (_str(fm.get("MediaStorageSOPClassUID")) if fm else None)
-    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+    get = (values or _Values()).reader(ds)
+    sop_class = get("SOPClassUID", _str) or _meta(fm, 0x00020002)
+    if sop_class == DICOMDIR_CLASS or 0x00041220 in ds:              # DirectoryRecordSequence
         return [], {"dicomdir": True}
-    if sop_class is None and "Rows" not in ds and "Modality" not in ds:
+    if sop_class is None and _ROWS not in ds and 0x00080060 not in ds:
         return None                                    # forced read of something that is not DICOM
-    sop_uid = _str(ds.get("SOPInstanceUID")) or (_str(fm.get("MediaStorageSOPInstanceUID")) if fm else None)
-    image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or []))
+    sop_uid = get("SOPInstanceUID", _str) or _meta(fm, 0x00020003)
+    image_type = get("ImageType", lambda v: tuple(str(x).upper() for x in (
+        [v] if isinstance(v, str) else (v or [])) if str(x)), ())
     facts = {
-        "study_instance_uid": _str(ds.get("StudyInstanceUID")),
-        "series_instance_uid": _str(ds.get("SeriesInstanceUID")),
-        "frame_of_reference_uid": _str(ds.get("FrameOfReferenceUID")),
+        "study_instance_uid": get("StudyInstanceUID", _str),
+        "series_instance_uid": get("SeriesInstanceUID", _str),
+        "frame_of_reference_uid": get("FrameOfReferenceUID", _str),
         "sop_class_uid": sop_class,
-        "modality": _str(ds.get("Modality")),
-        "series_number": _int(ds.get("SeriesNumber")),
-        "series_description": _str(ds.get("SeriesDescription")),
+        "modality": get("Modality", _str),
+        "series_number": get("SeriesNumber", _int),
+        "series_description": get("SeriesDescription", _str),
         "image_type": image_type,
-        "body_part": _str(ds.get("BodyPartExamined")),
-        "patient_id": _str(ds.get("PatientID")),
-        "patient_name": _str(ds.get("PatientName")),
-        "study_date": _str(ds.get("StudyDate")),
-        "gantry_tilt_tag": _num(ds.get("GantryDetectorTilt"), 0.0),
+        "body_part": get("BodyPartExamined", _str),
+        "patient_id": get("PatientID", _str),
+        "patient_name": get("PatientName", _str),
+        "study_date": get("StudyDate", _str),
+        "gantry_tilt_tag": get("GantryDetectorTilt", _num, 0.0),
         "transfer_syntax": str(ts),
         "has_pixels": offset is not None or _has_pixel_data(path, ds, ts),
-        "folder": str(path.parent),
+        "folder": os.path.dirname(path),
     }
     base = {
         "ts": str(ts),
-        "rows": _int(ds.get("Rows")), "cols": _int(ds.get("Columns")),
-        "bits_allocated": _int(ds.get("BitsAllocated")), "bits_stored": _int(ds.get("BitsStored")),
-        "pixel_representation": _int(ds.get("PixelRepresentation"), 0),
-        "samples": _int(ds.get("SamplesPerPixel"), 1),
-        "photometric": _str(ds.get("PhotometricInterpretation")),
+        "rows": get("Rows", _int), "cols": get("Columns", _int),
+        "bits_allocated": get("BitsAllocated", _int), "bits_stored": get("BitsStored", _int),
+        "pixel_representation": get("PixelRepresentation", _int, 0),
+        "samples": get("SamplesPerPixel", _int, 1),
+        "photometric": get("PhotometricInterpretation", _str),
         "pixel_offset": offset, "pixel_length": length,
-        "acquisition": _int(ds.get("AcquisitionNumber")),
+        "acquisition": get("AcquisitionNumber", _int),
         "image_type": image_type,
-        "thickness": _num(ds.get("SliceThickness")),
-        "n_frames": _int(ds.get("NumberOfFrames"), 1) or 1,
+        "thickness": get("SliceThickness", _num),
+        "n_frames": get("NumberOfFrames", _int, 1) or 1,
     }
     if keep is not None:
         base["keep"] = keep
-    inst_no = _int(ds.get("InstanceNumber"))
+    inst_no = get("InstanceNumber", _int)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         refs = _enhanced_refs(ds, path, sop_uid, inst_no, base)
     else:
         meta = dict(base,
-                    iop=_floats(ds.get("ImageOrientationPatient"), 6),
-                    spacing=_floats(ds.get("PixelSpacing"), 2),
-                    slope=_num(ds.get("RescaleSlope"), 1.0),
-                    intercept=_num(ds.get("RescaleIntercept"), 0.0))
-        pos = _floats(ds.get("ImagePositionPatient"), 3)
+                    iop=get("ImageOrientationPatient", lambda v: _floats(v, 6)),
+                    spacing=get("PixelSpacing", lambda v: _floats(v, 2)),
+                    slope=get("RescaleSlope", _num, 1.0),
+                    intercept=get("RescaleIntercept", _num, 0.0))
+        pos = get("ImagePositionPatient", lambda v: _floats(v, 3))
         if base["n_frames"] > 1:
             # legacy multi-frame (no functional groups): frames stacked along the normal
-            step = _num(ds.get("SpacingBetweenSlices")) or base["thickness"]
+            step = get("SpacingBetweenSlices", _num) or base["thickness"]
             refs = []
             for f in range(base["n_frames"]):
                 p = _legacy_frame_position(pos, meta["iop"], step, f)
@@ -208,7 +280,18 @@ def read_header(path, keep: object = None) -> tuple[list[InstanceRef], dict] | N
     return refs, facts
 
 
-def _has_pixel_data(path: Path, ds, ts) -> bool:
+def _meta(fm, tag: int) -> str | None:
+    """A (string) file meta value, without keyword lookups."""
+    if fm is None:
+        return None
+    e = fm.get_item(tag)
+    return _str(fm[tag].value) if e is not None else None
+
+
+_ROWS = 0x00280010
+
+
+def _has_pixel_data(path, ds, ts) -> bool:
     """Pixel presence for non-native syntaxes (the header-only read stopped before it)."""
     return "Rows" in ds and "Columns" in ds and (
         ds.get("BitsAllocated") is not None or "NumberOfFrames" in ds)
@@ -255,9 +338,10 @@ def _enhanced_refs(ds, path: Path, sop_uid, inst_no, base) -> list[InstanceRef]:
 def read_headers(files: Iterable, keep: object = None):
     """Read every file's header. Returns ([(refs, facts)], Skipped, dicomdir files)."""
     found, skipped = [], Skipped()
+    values = _Values()
     for f in files:
         try:
-            r = read_header(f, keep)
+            r = read_header(f, keep, values)
         except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
                 struct.error, AttributeError) as e:
             skipped.unreadable.append((str(f), f"{type(e).__name__}: {e}"[:200]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,13 +66,32 @@ def _fix_bits(a: np.ndarray, m: dict) -> None:
         np.bitwise_and(a, (1 << stored) - 1, out=a)
 
 
-def read_pixels(refs: list[InstanceRef], workers: int | None = None):
-    """Stored pixel values of ``refs`` as one (n, rows, cols) array, plus {index: error}
-    for slices that could not be read (truncated or corrupt files)."""
+def _decode_file(file: str, ts: str | None) -> np.ndarray:
+    """All frames of one file as stored values (frames, rows, cols), with pydicom's
+    decoders, falling back to GDCM for what pydicom's plugins decline."""
+    if ts == DeflatedExplicitVRLittleEndian:
+        arr = pydicom.dcmread(file).pixel_array               # the deflated data set must be inflated
+    else:
+        try:
+            arr = pixel_array(file)                           # decodes without keeping the data set
+        except Exception as first:                            # e.g. 12-bit JPEG Extended: pydicom's
+            try:                                              # GDCM plugin refuses it, GDCM does not
+                arr = gdcm_frames(file)
+            except Exception:
+                raise first from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"decoded pixel array has shape {arr.shape}, expected monochrome frames")
+    return arr
+
+
+def _read_each(refs: list[InstanceRef], put, workers: int | None) -> dict[int, str]:
+    """Call ``put(i, stored_values)`` for every readable slice (from worker threads);
+    return {index: why} for the slices that could not be read."""
     m0 = refs[0].meta
     rows, cols = m0["rows"], m0["cols"]
     dtype = _stored_dtype(m0)
-    out = np.empty((len(refs), rows, cols), dtype)
     nbytes = rows * cols * dtype.itemsize
     failed: dict[int, str] = {}
     fast, slow = [], defaultdict(list)
@@ -82,48 +102,94 @@ def read_pixels(refs: list[InstanceRef], workers: int | None = None):
             fast.append(i)
         else:
             slow[r.file].append(i)
+    local = threading.local()
 
     def read_fast(i):
         r = refs[i]
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty((rows, cols), dtype)
         try:
             with open(r.file, "rb") as f:
                 f.seek(r.meta["pixel_offset"] + (r.frame or 0) * nbytes)
-                got = f.readinto(memoryview(out[i]).cast("B"))
-            if got != nbytes:
-                failed[i] = f"truncated pixel data ({got} of {nbytes} bytes)"
-            else:
-                _fix_bits(out[i], r.meta)
+                got = f.readinto(memoryview(buf).cast("B"))
         except OSError as e:
             failed[i] = f"cannot read: {e.strerror or e}"
+            return
+        if got != nbytes:
+            failed[i] = f"truncated pixel data ({got} of {nbytes} bytes)"
+            return
+        _fix_bits(buf, r.meta)
+        put(i, buf)
 
     def read_slow(item):
         file, idx = item
         try:
-            if refs[idx[0]].meta.get("ts") == DeflatedExplicitVRLittleEndian:
-                arr = pydicom.dcmread(file).pixel_array      # the deflated data set must be inflated
-            else:
-                try:
-                    arr = pixel_array(file)                   # decodes without keeping the data set
-                except Exception as first:                    # e.g. 12-bit JPEG Extended: pydicom's
-                    try:                                      # GDCM plugin refuses it, GDCM does not
-                        arr = gdcm_frames(file)
-                    except Exception:
-                        raise first from None
-            if arr.ndim == 2:
-                arr = arr[None]
-            if arr.ndim != 3:
-                raise ValueError(f"decoded pixel array has shape {arr.shape}, expected monochrome frames")
+            arr = _decode_file(file, refs[idx[0]].meta.get("ts"))
             for i in idx:
-                out[i] = arr[refs[i].frame or 0]
+                put(i, arr[refs[i].frame or 0])
         except Exception as e:  # any decoder failure is a per-file warning, not a crash
             for i in idx:
                 failed[i] = f"cannot decode pixel data: {type(e).__name__}: {e}"[:300]
 
-    n = _workers(None if (len(fast) + len(slow)) > 8 else 1)
+    n = _workers(workers) if len(refs) > 8 else 1
     with ThreadPoolExecutor(n) as ex:
         list(ex.map(read_fast, fast))
         list(ex.map(read_slow, slow.items()))
-    return out, failed
+    return failed
+
+
+def read_pixels(refs: list[InstanceRef], workers: int | None = None):
+    """Stored pixel values of ``refs`` as one (n, rows, cols) array, plus {index: error}
+    for slices that could not be read (truncated or corrupt files).
+
+    Example::
+
+        >>> raw, failed = read_pixels(series.instances)
+    """
+    m0 = refs[0].meta
+    out = np.zeros((len(refs), m0["rows"], m0["cols"]), _stored_dtype(m0))
+
+    def put(i, a):
+        out[i] = a
+    return out, _read_each(refs, put, workers)
+
+
+class _Buffer:
+    """Numpy access to a SimpleITK image's own voxel buffer that keeps the image alive."""
+
+    def __init__(self, image: sitk.Image, writable: bool):
+        self.image = image
+        iface = dict(sitk.GetArrayViewFromImage(image).__array_interface__)
+        iface["data"] = (iface["data"][0], not writable)
+        self.__array_interface__ = iface
+
+
+def writable_array(image: sitk.Image) -> np.ndarray:
+    """A writable (z, y, x) numpy view of ``image``'s voxels (no copy). SimpleITK only
+    offers read-only views; writing through this one fills an image we just created and
+    own, which avoids a full-volume copy through ``GetImageFromArray``."""
+    image.MakeUnique()
+    return np.asarray(_Buffer(image, writable=True))
+
+
+def read_hu(refs: list[InstanceRef], workers: int | None = None) -> tuple[sitk.Image, dict[int, str]]:
+    """HU of ``refs`` (RescaleSlope/Intercept of each slice) decoded straight into a new
+    float32 SimpleITK image (n, rows, cols) — one volume-sized allocation, no copies —
+    plus {index: why} for unreadable slices (their planes are left at 0)."""
+    m0 = refs[0].meta
+    img = sitk.Image([int(m0["cols"]), int(m0["rows"]), len(refs)], sitk.sitkFloat32)
+    out = writable_array(img)
+
+    def put(i, a):
+        s, b = refs[i].meta.get("slope", 1.0), refs[i].meta.get("intercept", 0.0)
+        if s == 1.0 and float(np.float32(b)) == b and a.dtype.itemsize <= 2:
+            np.add(a, np.float32(b), out=out[i], casting="unsafe")     # exact for 8/16-bit values
+        else:
+            out[i] = a * float(s) + float(b)                          # float64, rounded once
+    failed = _read_each(refs, put, workers)
+    del out
+    return img, failed
 
 
 def gdcm_frames(path) -> np.ndarray:
@@ -151,22 +217,6 @@ def gdcm_frames(path) -> np.ndarray:
     frames = dims[2] if len(dims) > 2 else 1
     buf = img.GetBuffer().encode("utf-8", "surrogateescape")
     return np.frombuffer(buf, dtype).reshape(frames, dims[1], dims[0])
-
-
-def _to_hu(raw: list, refs: list[InstanceRef]) -> tuple[np.ndarray | None, sitk.Image | None]:
-    """HU from stored values (``raw`` is a one-item list, emptied to free the stored array
-    early). Returns (float32 array, None) or, when every slice shares slope 1 and one
-    intercept, (None, float32 SimpleITK image) converted by SimpleITK without a float copy."""
-    slopes = np.array([r.meta.get("slope", 1.0) for r in refs], float)
-    inters = np.array([r.meta.get("intercept", 0.0) for r in refs], float)
-    if np.all(slopes == 1.0) and np.all(inters == inters[0]):
-        img = sitk.GetImageFromArray(raw.pop())
-        return None, sitk.ShiftScale(img, float(inters[0]), 1.0, sitk.sitkFloat32)
-    stored = raw.pop()
-    out = np.empty(stored.shape, np.float32)
-    for i in range(len(refs)):
-        out[i] = stored[i] * slopes[i] + inters[i]          # float64 per slice, rounded once
-    return out, None
 
 
 def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
@@ -209,7 +259,8 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     else:
         g, t = None, np.zeros(len(refs))
 
-    raw, failed = read_pixels(refs, workers)
+    img, failed = read_hu(refs, workers)
+    arr = None
     if failed:
         for i, why in sorted(failed.items())[:5]:
             warnings.append(f"skipped slice {refs[i].file}: {why}")
@@ -221,11 +272,8 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
                 f"No slice of series {series.key} could be decoded (first: {refs[0].file}: "
                 f"{failed[0]}). Check that the files are complete and that the codec "
                 "packages (pylibjpeg-openjpeg, python-gdcm) are installed.")
-        raw, refs, t = raw[ok], [refs[i] for i in ok], t[ok]
-
-    holder = [raw]
-    del raw
-    arr, img = _to_hu(holder, refs)
+        arr = np.ascontiguousarray(sitk.GetArrayViewFromImage(img)[ok])
+        img, refs, t = None, [refs[i] for i in ok], t[ok]
     slices = [[r] for r in refs]
 
     ps = m0.get("spacing") or (1.0, 1.0)

@@ -39,14 +39,20 @@ class Discovery(list):
 
 
 def _walk(folder: Path) -> list[Path]:
-    out = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
-        for f in sorted(files):
-            p = Path(root) / f
-            if p.is_file():
-                out.append(p)
-    return out
+    """Every regular file under ``folder`` (recursive, sorted; symlinked folders not followed)."""
+    out, stack = [], [str(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file():
+                out.append(Path(e.path))
+    return sorted(out)
 
 
 def _dicomdir_files(path: Path) -> list[Path] | None:

@@ -1,0 +1,1 @@
+"""dicompipe benchmark suite (not part of the package): ``python -m benchmarks``, see README.md."""
