@@ -286,3 +286,47 @@ def test_instance_meta_spares_a_second_header_parse(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(a) or real(*a, **k))
     io.load(s)
     assert calls == []
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_bits_stored_below_bits_allocated(tmp_path, signed):
+    # 12 stored bits in 16 with junk in the 4 unused high bits: masked / sign-extended like
+    # pydicom and GDCM do
+    files = synth.write_ct_series(tmp_path, shape=(3, 4, 6), hu=np.full((3, 4, 6), 100.0),
+                                  dtype=np.int16 if signed else np.uint16,
+                                  intercept=0.0 if signed else -1024.0)
+    for p in files:
+        ds = pydicom.dcmread(p)
+        a = np.frombuffer(ds.PixelData, np.uint16) | np.uint16(0xF000)
+        ds.PixelData, ds.BitsStored, ds.HighBit = a.tobytes(), 12, 11
+        ds.save_as(p)
+    vol = only(tmp_path)
+    np.testing.assert_array_equal(vol.array, 100.0)
+    assert_same_as_sitk(vol, files)
+
+
+def test_one_uid_two_orientations_is_split(tmp_path):
+    uid = pydicom.uid.generate_uid()
+    study = pydicom.uid.generate_uid()
+    synth.write_ct_series(tmp_path, shape=(4, 8, 8), series_uid=uid, study_uid=study, subfolder="ax")
+    cor = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])        # coronal reformat, same UID
+    synth.write_ct_series(tmp_path, shape=(3, 8, 8), series_uid=uid, study_uid=study,
+                          direction=cor, subfolder="cor")
+    found = io.discover(tmp_path)
+    assert sorted((s.orientation, s.n_instances) for s in found) == [("axial", 4), ("coronal", 3)]
+    assert all("split" in " ".join(s.warnings) for s in found) and len({s.key for s in found}) == 2
+    assert io.select(found).orientation == "axial"
+
+
+def test_two_acquisitions_at_the_same_positions_are_split(tmp_path):
+    uid, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for acq, name in ((1, "art"), (2, "ven")):
+        files = synth.write_ct_series(tmp_path, shape=(4, 8, 8), series_uid=uid, study_uid=study,
+                                      subfolder=name)
+        for p in files:
+            ds = pydicom.dcmread(p)
+            ds.AcquisitionNumber = acq
+            ds.save_as(p)
+    found = io.discover(tmp_path)
+    assert [s.n_instances for s in found] == [4, 4]
+    assert all(not any("repeat a slice position" in w for w in s.warnings) for s in found)

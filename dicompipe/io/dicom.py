@@ -424,17 +424,18 @@ def _split_key(ref: InstanceRef, facts: dict) -> tuple:
     sp = tuple(round(v, 4) for v in m["spacing"]) if m.get("spacing") else None
     localizer = any(w in facts["image_type"] for w in ("LOCALIZER", "SCOUT", "TOPOGRAM"))
     return (iop, m.get("rows"), m.get("cols"), sp, localizer, tuple(facts["image_type"][:2]),
-            facts["sop_class_uid"])
+            facts["sop_class_uid"], facts["frame_of_reference_uid"])
 
 
 def group_series(found: list[tuple[list[InstanceRef], dict]], source: str) -> list[SeriesInfo]:
     """Group instances by SeriesInstanceUID (or a fallback key when it is empty), split where
-    orientation, matrix, pixel spacing, image type or repeated acquisitions differ, and
+    orientation, matrix, pixel spacing, image type, frame of reference or repeated
+    acquisitions differ, and
     describe each group as a :class:`SeriesInfo`."""
     by_series: dict[tuple, list] = defaultdict(list)
     for refs, facts in found:
         uid = facts["series_instance_uid"]
-        key = ("uid", uid, facts["frame_of_reference_uid"]) if uid else (
+        key = ("uid", uid) if uid else (
             "nouid", facts["study_instance_uid"], facts["frame_of_reference_uid"],
             facts["series_number"], facts["series_description"], facts["modality"], facts["folder"])
         for r in refs:
@@ -518,7 +519,7 @@ def _describe(members: list, source: str, split: bool) -> SeriesInfo:
         study_date=facts["study_date"])
     if split:
         info.warnings.append("this series was split: its instances differ in orientation, matrix, "
-                             "pixel spacing, image type or acquisition")
+                             "pixel spacing, image type, frame of reference or acquisition")
     reason = _unusable_reason(refs, facts)
     geometric = all(r.position is not None for r in refs) and m0.get("iop") is not None
     if geometric:
