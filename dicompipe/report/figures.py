@@ -77,14 +77,16 @@ def calibrated(analysis: Analysis) -> np.ndarray:
     """Calibrated per-slice probabilities (n_included, K), rows as in SlicePredictions."""
     K = len(analysis.predictions.labels)
     out = np.zeros((len(analysis.predictions.logits), K), np.float64)
+    rows = {s.z: s.row for s in analysis.batch.slices if s.included}
     for r in analysis.slice_table():
         if r["included"] and "probabilities" in r:
-            row = next(s.row for s in analysis.batch.slices if s.z == r["z"])
-            out[row] = [r["probabilities"][l] for l in analysis.predictions.labels]
+            out[rows[r["z"]]] = [r["probabilities"][l] for l in analysis.predictions.labels]
     return out
 
 
-_cam_cache: dict[int, dict] = {}
+# CAM volumes computed from the maps when CamStack.volumes lacks a class: kept for the last
+# two CamStacks only (a reference is held, so an id is never confused with a new object)
+_cam_cache: list[tuple[object, dict]] = []
 
 
 def _cam_volume(analysis: Analysis, label: str):
@@ -94,7 +96,11 @@ def _cam_volume(analysis: Analysis, label: str):
         return None
     if label in cams.volumes:
         return cams.volumes[label]
-    cache = _cam_cache.setdefault(id(cams), {})
+    cache = next((c for obj, c in _cam_cache if obj is cams), None)
+    if cache is None:
+        cache = {}
+        _cam_cache.insert(0, (cams, cache))
+        del _cam_cache[2:]
     if label not in cache:
         from dicompipe import preprocess
         cache[label] = preprocess.to_volume(analysis.batch, cams.maps[:, cams.labels.index(label)])
