@@ -11,7 +11,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 
 import synth
 from dicompipe import io
-from dicompipe.errors import NoSeriesFound, UnreadableSeries
+from dicompipe.errors import NoSeriesFound, UnreadableSeries, UnsupportedInput
 
 SHAPE = (6, 12, 14)
 SPACING = (0.75, 0.8, 2.5)
@@ -330,3 +330,20 @@ def test_two_acquisitions_at_the_same_positions_are_split(tmp_path):
     found = io.discover(tmp_path)
     assert [s.n_instances for s in found] == [4, 4]
     assert all(not any("repeat a slice position" in w for w in s.warnings) for s in found)
+
+
+def test_orientation_jitter_does_not_split(tmp_path):
+    files = synth.write_ct_series(tmp_path, shape=(4, 8, 8))
+    for k, p in enumerate(files):                        # values either side of a rounding edge
+        ds = pydicom.dcmread(p)
+        ds.ImageOrientationPatient = [1, 0, 0.0004999 if k % 2 else 0.0005001, 0, 1, 0]
+        ds.save_as(p)
+    found = io.discover(tmp_path)
+    assert len(found) == 1 and found[0].n_instances == 4
+
+
+def test_single_unreadable_file_is_unsupported(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("not an image")
+    with pytest.raises(UnsupportedInput, match="not a file dicompipe can read"):
+        io.discover(p)

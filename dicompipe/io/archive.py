@@ -53,6 +53,12 @@ class ExtractedArchive:
     def __enter__(self):
         return self
 
+    def __copy__(self):
+        return self                      # one folder, shared: copies of a SeriesInfo share it
+
+    def __deepcopy__(self, memo):
+        return self
+
     def __exit__(self, *exc):
         self.cleanup()
 

@@ -31,9 +31,9 @@ def describe(s: SeriesInfo) -> str:
 
 
 def _thickness(s: SeriesInfo) -> float:
+    """SliceThickness, else the median slice spacing, else infinity."""
     st = s.spacing_stats.get("median") if s.spacing_stats else None
-    vals = [v for v in (s.slice_thickness, st) if v]
-    return min(vals) if vals else float("inf")
+    return s.slice_thickness or st or float("inf")
 
 
 def _is_original(s: SeriesInfo) -> bool:

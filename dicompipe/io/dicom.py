@@ -418,9 +418,30 @@ _NON_IMAGE = {
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def _split_key(ref: InstanceRef, facts: dict) -> tuple:
+def _orientation_clusters(members: list) -> dict[int, int]:
+    """Cluster id per ref (by id()) of ImageOrientationPatient within 1e-3 (robust to the
+    rounding jitter that makes exact or rounded comparisons split a stack)."""
+    reps: list[np.ndarray] = []
+    out = {}
+    for r, _ in members:
+        iop = r.meta.get("iop")
+        if iop is None:
+            out[id(r)] = -1
+            continue
+        v = np.asarray(iop, float)
+        for i, rep in enumerate(reps):
+            if np.abs(v - rep).max() <= 1e-3:
+                out[id(r)] = i
+                break
+        else:
+            reps.append(v)
+            out[id(r)] = len(reps) - 1
+    return out
+
+
+def _split_key(ref: InstanceRef, facts: dict, orient: int) -> tuple:
     m = ref.meta
-    iop = tuple(round(v, 3) for v in m["iop"]) if m.get("iop") else None
+    iop = orient
     sp = tuple(round(v, 4) for v in m["spacing"]) if m.get("spacing") else None
     localizer = any(w in facts["image_type"] for w in ("LOCALIZER", "SCOUT", "TOPOGRAM"))
     return (iop, m.get("rows"), m.get("cols"), sp, localizer, tuple(facts["image_type"][:2]),
@@ -444,8 +465,9 @@ def group_series(found: list[tuple[list[InstanceRef], dict]], source: str) -> li
     out: list[SeriesInfo] = []
     for skey, members in by_series.items():
         parts: dict[tuple, list] = defaultdict(list)
+        orient = _orientation_clusters(members)
         for r, facts in members:
-            parts[_split_key(r, facts)].append((r, facts))
+            parts[_split_key(r, facts, orient[id(r)])].append((r, facts))
         groups = []
         for pkey, pm in parts.items():
             groups.extend(_split_acquisitions(pm))

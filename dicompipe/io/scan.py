@@ -124,6 +124,11 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
     for s in out:
         if summary:
             s.warnings.append(f"input {src}: {summary}")
+    if not out and src.is_file() and archive is None:
+        raise UnsupportedInput(
+            f"{src} is not a file dicompipe can read"
+            + (f" ({skipped.unreadable[0][1]})" if skipped.unreadable else "")
+            + ": give a DICOM file, a folder or .zip of DICOM files, PNG/JPG slices or a NIfTI file.")
     if not out:
         n = len(files)
         raise NoSeriesFound(
