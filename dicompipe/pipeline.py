@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
 from dicompipe import io
@@ -174,10 +175,10 @@ def _resolve_organ(organ: str, series, volume) -> tuple[str, str]:
         raise UnsupportedInput(
             "Cannot choose the organ automatically for already-windowed PNG/JPG slices "
             "(no headers, no Hounsfield units): pass --organ lung or --organ pancreas.")
-    a = volume.array
-    body = a > -500
-    lung_air = (a > -950) & (a < -400)
-    frac = float(lung_air.sum()) / max(1, int(body.sum() + lung_air.sum()))
+    from dicompipe.preprocess.selection import lung_fractions
+    frac = float(np.median(lung_fractions(volume.array)))
     if frac > 0.15:
-        return "lung", f"auto: lung-air fraction {frac:.2f} > 0.15 of the body (no header hint)"
-    return "pancreas", f"auto: lung-air fraction {frac:.2f} <= 0.15 of the body (no header hint)"
+        return "lung", (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
+                        "> 0.15 (no header hint)")
+    return "pancreas", (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
+                        "<= 0.15 (no header hint)")

@@ -115,3 +115,13 @@ def test_png_folder(tmp_path, lung_bundle):
     assert any("no physical spacing" in w for w in a.warnings)
     np.testing.assert_allclose(sum(a.verdict.probabilities.values()), 1.0, atol=1e-6)
     assert any("already-windowed" in w for w in a.warnings)
+
+
+@pytest.mark.parametrize("lung_z,organ", [((0.0, 1.0), "lung"), ((2.0, 3.0), "pancreas")])
+def test_organ_auto_from_content_without_header_hint(tmp_path, lung_z, organ):
+    from dicompipe.pipeline import _resolve_organ
+    write_ct_series(tmp_path / "ct", shape=(6, 40, 40), hu=chest_phantom((6, 40, 40), lung_z=lung_z),
+                    body_part="", description="CT 3.0")
+    chosen = dicompipe.io.select(dicompipe.io.discover(tmp_path / "ct"))
+    got, why = _resolve_organ("auto", chosen, dicompipe.io.load(chosen))
+    assert got == organ and "lung-air fraction" in why

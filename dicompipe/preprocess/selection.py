@@ -28,6 +28,24 @@ def _body(slice_hu: np.ndarray, body_hu: float) -> np.ndarray:
     return ndimage.binary_fill_holes(slice_hu > body_hu)
 
 
+def lung_fractions(hu: np.ndarray, max_slices: int = 32, body_hu: float = -500,
+                   lung_air_hu=(-950, -400)) -> np.ndarray:
+    """Lung-air fraction of the (hole-filled) body area on up to ``max_slices`` evenly spaced
+    slices of a (z, y, x) HU array — about 0.3-0.5 in a chest, under 0.05 in an abdomen.
+
+    >>> float(np.median(lung_fractions(volume.array)))
+    """
+    zs = np.unique(np.linspace(0, hu.shape[0] - 1, min(max_slices, hu.shape[0])).round().astype(int))
+    step = 2 if min(hu.shape[1:]) >= 128 else 1
+    out = []
+    for z in zs:
+        s = np.asarray(hu[z, ::step, ::step], np.float32)
+        body = _body(s, body_hu)
+        lung = body & (s > lung_air_hu[0]) & (s < lung_air_hu[1])
+        out.append(float(lung.sum()) / max(1, int(body.sum())))
+    return np.asarray(out)
+
+
 def skip_reasons(grid: np.ndarray, organ: str | None, selection: dict | None = None,
                  windowed: bool = False) -> list[str | None]:
     """One entry per slice of ``grid`` (z, y, x): None to keep it, else why it is skipped."""
