@@ -122,17 +122,18 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             page.locator("section[data-testid='stSidebar'] input[type='file']").set_input_files(
                 [str(p) for p in slices])
             expect(page.get_by_text("Chosen automatically")).to_be_visible()
-            page.locator("section[data-testid='stSidebar'] div[data-testid='stSelectbox']").filter(
-                has_text="Organ").locator("div[data-baseweb='select']").click()
-            page.get_by_role("option", name="Lung").click()
-            page.get_by_role("button", name="Analyse").click()
+            page.get_by_role("combobox", name="Organ").click()
+            page.get_by_role("option", name="Lung", exact=True).click()
+            page.get_by_role("button", name="Analyse", exact=True).click()
 
             card = page.locator("[data-testid='verdict-card']")
             expect(card).to_be_visible(timeout=240_000)
             expect(card).to_contain_text("Calibrated probability")
             expect(card).to_contain_text("RESEARCH USE ONLY")
             caption = page.locator("[data-testid='slice-caption']")
-            expect(caption).to_contain_text("Slice ")
+            expect(caption).to_contain_text("Slice ", timeout=60_000)
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=60_000)
+            expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
             page.wait_for_timeout(1500)                 # let the charts draw
             page.screenshot(path=str(ARTIFACTS / "ui-verdict.png"))
 
@@ -142,10 +143,13 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
                 has_text="Slice").get_by_role("slider")
             thumb.focus()
             page.keyboard.press("ArrowLeft" if before.startswith(f"Slice {len(slices)} ") else "ArrowRight")
-            expect(caption).not_to_have_text(before)
+            expect(caption).not_to_have_text(before, timeout=60_000)
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=60_000)
             page.wait_for_timeout(800)
-            page.locator("[data-testid='verdict-card']").scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "ui-verdict-full.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 1500})   # the whole page
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ARTIFACTS / "ui-verdict-full.png"))
+            page.set_viewport_size({"width": 1280, "height": 800})
 
             # download the TXT report
             with page.expect_download() as dl:
@@ -158,7 +162,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             # the case history holds this case
             page.get_by_role("tab", name="Case history").click()
             grid = page.locator("div[data-testid='stDataFrame']").last
-            expect(grid).to_be_visible()
+            expect(grid).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("case(s). Select a row")).to_be_visible(timeout=60_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "ui-history.png"))
         finally:

@@ -50,7 +50,7 @@ def streamlit_command(port: int = 8501, host: str = "localhost",
         "server.runOnSave": "false",
         "browser.gatherUsageStats": "false",
         "client.toolbarMode": "minimal",
-        "client.showErrorDetails": "false",
+        "client.showErrorDetails": "type",
         **THEME,
     }
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH)]
@@ -71,6 +71,11 @@ def launch(args) -> int:
     host = getattr(args, "host", "localhost") or "localhost"
     cmd = streamlit_command(port=port, host=host)
     print(f"dicompipe ui: serving on http://{host}:{port}  (Ctrl+C to stop)", file=sys.stderr)
+    sys.stderr.flush()
+    if os.name == "posix":
+        # become the server: a signal to this process (Ctrl+C, kill, a test's terminate())
+        # then reaches Streamlit itself and no orphan server is left behind
+        os.execv(cmd[0], cmd)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:

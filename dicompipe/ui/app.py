@@ -59,9 +59,10 @@ def _preloaded(organ: str):
 
 
 def _series_label(s) -> str:
-    bits = [f"#{s.series_number}" if s.series_number is not None else s.key,
-            s.series_description or s.kind.upper(),
-            f"{s.n_instances} images"]
+    bits = ([f"series {s.series_number}"] if s.series_number is not None else []) + [
+        s.series_description or s.key]
+    if s.kind != "images":
+        bits.append(f"{s.n_instances} images")
     if s.slice_thickness:
         bits.append(f"{s.slice_thickness:g} mm")
     return " · ".join(bits)
@@ -71,7 +72,7 @@ def _series_table(candidates, chosen, include_phi: bool):
     import pandas as pd
     rows = []
     for s in candidates:
-        r = {"": "●" if s.key == chosen.key else "",
+        r = {"chosen": "●" if s.key == chosen.key else "",
              "series": s.series_number, "description": s.series_description or "—",
              "type": s.modality or s.kind, "images": s.n_instances,
              "thickness mm": s.slice_thickness, "orientation": s.orientation or "—",
@@ -148,7 +149,8 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
             return
         ss.staged, ss.input_path = staged, str(staged.path)
     t0 = time.perf_counter()
-    with st.status("Analysing…", expanded=True) as status:
+    slot = st.empty()
+    with slot.status("Analysing…", expanded=True) as status:
         bar = st.progress(0.0, text="Starting")
         done = st.empty()
         seen: list[str] = []
@@ -185,8 +187,8 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
         except Exception as e:  # noqa: BLE001
             history_error = _error_text(e)
         bar.progress(1.0, text="Done")
-        status.update(label=f"Analysis complete in {time.perf_counter() - t0:.1f} s",
-                      state="complete", expanded=False)
+        status.update(label="Analysis complete", state="complete", expanded=False)
+    slot.empty()
     dl = {}
     if run_dir is not None:
         try:
@@ -195,6 +197,7 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
             report_error = f"Cannot read the report folder {run_dir}: {e}"
     ss.result = {"a": a, "run_dir": run_dir, "dl": dl, "report_error": report_error,
                  "history_error": history_error, "id": uuid.uuid4().hex[:8],
+                 "seconds": time.perf_counter() - t0,
                  "input_label": ss.get("input_label", "")}
     ss.pop("slice", None)
     ss.pop("last_pick", None)
@@ -205,22 +208,22 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
 # --------------------------------------------------------------------------- result views
 def _verdict(res, include_phi: bool):
     a = res["a"]
-    left, right = st.columns([1.1, 1], gap="large")
+    left, right = st.columns([1.05, 1], gap="medium")
     with left:
         st.markdown(views.verdict_card_html(a, test_model=services.allow_untrained()),
                     unsafe_allow_html=True)
     with right:
-        st.markdown("**Probability per class**")
+        st.markdown('<div class="dp-h">Probability per class</div>', unsafe_allow_html=True)
         st.altair_chart(views.prob_chart(a), width="stretch")
         s = a.series
         who = ""
         if include_phi and a.include_phi and (s.patient_name or s.patient_id):
             who = f" · patient {s.patient_name or ''} {s.patient_id or ''}".rstrip()
-        st.markdown(f'<div class="dp-caption">Input {res["input_label"]} · series '
-                    f'{_series_label(s)}{who}<br>Chosen because: {s.reason or "—"}</div>',
-                    unsafe_allow_html=True)
+        took = f" · analysed in {res['seconds']:.1f} s" if res.get("seconds") else ""
+        st.markdown(f'<div class="dp-caption">{res["input_label"]} · {_series_label(s)}{who}'
+                    f'{took}</div>', unsafe_allow_html=True)
     if a.warnings:
-        st.markdown(views.notes_html(a.warnings), unsafe_allow_html=True)
+        st.markdown(views.notes_small_html(a.warnings), unsafe_allow_html=True)
 
 
 def _jump_to_key():
@@ -243,10 +246,10 @@ def _viewer(res):
         first = a.verdict.key_slices[0].z if a.verdict.key_slices else None
         ss.slice = pos_of_z.get(first, 1)
 
-    st.markdown("#### Slices")
-    img_col, ctl_col = st.columns([1.05, 1], gap="large")
+    img_col, ctl_col = st.columns([0.95, 1.1], gap="medium")
     with ctl_col:
-        ev = st.altair_chart(views.z_curve(a, int(ss.slice), n), width="stretch",
+        st.markdown('<div class="dp-h">Probability along the slices</div>', unsafe_allow_html=True)
+        ev = st.altair_chart(views.z_curve(a, int(ss.slice), n), width="stretch", height=150,
                              on_select="rerun", selection_mode="pick", key=f"zc-{res['id']}")
         picked = None
         try:
@@ -260,15 +263,17 @@ def _viewer(res):
             st.rerun()
         if picked is None:
             ss.last_pick = None
-        st.markdown('<div class="dp-caption">Click a point to open that slice; '
-                    '◇ marks the key slices behind the verdict.</div>', unsafe_allow_html=True)
-        if keys:
+        st.markdown('<div class="dp-caption" style="margin-top:-10px">Click a point to open that '
+                    'slice · ◇ key slices behind the verdict</div>', unsafe_allow_html=True)
+        s1, s2 = st.columns([1.6, 1])
+        with s1:
+            st.slider("Slice", 1, n, key="slice")
+        with s2:
             opts = [pos_of_z[z] for z in sorted(keys) if z in pos_of_z]
             st.selectbox("Jump to a key slice", [None] + opts, key="key_jump",
-                         on_change=_jump_to_key,
+                         on_change=_jump_to_key, disabled=not opts,
                          format_func=lambda p: "—" if p is None else
-                         f"slice {p} · {a.verdict.label} {views.pct(keys[slices[p - 1].z].probability)}")
-        st.slider("Slice", 1, n, key="slice")
+                         f"slice {p} ({views.pct(keys[slices[p - 1].z].probability)})")
         c1, c2 = st.columns(2)
         with c1:
             if a.volume.windowed:
@@ -283,7 +288,7 @@ def _viewer(res):
             show_cam = st.toggle("Grad-CAM overlay", value=True, key="cam_on",
                                  disabled=cams is None)
         label = a.verdict.label
-        opacity = 0.45
+        opacity = 0.5
         if cams is not None:
             c3, c4 = st.columns(2)
             with c3:
@@ -292,7 +297,7 @@ def _viewer(res):
                                      index=labels.index(a.verdict.label)
                                      if a.verdict.label in labels else 0)
             with c4:
-                opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="cam_opacity",
+                opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="cam_opacity",
                                     disabled=not show_cam)
         else:
             st.caption("Grad-CAM was not computed for this analysis.")
@@ -314,7 +319,7 @@ def _viewer(res):
                 cam = vol[vz] / top
         sx, sy = a.volume.image.GetSpacing()[:2]
         rgb = views.slice_rgb(a.volume.array[vz], window, cam, opacity, (sx, sy))
-        st.image(rgb, width="stretch")
+        st.image(rgb, width="stretch", output_format="PNG")
         inst = [i.instance_number for i in ms.sources if i.instance_number is not None]
         desc = [f"Slice {pos} of {n}", f"volume z {vz}"]
         if inst:
@@ -404,7 +409,7 @@ def _history_frame(rows: list[dict], include_phi: bool):
         d = {"id": r.get("id"),
              "recorded (UTC)": when.strftime("%Y-%m-%d %H:%M") if not pd.isna(when) else "—",
              "organ": r.get("organ"), "verdict": label,
-             "probability": probs.get(label) if label else None,
+             "probability": 100 * probs[label] if label in probs else None,
              "uncertain": "yes" if r.get("uncertain") else "",
              "slices": r.get("n_slices"),
              "status": r.get("status") if r.get("status") != "done" else "",
@@ -451,6 +456,8 @@ def _history_tab(include_phi: bool):
                     unsafe_allow_html=True)
         return
     df = _history_frame(rows, include_phi)
+    if not (df["status"] != "").any():
+        df = df.drop(columns="status")
     ev = st.dataframe(
         df, hide_index=True, width="stretch", key="h_table", on_select="rerun",
         selection_mode="single-row",

@@ -110,7 +110,8 @@ def stage_uploads(files: Iterable[tuple[str, bytes]], *,
                 folder = folder.rename(named)
                 keep = None          # its finalizer now has nothing left to remove; ours does
             return StagedInput(folder, [name], total, "zip", tmp, keep)
-        dest = root / "upload"
+        dest = root / (_safe_name(Path(files[0][0]).stem) if len(files) == 1
+                       else f"upload-{len(files)}-files")
         dest.mkdir()
         used: set[str] = set()
         for i, (name, data) in enumerate(files):

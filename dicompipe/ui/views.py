@@ -28,28 +28,37 @@ CMAP = "inferno"
 CSS = """
 <style>
 :root { --dp-teal: #0f6e7a; --dp-ink: #1f2a37; --dp-muted: #5b6775; --dp-line: #dfe5ea; }
-.block-container { padding-top: 2.2rem; padding-bottom: 2rem; max-width: 1400px; }
+.block-container { padding-top: 1.2rem; padding-bottom: 2rem; max-width: 1400px; }
+div[data-testid="stMainBlockContainer"] { padding-top: 1.2rem; }
+header[data-testid="stHeader"] { height: 2rem; background: transparent; }
 section[data-testid="stSidebar"] { width: 320px !important; }
 h1, h2, h3 { color: var(--dp-ink); letter-spacing: -0.01em; }
 .dp-brand { font-size: 1.35rem; font-weight: 650; color: var(--dp-ink); margin: 0; }
 .dp-sub { color: var(--dp-muted); font-size: 0.85rem; margin: 0 0 0.6rem 0; }
-.dp-card { border: 1px solid var(--dp-line); border-radius: 10px; padding: 14px 18px;
+.dp-card { border: 1px solid var(--dp-line); border-radius: 10px; padding: 12px 18px;
            background: #fff; }
 .dp-card .dp-kicker { color: var(--dp-muted); font-size: 0.78rem; text-transform: uppercase;
                       letter-spacing: 0.06em; margin-bottom: 2px; }
-.dp-card .dp-label { font-size: 1.9rem; font-weight: 650; line-height: 1.15; }
+.dp-card .dp-label { font-size: 1.8rem; font-weight: 650; line-height: 1.15; }
 .dp-card .dp-prob { font-size: 1.05rem; color: var(--dp-ink); margin-top: 2px; }
-.dp-card .dp-meta { color: var(--dp-muted); font-size: 0.82rem; margin-top: 8px; line-height: 1.45; }
+.dp-card .dp-meta { color: var(--dp-muted); font-size: 0.8rem; margin-top: 6px; line-height: 1.4; }
 .dp-badge { display: inline-block; border-radius: 999px; padding: 1px 10px; font-size: 0.78rem;
             font-weight: 600; margin-left: 8px; vertical-align: middle; }
 .dp-badge.unc { background: #fff4dc; color: #7a5200; border: 1px solid #f0d9a6; }
 .dp-badge.ok { background: #e6f3f4; color: #0f5e68; border: 1px solid #c3e1e4; }
 .dp-badge.test { background: #fde8e8; color: #8a1f1f; border: 1px solid #f3c1c1; }
-.dp-disclaimer { font-size: 0.78rem; color: #6b4f00; background: #fffaf0;
-                 border: 1px solid #f1e3bf; border-radius: 8px; padding: 6px 10px; margin-top: 10px; }
+.dp-disclaimer { font-size: 0.75rem; color: #6b4f00; background: #fffaf0;
+                 border: 1px solid #f1e3bf; border-radius: 8px; padding: 4px 10px; margin-top: 8px; }
 .dp-note { font-size: 0.85rem; color: #334155; background: #f5f7f9; border-left: 3px solid #9fb3c2;
            border-radius: 6px; padding: 8px 12px; margin: 4px 0 8px 0; }
 .dp-note ul { margin: 0.2rem 0 0 1rem; padding: 0; }
+.dp-disclaimer.inline { background: none; border: none; padding: 0; margin-top: 6px;
+                        font-weight: 600; color: #8a6a10; }
+.dp-note.small { font-size: 0.76rem; padding: 5px 10px; color: #475569; margin: 2px 0 6px 0; }
+.dp-note.small ul { column-gap: 28px; margin-top: 1px; }
+.dp-note.small.two ul { columns: 2; }
+.dp-note.small li { margin: 0; break-inside: avoid; }
+.dp-h { font-size: 0.95rem; font-weight: 600; color: var(--dp-ink); margin: 6px 0 2px 0; }
 .dp-cbar { display: flex; align-items: center; gap: 8px; font-size: 0.78rem; color: var(--dp-muted);
            margin-top: 4px; }
 .dp-cbar .bar { flex: 1; height: 12px; border-radius: 3px; border: 1px solid var(--dp-line); }
@@ -86,22 +95,34 @@ def gray(slice2d: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     return (hu_window(slice2d, *window) * 255).astype(np.uint8)
 
 
+def cam_rgba(m: np.ndarray, opacity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (…, 3) float and blend weight (…, 1) for CAM values ``m`` in [0, 1].
+
+    Values under 0.1 of the volume maximum stay transparent; the weight then rises to
+    ``opacity`` at 0.6, so weak evidence looks weak and the CT stays readable.
+    """
+    m = np.clip(np.asarray(m, np.float32), 0, 1)
+    lut = _cmap_lut()
+    col = lut[(55 + m * 200).astype(np.uint8)].astype(np.float32)     # skip the black end
+    t = np.clip((m - 0.1) / 0.5, 0, 1)
+    a = (opacity * t * t * (3 - 2 * t))[..., None]                     # smoothstep
+    return col, a
+
+
 def slice_rgb(slice2d: np.ndarray, window: tuple[float, float] | None,
-              cam: np.ndarray | None = None, opacity: float = 0.45,
+              cam: np.ndarray | None = None, opacity: float = 0.5,
               spacing_xy: tuple[float, float] = (1.0, 1.0), min_side: int = 512) -> np.ndarray:
     """The viewer image: windowed CT with the CAM (already in [0, 1]) blended on top.
 
-    The blend weight grows with the map value, so cold regions show the plain CT. The image
-    is enlarged to at least ``min_side`` pixels and corrected for non-square pixels.
+    The image is enlarged to at least ``min_side`` pixels and corrected for non-square
+    pixels (``spacing_xy`` in mm).
     """
     from PIL import Image
 
     g = gray(slice2d, window)
     rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32)
     if cam is not None:
-        m = np.clip(np.asarray(cam, np.float32), 0, 1)
-        col = _cmap_lut()[(m * 255).astype(np.uint8)].astype(np.float32)
-        a = (opacity * np.sqrt(m))[..., None]
+        col, a = cam_rgba(cam, opacity)
         rgb = (1 - a) * rgb + a * col
     img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     sx, sy = spacing_xy
@@ -114,14 +135,16 @@ def slice_rgb(slice2d: np.ndarray, window: tuple[float, float] | None,
     return np.asarray(img)
 
 
-def colorbar_html(label: str, scale: float, name: str = CMAP) -> str:
-    lut = _cmap_lut(name)
-    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 8:.0f}%"
-                      for i, (r, g, b) in enumerate(lut[np.linspace(0, 255, 9).astype(int)]))
+def colorbar_html(label: str, scale: float, opacity: float = 1.0) -> str:
+    """Colour bar of the overlay (on mid-grey; the low end stays transparent)."""
+    m = np.linspace(0, 1, 11)
+    col, a = cam_rgba(m, opacity)
+    rgb = ((1 - a) * 128 + a * col).astype(int)
+    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 10:.0f}%" for i, (r, g, b) in enumerate(rgb))
     return (f'<div class="dp-cbar"><span>0</span><div class="bar" style="background: '
-            f'linear-gradient(90deg, {stops});"></div><span>max</span></div>'
-            f'<div class="dp-caption">Grad-CAM for <b>{html.escape(label)}</b>, one colour scale '
-            f'for the whole volume (max = {scale:.3g}): a faint slice looks faint.</div>')
+            f'linear-gradient(90deg, {stops});"></div><span>{scale:.3g}</span></div>'
+            f'<div class="dp-caption">Grad-CAM for <b>{html.escape(label)}</b> · one colour scale '
+            f'for the whole volume (0 to its maximum), so a faint slice looks faint.</div>')
 
 
 # --------------------------------------------------------------------------- verdict
@@ -138,18 +161,26 @@ def verdict_card_html(a: Analysis, test_model: bool = False) -> str:
         badge += '<span class="dp-badge test">untrained model</span>'
     m = a.model
     n_skip = sum(1 for s in a.batch.slices if not s.included)
-    meta = [f"{html.escape(a.organ.title())} CT · {html.escape(a.organ_reason)}",
-            f"{v.n_slices} slices analysed" + (f", {n_skip} skipped" if n_skip else "")
-            + f" · aggregation {html.escape(v.rule)} · temperature {v.temperature:.2f}",
-            f"Uncertain when the top probability is between {pct(lo)} and {pct(hi)}",
-            f"Model {html.escape(str(m.get('name', '?')))} {html.escape(str(m.get('version', '')))}"]
+    meta = [f"{html.escape(a.organ.title())} CT ({html.escape(a.organ_reason)}) · "
+            f"{v.n_slices} slices analysed" + (f", {n_skip} skipped" if n_skip else ""),
+            f"Uncertain band {pct(lo)}–{pct(hi)} · {html.escape(v.rule)} · "
+            f"T = {v.temperature:.2f} · model {html.escape(str(m.get('name', '?')))} "
+            f"{html.escape(str(m.get('version', '')))}"]
     return (
         f'<div class="dp-card" data-testid="verdict-card">'
         f'<div class="dp-kicker">Volume-level result</div>'
         f'<div class="dp-label" style="color:{colour}">{html.escape(v.label.title())}{badge}</div>'
         f'<div class="dp-prob">Calibrated probability <b>{pct(p)}</b></div>'
         f'<div class="dp-meta">{"<br>".join(meta)}</div>'
-        f'<div class="dp-disclaimer">{html.escape(RESEARCH_USE)}</div></div>')
+        f'<div class="dp-disclaimer inline">{html.escape(RESEARCH_USE)}</div></div>')
+
+
+def notes_small_html(warnings: list[str]) -> str:
+    """The pipeline's warnings, compact: visible, not alarming."""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    two = " two" if len(warnings) > 2 else ""
+    return (f'<div class="dp-note small{two}" data-testid="pipeline-notes"><b>Notes from the '
+            f'pipeline ({len(warnings)})</b><ul>{items}</ul></div>')
 
 
 def notes_html(warnings: list[str], title: str = "Notes from the pipeline") -> str:
@@ -169,7 +200,7 @@ def prob_chart(a: Analysis):
     df["text"] = df["probability"].map(pct)
     base = alt.Chart(df).encode(
         y=alt.Y("class:N", sort=None, title=None, axis=alt.Axis(labelFontSize=13)),
-        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), title="calibrated probability",
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), title=None,
                 axis=alt.Axis(format="%", tickCount=5)))
     bars = base.mark_bar(cornerRadiusEnd=3, height=22).encode(
         color=alt.Color("colour:N", scale=None), tooltip=["class", "text"])
@@ -177,7 +208,7 @@ def prob_chart(a: Analysis):
     lo, hi = a.verdict.uncertain_band
     band = alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(
         color="#f0d9a6", opacity=0.35).encode(x="lo:Q", x2="hi:Q")
-    return (band + bars + text).properties(height=40 + 34 * len(labels))
+    return (band + bars + text).properties(height=24 + 30 * len(labels))
 
 
 def z_curve_frame(a: Analysis) -> Any:
@@ -203,12 +234,13 @@ def z_curve(a: Analysis, current: int, n_slices: int):
     df = z_curve_frame(a)
     labels = [l.title() for l in a.predictions.labels]
     colours = [class_colour(l, i) for i, l in enumerate(a.predictions.labels)]
-    x = alt.X("slice:Q", title="slice (z)", scale=alt.Scale(domain=[1, max(2, n_slices)], nice=False),
+    x = alt.X("slice:Q", title=None, scale=alt.Scale(domain=[1, max(2, n_slices)], nice=False),
               axis=alt.Axis(format="d", tickMinStep=1))
-    y = alt.Y("probability:Q", title="probability", scale=alt.Scale(domain=[0, 1]),
+    y = alt.Y("probability:Q", title=None, scale=alt.Scale(domain=[0, 1]),
               axis=alt.Axis(format="%", tickCount=3))
     colour = alt.Color("class:N", scale=alt.Scale(domain=labels, range=colours),
-                       legend=alt.Legend(orient="top", title=None, labelFontSize=12))
+                       legend=alt.Legend(orient="right", title=None, labelFontSize=11,
+                                         symbolSize=60, padding=0, offset=6))
     pick = alt.selection_point(name="pick", fields=["slice"], on="click", nearest=True,
                                empty=False)
     lines = alt.Chart(df).mark_line(strokeWidth=2, interpolate="monotone").encode(x=x, y=y, color=colour)
@@ -222,4 +254,4 @@ def z_curve(a: Analysis, current: int, n_slices: int):
         x=x, y=y, tooltip=[alt.Tooltip("slice:Q", title="key slice")])
     cur = alt.Chart(pd.DataFrame({"slice": [current]})).mark_rule(
         color="#0f6e7a", strokeDash=[4, 3], strokeWidth=1.5).encode(x=x)
-    return (cur + lines + pts + keys).properties(height=190)
+    return (cur + lines + pts + keys)
