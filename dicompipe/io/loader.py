@@ -224,8 +224,9 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     """Load a DICOM :class:`SeriesInfo` (see module docstring).
 
     ``max_gap``: largest allowed gap between slices in mm before the series is refused
-    (default: 3 × the nominal spacing, the median of the smallest steps); smaller gaps and irregular spacing are resampled to
-    a uniform grid by linear interpolation along the stack. ``correct_tilt``: resample a
+    (default: 3 × the nominal spacing, the median of the smallest steps); smaller gaps and
+    irregular spacing are resampled to a uniform grid by linear interpolation along the
+    stack (numpy, between the two neighbouring slices). ``correct_tilt``: resample a
     gantry-tilted (sheared) stack onto an orthogonal grid (False keeps the slices and
     reports the tilt; the geometry is then that of the untilted planes).
     """
