@@ -77,16 +77,17 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
     stage = _files.staging_dir(out_dir)
     written: list[str] = []
     notes: list[str] = list(ctx.notes) if ctx else []
+    key_rgb: dict[int, object] = {}          # key figures drawn once, reused by the SC
     try:
         if "png" in fmts:
-            _write_pngs(analysis, stage, cam_slices, written)
+            _write_pngs(analysis, stage, cam_slices, written, key_rgb)
         if "nifti" in fmts:
             _write_nifti(analysis, stage, written, notes)
         if "dicom" in fmts:
             from dicompipe.report import dicom_sc, dicom_sr
             dicom_sr.write(analysis, stage / "sr.dcm", ctx)
             written.append("sr.dcm")
-            for p in dicom_sc.write(analysis, stage / "sc", ctx):
+            for p in dicom_sc.write(analysis, stage / "sc", ctx, images=key_rgb):
                 written.append(f"sc/{p.name}")
             notes.append("sr.dcm and sc/ carry the source's patient and study attributes "
                          "(required to file them with the study), whatever --include-phi says.")
@@ -111,7 +112,8 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
         raise
 
 
-def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[str]) -> None:
+def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[str],
+                key_rgb: dict) -> None:
     from dicompipe.report import figures
 
     def put(fig, name):
@@ -125,7 +127,11 @@ def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[
         return
     keys = analysis.verdict.key_slices
     for i, k in enumerate(keys, 1):
-        put(figures.key_slice_figure(analysis, k), f"key_{i:02d}.png")
+        fig = figures.key_slice_figure(analysis, k)
+        key_rgb[i] = figures.to_rgb(fig)
+        fig.clear()
+        figures.save_rgb(key_rgb[i], stage / f"key_{i:02d}.png")
+        written.append(f"key_{i:02d}.png")
     if keys:
         put(figures.montage_figure(analysis), "montage.png")
     if cam_slices == "all":

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
@@ -40,8 +41,13 @@ def _derivation(src: Dataset) -> Dataset:
 
 
 def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | None = None,
-          series_number: int = SC_SERIES_NUMBER) -> list[hd.sc.SCImage]:
-    """One SC image per key slice (not yet written). ``label``: CAM class (default verdict)."""
+          series_number: int = SC_SERIES_NUMBER,
+          images: dict[int, np.ndarray] | None = None) -> list[hd.sc.SCImage]:
+    """One SC image per key slice (not yet written). ``label``: CAM class (default verdict).
+
+    ``images``: already rendered key-slice figures as RGB arrays by rank (1-based), e.g.
+    the ones written as key_NN.png, so they are not drawn twice.
+    """
     from dicompipe import __version__
 
     ctx = ctx or source_context(analysis)
@@ -52,8 +58,9 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
         if im.rank in seen:           # one image per key slice even when it has 2 sources
             continue
         seen.add(im.rank)
-        fig = figures.key_slice_figure(analysis, im.key, label)
-        rgb = figures.to_rgb(fig)
+        rgb = (images or {}).get(im.rank)
+        if rgb is None:
+            rgb = figures.to_rgb(figures.key_slice_figure(analysis, im.key, label))
         edges = figures.slice_view(analysis, im.key.row, label).edges
         src = im.dataset
         try:
@@ -81,7 +88,8 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
     return out
 
 
-def write(analysis: Analysis, folder: str | Path, ctx: SourceContext | None = None) -> list[Path]:
+def write(analysis: Analysis, folder: str | Path, ctx: SourceContext | None = None, *,
+          images: dict[int, np.ndarray] | None = None) -> list[Path]:
     """Write the SC series as ``folder/key_NN.dcm`` (atomic per file); returns the paths."""
     folder = Path(folder)
     try:
@@ -89,7 +97,7 @@ def write(analysis: Analysis, folder: str | Path, ctx: SourceContext | None = No
     except OSError as e:
         raise ReportError(f"Cannot create {folder}: {e.strerror or e}.") from e
     paths = []
-    for sc in build(analysis, ctx):
+    for sc in build(analysis, ctx, images=images):
         p = folder / f"key_{int(sc.InstanceNumber):02d}.dcm"
         with atomic_path(p) as tmp:
             sc.save_as(tmp, enforce_file_format=True)

@@ -370,6 +370,16 @@ def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return path
 
 
+def save_rgb(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 array (e.g. from :func:`to_rgb`) as PNG atomically; returns ``path``."""
+    from PIL import Image
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", dpi=(DPI, DPI))
+    return path
+
+
 def to_rgb(fig: Figure, dpi: int = DPI) -> np.ndarray:
     """Render ``fig`` to a (rows, columns, 3) uint8 RGB array."""
     fig.set_dpi(dpi)
