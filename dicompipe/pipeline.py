@@ -46,7 +46,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.
 
     ``organ``: "lung", "pancreas" or "auto" (from BodyPartExamined/descriptions, else content).
-    ``model``: a bundle name or folder (default: the organ config's built-in bundle).
+    ``model``: a bundle name, folder or loaded ``Bundle`` (default: the organ config's
+    built-in bundle), or a dict organ -> one of those, so "auto" can use preloaded bundles.
     ``series``: force a series by SeriesInstanceUID, series number or discover key.
     ``progress``: optional callback ``(stage, fraction, message)``; silent when None.
     ``allow_untrained``: accept a bundle whose metadata says ``"trained": false`` (tests,
@@ -78,6 +79,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
 
     organ, organ_reason = _resolve_organ(organ, chosen, volume)
     cfg = load_config(organ, config)
+    if isinstance(model, dict):      # organ -> bundle/name (e.g. the web app's preloaded bundles)
+        model = model.get(organ)
     bundle = model_stage.load_bundle(model or cfg["model"], organ=organ,
                                      allow_untrained=allow_untrained)
     lap("load_model")
