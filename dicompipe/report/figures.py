@@ -253,7 +253,7 @@ def montage_figure(analysis: Analysis, label: str | None = None, *, ncols: int =
     n = max(1, len(keys))
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    height = 3.05 * nrows + 0.9
+    height = 2.9 * nrows + 0.9
     fig = Figure(figsize=(3.0 * ncols + 1.2, height), dpi=DPI)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(nrows, ncols + 1, width_ratios=[12] * ncols + [0.6],
