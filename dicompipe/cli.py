@@ -169,6 +169,14 @@ def _p_train(sub):
     p.add_argument("data", help="class-folder image tree or CSV manifest")
     p.add_argument("--organ", choices=["lung", "pancreas"], required=True)
     p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--epochs", type=int, help="epochs (default 10: 8 at 128 px, 2 at 224 px)")
+    p.add_argument("--sizes", help='image size per epoch, e.g. "128x8,224x2" (overrides --epochs)')
+    p.add_argument("--budget-minutes", type=float, help="train on the clock instead of epochs")
+    p.add_argument("--resume", action="store_true", help="continue from the workdir checkpoint")
+    p.add_argument("--label-map", help='folder=label pairs, e.g. "Bengin cases=benign"')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--workdir", help="checkpoints, cache and log (default training/<organ>)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -182,6 +190,9 @@ def _p_evaluate(sub):
     p.add_argument("data", help="class-folder image tree or CSV manifest")
     p.add_argument("--model", required=True, help="bundle name or folder")
     p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--label-map", help='folder=label pairs, e.g. "Bengin cases=benign"')
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--workdir", help="where the rendered-image cache goes (default training)")
     p.set_defaults(func=_cmd_evaluate)
 
 
