@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
 from dicompipe import io
+from dicompipe.errors import UnreadableSeries
 from dicompipe.io.loader import read_pixels
 
 MR_VARIANTS = ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
@@ -90,3 +91,15 @@ def test_jpeg_baseline_8bit_series(tmp_path):
     gdcm_decoded = sitk.GetArrayFromImage(r.Execute())
     np.testing.assert_allclose(vol.array, gdcm_decoded, atol=1.0)   # IDCTs may differ by 1
     assert np.abs(vol.array - exact).mean() < 2.0                    # lossy, but close
+
+
+@pytest.mark.parametrize("name", ["ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"])
+def test_files_without_preamble_or_meta_are_read(name):
+    found = io.discover(get_testdata_file(name))           # raw data sets, no 'DICM' preamble
+    assert found[0].modality == "RTPLAN" and not found[0].usable
+
+
+def test_truncated_single_file_says_so():
+    s = io.discover(get_testdata_file("MR_truncated.dcm"))[0]
+    with pytest.raises(UnreadableSeries, match="truncated pixel data"):
+        io.load(s)

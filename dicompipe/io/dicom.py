@@ -69,9 +69,12 @@ def _looks_like_dicom_without_preamble(path: Path) -> bool:
         return False
     if len(head) < 8:
         return False
-    group, elem = struct.unpack("<HH", head[:4])
-    return group in (0x0002, 0x0008) and elem < 0x0100 and (
-        head[4:6].isalpha() or struct.unpack("<I", head[4:8])[0] < 0x10000)
+    for order in "<>":                                  # little or big endian data set
+        group, elem = struct.unpack(order + "HH", head[:4])
+        if group in (0x0002, 0x0008) and elem < 0x0100 and (
+                head[4:6].isalpha() or struct.unpack(order + "I", head[4:8])[0] < 0x10000):
+            return True
+    return False
 
 
 def _str(v) -> str | None:
