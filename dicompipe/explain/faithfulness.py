@@ -31,6 +31,15 @@ from dicompipe.explain.gradcam import upsample
 from dicompipe.types import CamStack, SlicePredictions
 
 
+def _as_model(model) -> Callable:
+    """A torch module (eval mode), a callable x -> logits, or a bundle (its network)."""
+    if hasattr(model, "network") and callable(model.network):
+        model = model.network()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return model
+
+
 def _probabilities(model: Callable, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         out = model(x)
@@ -62,6 +71,7 @@ def deletion_insertion(model: Callable, x, saliency, target, *, steps: int = 16,
                        batch_size: int = 32, seed: int = 0) -> dict:
     """Deletion and insertion curves and AUCs for images ``x`` (n, C, H, W) and maps (n, h, w).
 
+    ``model``: a torch module, a callable x -> logits, or a model bundle.
     ``target``: class index (or one per image). ``order``: "saliency" (most salient first)
     or "random" (the reference). Pixels are removed/inserted in all channels at once;
     ``baseline`` is "blur", "mean" or a constant. AUCs are the mean over images of the
@@ -74,6 +84,7 @@ def deletion_insertion(model: Callable, x, saliency, target, *, steps: int = 16,
     """
     if order not in ("saliency", "random"):
         raise ValueError(f"order must be 'saliency' or 'random', not {order!r}")
+    model = _as_model(model)
     x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
     n, c, hh, ww = x.shape
     sal = upsample(np.asarray(saliency, dtype=np.float32), (hh, ww)).reshape(n, -1)
