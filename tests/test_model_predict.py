@@ -172,3 +172,20 @@ def test_binary_pancreas_labels(batch):
     v = aggregate(_preds(batch, logits, labels=("normal", "tumour")), rule="max")
     assert v.probabilities == pytest.approx({"normal": 0.2, "tumour": 0.8}, abs=1e-5)
     assert v.label == "tumour" and [k.row for k in v.key_slices] == [6]
+
+
+def test_fold_batchnorm_keeps_outputs_and_leaves_bundle_untouched(bundle):
+    import copy
+
+    from dicompipe.model.backends import fold_batchnorm
+    net = bundle.network()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    folded = fold_batchnorm(copy.deepcopy(net))
+    assert n_bn == 53
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        (l0, a0), (l1, a1) = forward_with_features(net, x), forward_with_features(folded, x)
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-3)
