@@ -73,17 +73,25 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     lap("select")
     say("load", 0.1, f"Loading series {chosen.series_description or chosen.key}")
     _check_series(chosen)
+
+    def organ_and_bundle(vol):
+        name, why = _resolve_organ(organ, chosen, vol)
+        conf = load_config(name, config)
+        # model may be a dict organ -> bundle/name (e.g. the web app's preloaded bundles)
+        m = model.get(name) if isinstance(model, dict) else model
+        b = model_stage.load_bundle(m or conf["model"], organ=name,
+                                    allow_untrained=allow_untrained)
+        return name, why, conf, b
+
+    if organ != "auto":      # a wrong or untrained bundle fails before any pixel is read
+        organ, organ_reason, cfg, bundle = organ_and_bundle(None)
+        lap("load_model")
     volume = io.load(chosen)
     _check_volume(volume)
     lap("load")
-
-    organ, organ_reason = _resolve_organ(organ, chosen, volume)
-    cfg = load_config(organ, config)
-    if isinstance(model, dict):      # organ -> bundle/name (e.g. the web app's preloaded bundles)
-        model = model.get(organ)
-    bundle = model_stage.load_bundle(model or cfg["model"], organ=organ,
-                                     allow_untrained=allow_untrained)
-    lap("load_model")
+    if organ == "auto":
+        organ, organ_reason, cfg, bundle = organ_and_bundle(volume)
+        lap("load_model")
 
     say("preprocess", 0.25, "Windowing, resampling and selecting slices")
     sel = cfg.get("slice_selection", {})
