@@ -101,7 +101,7 @@ def run(kind: str, folder: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", help="folder for the synthetic series (kept); default: a temp folder")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
             make_series(folder)
             print(f"wrote 300 slices 512x512 int16 (explicit VR little endian, shuffled, no "
                   f"extensions) to {folder} in {time.perf_counter() - t:.1f} s")
+        print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())} "
+              f"on {os.cpu_count()} CPU(s) (other jobs make single runs noisy: compare the best)")
         kinds = ["dicompipe", "sitk", "sitk+gdcm-sort"]
         for k in kinds:                      # warm the page cache and imports once
             run(k, folder)
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
         ratio2 = best["dicompipe"]["seconds"] / best["sitk+gdcm-sort"]["seconds"]
         print(f"ratio dicompipe / SimpleITK ImageSeriesReader (pre-sorted files): {ratio:.2f}")
         print(f"ratio dicompipe / SimpleITK with GDCM discovery+sort:            {ratio2:.2f}")
+        print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
         return 0 if ratio <= 1.0 else 1
     finally:
         if tmp is not None:
