@@ -42,9 +42,11 @@ def summary_rows(res: dict) -> list[list[str]]:
                      f"{g['median']:.0f} GFLOP/s [{g['min']:.0f}-{g['max']:.0f}]", "reference"])
     ld = res.get("load")
     if ld and "error" not in ld:
-        for k in ("dicompipe", "sitk"):
-            rows.append(["1 load", f"{k} {ld['study']}", _fmt_s(ld[k]),
-                         f"{ld[k]['median_s'] / ld['sitk']['median_s']:.2f}x SimpleITK"])
+        for k in ("dicompipe", "sitk", "sitk+gdcm-sort"):
+            if k in ld:
+                rss = f", peak RSS {ld[k]['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in ld[k] else ""
+                rows.append(["1 load", f"{k} {ld['study']}", _fmt_s(ld[k]),
+                             f"{ld[k]['median_s'] / ld['sitk']['median_s']:.2f}x sitk{rss}"])
     md = res.get("model")
     if md and "error" not in md:
         for r in md["rows"]:
@@ -66,8 +68,10 @@ def summary_rows(res: dict) -> list[list[str]]:
             if "error" in r:
                 rows.append(["4 e2e", b, "error", str(r["error"])[:60]])
                 continue
+            peaks = r.get("stage_peak_rss_mb", {})
             for k, v in r["stages"].items():
-                rows.append(["4 e2e", f"{b}: {k}", _fmt_s(v), ""])
+                rows.append(["4 e2e", f"{b}: {k}", _fmt_s(v),
+                             f"stage peak RSS {peaks[k]:.0f} MB" if k in peaks else ""])
             rows.append(["4 e2e", f"{b}: TOTAL analyze() ({r['slices']} sl)", _fmt_s(r["total"]),
                          f"peak RSS {r['peak_rss_mb']['max']:.0f} MB; imports "
                          f"{r['imports']['median_s']:.1f} s, process {r['process_wall']['median_s']:.1f} s"])
@@ -124,7 +128,12 @@ def main(argv=None) -> dict:
     res["bundle"] = {"name": bundle.name, "sha256": bundle.sha256, "trained": bundle.trained,
                      "path": str(bundle.path)}
 
-    section("load", lambda: e2e.load_vs_sitk(e2e.study(shape), repeats=1 if tiny else 3))
+    def run_load():
+        try:   # the io stage's benchmark (fresh process per load) when it is there
+            return e2e.load_fresh_processes(shape, repeats=1 if tiny else 3)
+        except ImportError:
+            return e2e.load_vs_sitk(e2e.study(shape), repeats=1 if tiny else 3)
+    section("load", run_load)
     section("model", lambda: inference.throughput(
         bundle, (2,) if tiny else tuple(int(b) for b in a.batch_sizes.split(",")),
         size=64 if tiny else None, repeats=reps, images_per_sample=2 if tiny else 32,

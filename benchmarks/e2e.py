@@ -88,14 +88,61 @@ def load_vs_sitk(folder: Path, repeats: int = 3) -> dict:
             "same_voxels": same}
 
 
+def load_fresh_processes(shape=(300, 512, 512), repeats: int = 3) -> dict:
+    """The io stage's own benchmark (benchmarks/load.py): every load in a fresh process
+    (own peak RSS), files shuffled without extensions; dicompipe vs SimpleITK on the
+    pre-sorted file list ("sitk") and with GDCM's discovery + sort ("sitk+gdcm-sort").
+    Here: median and range of ``repeats`` interleaved runs after one warm-up each."""
+    from benchmarks import load as L
+
+    folder = WORK / f"load-{shape[2]}x{shape[1]}x{shape[0]}" / "series"
+    if not (folder.is_dir() and (folder.parent / "series.order.json").is_file()):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        L.make_series(folder, shape=shape)
+    kinds = ["dicompipe", "sitk", "sitk+gdcm-sort"]
+    for k in kinds:
+        L.run(k, folder)
+    runs = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for k in kinds:
+            runs[k].append(L.run(k, folder))
+    out = {"study": f"{shape[2]}x{shape[1]}x{shape[0]}", "files": shape[0],
+           "method": "benchmarks/load.py: fresh process per load, shuffled files"}
+    for k, rs in runs.items():
+        out[k] = {**Timing([r["seconds"] for r in rs]).to_dict(),
+                  "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+    out["ratio_dicompipe_over_sitk"] = round(out["dicompipe"]["median_s"] / out["sitk"]["median_s"], 3)
+    return out
+
+
 def load_table(res: dict) -> str:
     rows = [[k, f"{res[k]['median_s']:.2f} s [{res[k]['min_s']:.2f}-{res[k]['max_s']:.2f}]",
-             f"{res[k]['median_s'] / res['sitk']['median_s']:.2f}x"] for k in ("dicompipe", "sitk")]
+             f"{res[k]['median_s'] / res['sitk']['median_s']:.2f}x"]
+            for k in ("dicompipe", "sitk", "sitk+gdcm-sort") if k in res]
     return table(rows, [f"load {res['study']} ({res['files']} files)", "time median [range]",
                         "vs SimpleITK"])
 
 
 # --------------------------------------------------------------------------- analyze
+def _proc_mb(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _child(args) -> None:
     """Subprocess body: one analyze run, JSON on stdout (timings, peak RSS)."""
     t = time.perf_counter()
@@ -103,14 +150,27 @@ def _child(args) -> None:
     from dicompipe import explain, model, preprocess  # noqa: F401  (analyze imports them)
     imports = time.perf_counter() - t
 
+    # peak RSS per stage: the progress callback marks stage changes; the kernel's high-water
+    # mark (VmHWM) is read and reset there (/proc/self/clear_refs), so each stage gets its own
+    stage_peaks: dict[str, float] = {}
+    current = ["start"]
+
+    def progress(stage, fraction, message):
+        if stage != current[0]:
+            stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), _proc_mb("VmHWM:"))
+            _reset_peak()
+            current[0] = stage
+
     t = time.perf_counter()
     a = dicompipe.analyze(args.run, organ="lung", model=args.bundle, backend=args.backend[-1],
                           device="cpu", batch_size=args.batch_size, cam=True,
-                          allow_untrained=True)
+                          allow_untrained=True, progress=progress)
     total = time.perf_counter() - t
+    stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), _proc_mb("VmHWM:"))
     print(json.dumps({"total_s": round(total, 3), "imports_s": round(imports, 3),
                       "stages_s": a.timings,
-                      "peak_rss_mb": round(peak_rss_mb(), 1),
+                      "peak_rss_mb": round(max([peak_rss_mb(), *stage_peaks.values()]), 1),
+                      "stage_peak_rss_mb": {k: round(v, 1) for k, v in stage_peaks.items()},
                       "slices": len(a.batch.included), "grid_slices": len(a.batch.slices),
                       "backend": a.predictions.model_info.get("backend"),
                       "slices_per_s": a.predictions.model_info.get("slices_per_s"),
@@ -147,6 +207,8 @@ def analyze_runs(folder: Path, bundle_path: Path, backends=("onnx",), repeats: i
                   "stages": stages,
                   "peak_rss_mb": {"median": float(np.median([r["peak_rss_mb"] for r in ok])),
                                   "max": max(r["peak_rss_mb"] for r in ok)},
+                  "stage_peak_rss_mb": {k: max(r["stage_peak_rss_mb"].get(k, 0) for r in ok)
+                                        for k in ok[0]["stage_peak_rss_mb"]},
                   "slices": ok[0]["slices"], "grid_slices": ok[0]["grid_slices"],
                   "model_slices_per_s": [r["slices_per_s"] for r in ok], "runs": rs}
     return out
