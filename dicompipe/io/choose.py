@@ -74,6 +74,11 @@ def select(candidates: list[SeriesInfo], series=None, *, min_slices: int = 1,
     ``series``: force a SeriesInstanceUID, series number or key (a ``SeriesInfo`` works too).
     ``min_slices``: fewer slices than this rule a series out. ``modality``: required DICOM
     modality ("CT"; None accepts any). Raises :class:`NoSeriesFound` listing what was found.
+
+    Example::
+
+        >>> chosen = select(found, series="3")       # SeriesNumber 3, or a UID, or a key
+        >>> chosen.reason, [s.reason for s in found if s is not chosen]
     """
     cands = list(candidates)
     found = "; ".join(describe(s) for s in cands) or "nothing"

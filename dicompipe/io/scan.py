@@ -70,8 +70,14 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
              max_zip_members: int = MAX_ZIP_MEMBERS) -> Discovery:
     """All candidate volumes under ``path`` as a :class:`Discovery` (a list of SeriesInfo).
 
-    Raises :class:`UnsupportedInput` if ``path`` does not exist or is an unsafe zip, and
-    :class:`NoSeriesFound` if nothing readable was found (the message counts what was).
+    Raises :class:`UnsupportedInput` if ``path`` does not exist, is an unsafe zip or an
+    unreadable single file, and :class:`NoSeriesFound` if nothing readable was found (the
+    message counts what was).
+
+    Example::
+
+        >>> found = discover("export.zip", max_zip_bytes=2 * 1024 ** 3)
+        >>> [(s.key, s.modality, s.n_instances, s.usable) for s in found]
     """
     src = Path(path)
     if not src.exists():
