@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from dicompipe.model import data as D
 from dicompipe.model import splits as S
-from dicompipe.model.calibration import fit_temperature, softmax
+from dicompipe.model.calibration import calibrate, softmax
 from dicompipe.model.metrics import classification_metrics, macro_auroc
 from dicompipe.model.network import resnet50
 from dicompipe.types import PreprocessSpec
@@ -311,7 +311,7 @@ def main(args) -> int:
     net.load_state_dict(best)
     va = np.array([p == "val" for p in parts])
     lv = predict_logits(net, images[va], spec)
-    T = fit_temperature(lv, y[va])
+    T, cal_method = calibrate(lv, y[va])
     val = classification_metrics(y[va], softmax(lv / T), labels, n_boot=200,
                                  probs_uncal=softmax(lv))
     log(f"temperature {T:.3f}; val (calibrated) " + json.dumps(
@@ -322,7 +322,7 @@ def main(args) -> int:
         "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2},
         "preprocessing": spec.to_dict(),
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
-        "calibration": {"temperature": T, "method": "temperature scaling on the validation part (NLL)"},
+        "calibration": {"temperature": T, "method": cal_method},
         "trained": True,
         "training": {"data": str(args.data), "citation": CITATION.get(organ, ""),
                      "split": {**split_info, "counts": S.summary(parts, y, labels)},
