@@ -330,7 +330,8 @@ def main(args) -> int:
                      "sizes": sizes if not budget else f"time budget {budget} min: 112 px for 70%, then {spec.size}",
                      "seconds": round(time.time() - t0 + 0.0, 1),
                      "train_seconds_total": round(state["seconds"], 1),
-                     "hardware": _hardware(), "optimizer": "AdamW wd 0.05, one-cycle",
+                     "hardware": _hardware(), "optimizer": ("AdamW lr 2e-3 wd 0.05, " + ("warm-up 8% then cosine decay on the clock"
+                                                            if budget else "one-cycle")),
                      "batch_size": 32, "sampling": "class-balanced", "history": state["history"]},
         "metrics": {"validation_calibrated": val},
         "intended_use": "Research use only: not for clinical diagnosis or treatment decisions.",
