@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
 
     def run_load():
         try:   # the io stage's benchmark (fresh process per load) when it is there
-            return e2e.load_fresh_processes(shape, repeats=1 if tiny else 3)
+            return e2e.load_fresh_processes(shape, repeats=1 if tiny else 3, warm=not tiny)
         except ImportError:
             return e2e.load_vs_sitk(e2e.study(shape), repeats=1 if tiny else 3)
     section("load", run_load)
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
         folder = e2e.study(shape)
         return {"study": f"{shape[2]}x{shape[1]}x{shape[0]}, {e2e.SPACING} mm (x, y, z)",
                 "analyze": e2e.analyze_runs(folder, bundle.path,
-                                            tuple(a.e2e_backends.split(",")) if not tiny else ("onnx",),
+                                            tuple(a.e2e_backends.split(",")) if not tiny else ("auto",),
                                             repeats=1 if tiny else a.e2e_repeats)}
     section("e2e", run_e2e)
 

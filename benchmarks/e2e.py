@@ -88,7 +88,7 @@ def load_vs_sitk(folder: Path, repeats: int = 3) -> dict:
             "same_voxels": same}
 
 
-def load_fresh_processes(shape=(300, 512, 512), repeats: int = 3) -> dict:
+def load_fresh_processes(shape=(300, 512, 512), repeats: int = 3, warm: bool = True) -> dict:
     """The io stage's own benchmark (benchmarks/load.py): every load in a fresh process
     (own peak RSS), files shuffled without extensions; dicompipe vs SimpleITK on the
     pre-sorted file list ("sitk") and with GDCM's discovery + sort ("sitk+gdcm-sort").
@@ -100,7 +100,7 @@ def load_fresh_processes(shape=(300, 512, 512), repeats: int = 3) -> dict:
         folder.parent.mkdir(parents=True, exist_ok=True)
         L.make_series(folder, shape=shape)
     kinds = ["dicompipe", "sitk", "sitk+gdcm-sort"]
-    for k in kinds:
+    for k in kinds if warm else ():
         L.run(k, folder)
     runs = {k: [] for k in kinds}
     for _ in range(repeats):

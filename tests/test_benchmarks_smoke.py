@@ -1,0 +1,31 @@
+"""Smoke test of the benchmark suite: ``python -m benchmarks --tiny`` runs every section on
+toy sizes (8 slices of 64x64, 64 px model inputs) and writes its JSON. The numbers mean
+nothing; this only proves the one-command suite works (with or without onnxruntime)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmarks_tiny(tmp_path):
+    out = tmp_path / "tiny.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tiny"] and res["machine"]["id"].startswith("cpu-")
+    assert res["sgemm"]["gflops"]["median"] > 0
+    for name in ("load", "model", "cam", "e2e"):
+        assert name in res and "error" not in res[name], (name, res.get(name))
+    backends = {r["backend"] for r in res["model"]["rows"]}
+    assert {"torch-eager", "torch"} <= backends
+    assert all(r["slices_per_s"]["median"] > 0 for r in res["model"]["rows"])
+    assert res["cam"]["timings"]["forward+cam"]["median_s"] > 0
+    (run,) = res["e2e"]["analyze"].values()
+    assert "error" not in run and run["peak_rss_mb"]["max"] > 0 and run["slices"] > 0
+    assert "TOTAL analyze()" in p.stdout                 # the one table was printed
