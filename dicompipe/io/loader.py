@@ -260,7 +260,11 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     else:
         g, t = None, np.zeros(len(refs))
 
-    img, failed = read_hu(refs, workers)
+    try:
+        img, failed = read_hu(refs, workers)
+    except ValueError as e:                              # e.g. BitsAllocated 1 or 12
+        raise UnreadableSeries(f"Series {series.key} ({refs[0].file}): unsupported pixel layout "
+                               f"({e}); dicompipe reads 8, 16 and 32-bit monochrome images.") from e
     arr = None
     if failed:
         for i, why in sorted(failed.items())[:5]:
