@@ -127,6 +127,7 @@ def block_split(numbers, labels, fractions=(0.65, 0.15, 0.20), similarity=None,
                 if hi > lo:
                     sims = [similarity[idx[j - 1]] for j in range(lo, hi + 1)]   # pair (j-1, j)
                     c = lo + int(np.argmin(sims))
+            c = max(c, prev)              # blocks stay in order (an empty part is allowed)
             cuts.append(c)
             prev = c
         bounds = [0] + cuts + [len(idx)]
