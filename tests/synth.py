@@ -167,8 +167,8 @@ def write_ct_series(folder, shape: Sequence[int] = (6, 16, 20),
     disagree with position. ``empty_uids`` blanks Study/Series/SOP UIDs and SOPClassUID in
     the data set (the file meta keeps them), like the abdomen-ct-dicom export.
     ``transfer_syntax``: any uncompressed syntax, deflate, or one pydicom can encode
-    (RLE Lossless, JPEG-LS lossless, JPEG 2000 lossless — the OpenJPEG encoder needs
-    rows and columns ≥ 64).
+    (RLE Lossless; JPEG 2000 lossless — the OpenJPEG encoder needs rows and columns ≥ 64;
+    JPEG-LS needs pyjpegls, not a dependency: use :func:`transcode_gdcm` instead).
 
     Example::
 
