@@ -146,7 +146,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--bundle", default=None, help="a lung bundle folder (default: built-in)")
     ap.add_argument("--label", default="malignant")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cam_lidc")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cam_lidc",
+                    help="PNG overlay and JSON")
+    ap.add_argument("--nifti-dir", type=Path, default=ROOT / "benchmarks" / "_work" / "cam_lidc",
+                    help="ct.nii.gz and cam_<label>.nii.gz (open them together in a viewer)")
     args = ap.parse_args(argv)
     xml = args.data / "annotations.xml"
     if not xml.exists():
@@ -215,12 +218,14 @@ def main(argv=None) -> dict | None:
     # the NIfTI pair a run folder holds: same affine, and the peak lands at the same RAS point
     import nibabel as nib
     from dicompipe.report.nifti import write_nifti
-    ct_nii = nib.load(write_nifti(vol.image, args.out / "ct.nii.gz", dtype=np.int16))
-    cam_nii = nib.load(write_nifti(cam, args.out / f"cam_{label}.nii.gz"))
+    ct_nii = nib.load(write_nifti(vol.image, args.nifti_dir / "ct.nii.gz", dtype=np.int16))
+    cam_nii = nib.load(write_nifti(cam, args.nifti_dir / f"cam_{label}.nii.gz",
+                                   display_range=(0.0, cams.scale[label])))
     ijk = np.unravel_index(np.argmax(np.asarray(cam_nii.dataobj)), cam_nii.shape)
     ras = cam_nii.affine @ np.array([*ijk, 1.0])
     result["nifti_affines_identical"] = bool(np.array_equal(ct_nii.affine, cam_nii.affine))
     result["nifti_cam_peak_ras_mm"] = [round(float(v), 2) for v in ras[:3]]
+    result["nifti_dir"] = str(args.nifti_dir)
     overlay_png(args.out / "cam_lidc_overlay.png", vol, cam, cams.scale[label], target, peak,
                 centre_idx, f"LIDC-IDRI-0001, Grad-CAM '{label}' (one scale per volume) - "
                             f"weights: {weights.split(' (')[0]}; green: readers' outlines")
