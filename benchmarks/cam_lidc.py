@@ -146,6 +146,8 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--bundle", default=None, help="a lung bundle folder (default: built-in)")
     ap.add_argument("--label", default="malignant")
+    ap.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                    help="also deletion/insertion AUCs on the N most malignant slices (slow on CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cam_lidc",
                     help="PNG overlay and JSON")
     ap.add_argument("--nifti-dir", type=Path, default=ROOT / "benchmarks" / "_work" / "cam_lidc",
@@ -214,6 +216,9 @@ def main(argv=None) -> dict | None:
         if cams.scale[label] > 0 else 0.0,
         "hottest_slice_row": int(np.argmax(slice_peaks)),
     }
+    if args.faithfulness:
+        result["faithfulness"] = explain.volume_faithfulness(
+            bundle, preds, cams, label, max_slices=args.faithfulness, steps=8)
     args.out.mkdir(parents=True, exist_ok=True)
     # the NIfTI pair a run folder holds: same affine, and the peak lands at the same RAS point
     import nibabel as nib
