@@ -71,7 +71,7 @@ def server(tmp_path_factory):
     from tiny_bundle import make_bundle
 
     tmp = tmp_path_factory.mktemp("ui")
-    bundle = make_bundle(tmp / "bundle", organ="lung", favour="malignant", bias=3.0)
+    bundle = tmp / "bundle"               # read by the app only when Analyse is pressed
     port = _free_port()
     env = dict(os.environ, DICOMPIPE_UI_MODEL=str(bundle), DICOMPIPE_UI_ALLOW_UNTRAINED="1",
                DICOMPIPE_HISTORY=str(tmp / "history.sqlite"), DICOMPIPE_UI_OUT=str(tmp / "runs"),
@@ -80,29 +80,29 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "dicompipe.cli", "ui", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=tmp)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.terminate()
-    if proc.poll() is not None:
-        log.close()
-        pytest.fail("dicompipe ui did not start:\n" + (tmp / "server.log").read_text()[-3000:])
-    yield {"url": url, "tmp": tmp}
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    shutil.copy(tmp / "server.log", ARTIFACTS / "server.log") if ARTIFACTS.exists() else None
+        make_bundle(bundle, organ="lung", favour="malignant", bias=3.0)   # while it starts
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300          # generous: CI machines may be busy
+        healthy = False
+        while time.time() < deadline and proc.poll() is None and not healthy:
+            try:
+                healthy = urllib.request.urlopen(url + "/_stcore/health", timeout=5).read() == b"ok"
+            except OSError:
+                time.sleep(0.5)
+        if not healthy:
+            log.flush()
+            pytest.fail("dicompipe ui did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+        yield {"url": url, "tmp": tmp}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(tmp / "server.log", ARTIFACTS / "server.log")
 
 
 def test_upload_verdict_slider_download_history(server, tmp_path):
@@ -114,25 +114,25 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(120_000)
             page.goto(server["url"])
-            expect(page.get_by_text("Start with a CT")).to_be_visible()
+            expect(page.get_by_text("Start with a CT")).to_be_visible(timeout=120_000)
 
             # upload the slices, choose the organ, analyse
             page.locator("section[data-testid='stSidebar'] input[type='file']").set_input_files(
                 [str(p) for p in slices])
-            expect(page.get_by_text("Chosen automatically")).to_be_visible()
+            expect(page.get_by_text("Chosen automatically")).to_be_visible(timeout=120_000)
             page.get_by_role("combobox", name="Organ").click()
             page.get_by_role("option", name="Lung", exact=True).click()
             page.get_by_role("button", name="Analyse", exact=True).click()
 
             card = page.locator("[data-testid='verdict-card']")
-            expect(card).to_be_visible(timeout=240_000)
+            expect(card).to_be_visible(timeout=420_000)
             expect(card).to_contain_text("Calibrated probability")
             expect(card).to_contain_text("RESEARCH USE ONLY")
             caption = page.locator("[data-testid='slice-caption']")
-            expect(caption).to_contain_text("Slice ", timeout=60_000)
-            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=60_000)
+            expect(caption).to_contain_text("Slice ", timeout=120_000)
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=120_000)
             expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
             page.wait_for_timeout(1500)                 # let the charts draw
             page.screenshot(path=str(ARTIFACTS / "ui-verdict.png"))
@@ -143,8 +143,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
                 has_text="Slice").get_by_role("slider")
             thumb.focus()
             page.keyboard.press("ArrowLeft" if before.startswith(f"Slice {len(slices)} ") else "ArrowRight")
-            expect(caption).not_to_have_text(before, timeout=60_000)
-            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=60_000)
+            expect(caption).not_to_have_text(before, timeout=120_000)
+            expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=120_000)
             page.wait_for_timeout(800)
             page.set_viewport_size({"width": 1280, "height": 1500})   # the whole page
             page.wait_for_timeout(1500)
@@ -162,8 +162,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             # the case history holds this case
             page.get_by_role("tab", name="Case history").click()
             grid = page.locator("div[data-testid='stDataFrame']").last
-            expect(grid).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("case(s). Select a row")).to_be_visible(timeout=60_000)
+            expect(grid).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("case(s). Select a row")).to_be_visible(timeout=120_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "ui-history.png"))
         finally:

@@ -210,8 +210,7 @@ def _verdict(res, include_phi: bool):
     a = res["a"]
     left, right = st.columns([1.05, 1], gap="medium")
     with left:
-        st.markdown(views.verdict_card_html(a, test_model=services.allow_untrained()),
-                    unsafe_allow_html=True)
+        st.markdown(views.verdict_card_html(a), unsafe_allow_html=True)
     with right:
         st.markdown('<div class="dp-h">Probability per class</div>', unsafe_allow_html=True)
         st.altair_chart(views.prob_chart(a), width="stretch")
@@ -325,7 +324,7 @@ def _viewer(res):
         if inst:
             desc.append("instance #" + ", ".join(map(str, inst[:3])) + ("…" if len(inst) > 3 else ""))
         if ms.included and ms.row is not None:
-            table = _slice_probs(a)
+            table = _slice_probs(a, res["id"])
             p = table.get(ms.z, {})
             if p:
                 desc.append(" · ".join(f"{l} {views.pct(v)}" for l, v in p.items()))
@@ -341,11 +340,12 @@ def _viewer(res):
             st.markdown(views.colorbar_html(label, cams.scale[label]), unsafe_allow_html=True)
 
 
-def _slice_probs(a) -> dict:
-    key = f"_probs-{id(a)}"
-    if key not in ss:
-        ss[key] = {r["z"]: r.get("probabilities", {}) for r in a.slice_table()}
-    return ss[key]
+def _slice_probs(a, rid: str) -> dict:
+    """Calibrated per-slice probabilities by grid z (Analysis.slice_table), once per result."""
+    if ss.get("_probs_id") != rid:
+        ss._probs = {r["z"]: r.get("probabilities", {}) for r in a.slice_table()}
+        ss._probs_id = rid
+    return ss._probs
 
 
 def _downloads(res, include_phi: bool):
