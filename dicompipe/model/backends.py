@@ -100,12 +100,18 @@ def get_backend(bundle, name: str = "auto", device: str = "auto"):
     if name not in ("auto", "torch", "onnx"):
         raise ModelError(f"Unknown backend {name!r}: use auto, torch or onnx.")
     if name == "torch" or (name == "auto" and dev != "cpu"):
-        return TorchBackend(bundle, dev)
+        # built once per bundle and device (a copy of the network with BN folded)
+        cache = getattr(bundle, "_backends", None)
+        if cache is None:
+            return TorchBackend(bundle, dev)
+        if ("torch", dev) not in cache:
+            cache[("torch", dev)] = TorchBackend(bundle, dev)
+        return cache[("torch", dev)]
     try:
         from dicompipe.model.onnx_backend import OnnxBackend
     except ImportError as e:
         if name == "onnx":
             raise ModelError(f"The ONNX backend is not available ({e}). Install the extra "
                              "`pip install dicompipe[fast]` or use --backend torch.") from e
-        return TorchBackend(bundle, dev)
+        return get_backend(bundle, "torch", dev)
     return OnnxBackend(bundle, dev)

@@ -143,6 +143,7 @@ class Bundle:
     path: Path
     metadata: dict
     _net: Any = field(default=None, repr=False)
+    _backends: dict = field(default_factory=dict, repr=False)   # backends.get_backend cache
 
     name = property(lambda self: self.metadata["name"])
     version = property(lambda self: self.metadata.get("version", "0.0.0"))
