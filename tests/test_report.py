@@ -54,6 +54,8 @@ def test_report_txt_content(lung):
     assert "volume: synthetic test data" in t and "predict" in t
     assert "SYNTH001" not in t and "Synthetic^Phantom" not in t
     assert "SYNTH001" in text.render(lung, include_phi=True)
+    assert "Images shown at:      window L -600/W 1500 HU" in t
+    assert figures.display_window(make_analysis(organ="pancreas", n_z=2, skip=())) == (40, 400)
 
 
 def test_analysis_json_schema_and_phi(tmp_path, lung):

@@ -38,6 +38,9 @@ SHOW_BELOW = 0.15         # CAM below this fraction is drawn transparent
 DPI = 110
 _CLASS_COLOURS = {"normal": "#2e8b57", "benign": "#e69f00", "malignant": "#d62728",
                   "tumour": "#d62728", "tumor": "#d62728"}
+#: Reading windows (level, width HU) for the report images, per organ: what a radiologist
+#: would use, not necessarily the model's input window (that one is in analysis.json).
+DISPLAY_WINDOWS = {"lung": (-600.0, 1500.0), "pancreas": (40.0, 400.0)}
 _FALLBACK = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -60,6 +63,11 @@ class SliceView:
     instance_number: int | None
     sop_instance_uid: str | None
     probability: float | None                     # calibrated P(label) on this slice
+
+
+def display_window(analysis: Analysis) -> tuple[float, float]:
+    """The (level, width) used to show the CT: the organ's reading window, else the model's."""
+    return DISPLAY_WINDOWS.get(analysis.organ) or tuple(analysis.batch.spec.windows[0])
 
 
 def _letter(v) -> str:
@@ -121,7 +129,7 @@ def slice_view(analysis: Analysis, row: int, label: str | None = None) -> SliceV
     if vol.windowed:
         ct = np.clip(hu / 255.0, 0, 1)
     else:
-        ct = window(hu, *analysis.batch.spec.windows[0])
+        ct = window(hu, *display_window(analysis))
     cam = None
     cv = _cam_volume(analysis, label)
     if cv is not None:
@@ -177,7 +185,7 @@ def _colourbar(fig, cax, label: str, scale: float):
 def _window_text(analysis: Analysis) -> str:
     if analysis.volume.windowed:
         return "8-bit windowed input (not HU)"
-    lvl, wid = analysis.batch.spec.windows[0]
+    lvl, wid = display_window(analysis)
     return f"window L {lvl:g} / W {wid:g} HU"
 
 

@@ -146,6 +146,12 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         out.append(f"  {r['z']:>4} {inst:>8}  {ps}  {status}")
 
     out += _h("Explanation")
+    if not a.volume.windowed:
+        from dicompipe.report.figures import display_window
+        lvl, wid = display_window(a)
+        model_w = ", ".join(f"L {l:g}/W {w:g}" for l, w in a.batch.spec.windows)
+        out.append(_kv("Images shown at", f"window L {lvl:g}/W {wid:g} HU "
+                       f"(model input: {model_w})"))
     if a.cams is None:
         out.append("  No Grad-CAM (run without --no-cam for explanation maps).")
     else:
