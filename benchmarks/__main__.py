@@ -8,7 +8,8 @@ its min..max range):
            fraction of the sgemm peak measured at the start of the run;
 3. cam     forward alone vs forward + closed-form Grad-CAM vs the autograd Grad-CAM path;
 4. e2e     ``dicompipe.analyze`` on a synthetic 512x512x300, 1 mm chest CT in fresh
-           processes: wall time per stage, total, peak RSS.
+           processes: wall time per stage, total, peak RSS (per stage too);
+5. overlap rendering overlapped with inference through a bounded queue vs one after the other.
 
 Writes ``benchmarks/results/<machine>.json`` (``--tiny``: benchmarks/_work/tiny.json) and
 prints one table. ``--tiny`` runs every section on toy sizes in well under a minute (the smoke
@@ -25,7 +26,7 @@ import traceback
 
 from benchmarks import common
 
-SECTIONS = ("load", "model", "cam", "e2e")
+SECTIONS = ("load", "model", "cam", "e2e", "overlap")
 
 
 def _fmt_s(d: dict) -> str:
@@ -75,6 +76,12 @@ def summary_rows(res: dict) -> list[list[str]]:
             rows.append(["4 e2e", f"{b}: TOTAL analyze() ({r['slices']} sl)", _fmt_s(r["total"]),
                          f"peak RSS {r['peak_rss_mb']['max']:.0f} MB; imports "
                          f"{r['imports']['median_s']:.1f} s, process {r['process_wall']['median_s']:.1f} s"])
+    ov = res.get("overlap")
+    if ov and "error" not in ov:
+        t = ov["timings"]
+        for k, v in t.items():
+            rows.append(["5 overlap", f"{k} ({ov['backend']}, {ov['slices']} sl)", _fmt_s(v),
+                         f"{v['median_s'] / t['sequential']['median_s']:.2f}x sequential"])
     for name in SECTIONS:
         if isinstance(res.get(name), dict) and "error" in res[name]:
             rows.append([name, "ERROR", res[name]["error"][:70], ""])
@@ -90,6 +97,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--e2e-repeats", type=int, default=3, help="analyze runs per backend")
     ap.add_argument("--e2e-backends", default="onnx,torch")
     ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--size", type=int, default=224,
+                    help="model input size for the model/cam sections (ResNet50 at 224 = 8.2 GFLOP)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>.json)")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
@@ -136,11 +145,11 @@ def main(argv=None) -> dict:
     section("load", run_load)
     section("model", lambda: inference.throughput(
         bundle, (2,) if tiny else tuple(int(b) for b in a.batch_sizes.split(",")),
-        size=64 if tiny else None, repeats=reps, images_per_sample=2 if tiny else 32,
+        size=64 if tiny else a.size, repeats=reps, images_per_sample=2 if tiny else 32,
         which=("torch-eager", "torch", "onnx") if tiny else
         ("torch-eager", "torch", "onnx", "onnx-int8"), sgemm_gflops=peak))
     section("cam", lambda: inference.cam_cost(bundle, n=2 if tiny else 32,
-                                              size=64 if tiny else None, repeats=reps))
+                                              size=64 if tiny else a.size, repeats=reps))
 
     def run_e2e():
         folder = e2e.study(shape)
@@ -149,6 +158,12 @@ def main(argv=None) -> dict:
                                             tuple(a.e2e_backends.split(",")) if not tiny else ("auto",),
                                             repeats=1 if tiny else a.e2e_repeats)}
     section("e2e", run_e2e)
+
+    def run_overlap():
+        from benchmarks import overlap
+        return overlap.measure(bundle, n=4 if tiny else 96, bs=2 if tiny else 32,
+                               backend="auto", repeats=1 if tiny else 3, size=64 if tiny else 512)
+    section("overlap", run_overlap)
 
     res["machine"]["load_average_end"] = list(os.getloadavg())
     res["suite_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -20,7 +20,7 @@ def test_benchmarks_tiny(tmp_path):
     res = json.loads(out.read_text())
     assert res["tiny"] and res["machine"]["id"].startswith("cpu-")
     assert res["sgemm"]["gflops"]["median"] > 0
-    for name in ("load", "model", "cam", "e2e"):
+    for name in ("load", "model", "cam", "e2e", "overlap"):
         assert name in res and "error" not in res[name], (name, res.get(name))
     backends = {r["backend"] for r in res["model"]["rows"]}
     assert {"torch-eager", "torch"} <= backends

@@ -259,8 +259,13 @@ def quantize_static_file(src: Path, dst: Path, reader=None, calibration_cache: P
     """
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+    import inspect
     import logging
 
+    if calibration_cache and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise ModelError(f"int8 from stored calibration ranges needs a newer onnxruntime (this is "
+                         f"{ort.__version__}: quantize_static has no calibration_cache_path); "
+                         "upgrade onnxruntime or use precision fp32.")
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
