@@ -85,7 +85,7 @@ def fake_library(tmp_path, monkeypatch):
 
 
 def _app() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=240)   # busy CI machines
     at.run()
     assert not at.exception, at.exception
     return at
