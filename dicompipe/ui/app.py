@@ -409,7 +409,7 @@ def _history_frame(rows: list[dict], include_phi: bool):
         d = {"id": r.get("id"),
              "recorded (UTC)": when.strftime("%Y-%m-%d %H:%M") if not pd.isna(when) else "—",
              "organ": r.get("organ"), "verdict": label,
-             "probability": 100 * probs[label] if label in probs else None,
+             "probability": probs.get(label) if label else None,
              "uncertain": "yes" if r.get("uncertain") else "",
              "slices": r.get("n_slices"),
              "status": r.get("status") if r.get("status") != "done" else "",
@@ -456,8 +456,9 @@ def _history_tab(include_phi: bool):
                     unsafe_allow_html=True)
         return
     df = _history_frame(rows, include_phi)
-    if not (df["status"] != "").any():
-        df = df.drop(columns="status")
+    for col, empty in (("status", ""), ("uncertain", ""), ("patient", "—")):
+        if not (df[col] != empty).any():          # say nothing rather than show empty columns
+            df = df.drop(columns=col)
     ev = st.dataframe(
         df, hide_index=True, width="stretch", key="h_table", on_select="rerun",
         selection_mode="single-row",
