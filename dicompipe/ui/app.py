@@ -59,8 +59,8 @@ def _preloaded(organ: str):
 
 
 def _series_label(s) -> str:
-    bits = ([f"series {s.series_number}"] if s.series_number is not None else []) + [
-        s.series_description or s.key]
+    what = s.series_description or " ".join(filter(None, [s.modality, s.orientation])) or s.key
+    bits = ([f"series {s.series_number}"] if s.series_number is not None else []) + [what]
     if s.kind != "images":
         bits.append(f"{s.n_instances} images")
     if s.slice_thickness:
@@ -273,23 +273,21 @@ def _viewer(res):
                          on_change=_jump_to_key, disabled=not opts,
                          format_func=lambda p: "—" if p is None else
                          f"slice {p} ({views.pct(keys[slices[p - 1].z].probability)})")
-        c1, c2 = st.columns(2)
-        with c1:
-            if a.volume.windowed:
-                win_name = None
-                st.caption("PNG/JPG slices are already windowed; window presets do not apply.")
-            else:
-                win_name = st.segmented_control(
-                    "Window", list(views.WINDOWS), key="window",
-                    default=views.DEFAULT_WINDOW.get(a.organ, "Lung"))
+        if a.volume.windowed:
+            win_name = None
+            st.caption("PNG/JPG slices are already windowed; window presets do not apply.")
+        else:
+            win_name = st.segmented_control(
+                "Window", list(views.WINDOWS), key="window",
+                default=views.DEFAULT_WINDOW.get(a.organ, "Lung"))
         cams = a.cams
-        with c2:
-            show_cam = st.toggle("Grad-CAM overlay", value=True, key="cam_on",
-                                 disabled=cams is None)
         label = a.verdict.label
         opacity = 0.5
+        c2, c3, c4 = st.columns([1, 1.1, 1])
+        with c2:
+            st.markdown('<div style="height:1.9rem"></div>', unsafe_allow_html=True)
+            show_cam = st.toggle("Grad-CAM", value=True, key="cam_on", disabled=cams is None)
         if cams is not None:
-            c3, c4 = st.columns(2)
             with c3:
                 labels = list(cams.labels)
                 label = st.selectbox("Class to explain", labels, key=f"cam_label-{res['id']}",
