@@ -93,8 +93,9 @@ def _p_analyze(sub):
     p.add_argument("--series", help="force a series by SeriesInstanceUID, series number or key")
     p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                   help="inference backend (auto: ONNX Runtime on CPU when installed)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+                   help="inference backend (auto: ONNX Runtime on CPU when installed; onnx-int8: "
+                        "only for bundles that ship a validated int8 calibration)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--all-slices", action="store_true", help="do not skip slices outside the organ")
     p.add_argument("--cam", dest="cam", action="store_true", default=True, help="Grad-CAM (default)")

@@ -96,6 +96,8 @@ def test_int8_needs_calibration(bundle):
         ob.OnnxBackend(bundle, precision="int8")
     with pytest.raises(ModelError, match="precision"):
         ob.OnnxBackend(bundle, precision="fp16")
+    with pytest.raises(ModelError, match="int8"):
+        get_backend(bundle, "onnx-int8", "cpu")
 
 
 @pytest.mark.slow

@@ -95,10 +95,11 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def get_backend(bundle, name: str = "auto", device: str = "auto"):
-    """An inference callable for ``bundle``: name "torch" | "onnx" | "auto"; device as for torch."""
+    """An inference callable for ``bundle``: name "torch" | "onnx" | "onnx-int8" | "auto";
+    device as for torch. "onnx-int8" needs a bundle that ships a validated int8 calibration."""
     dev = resolve_device(device)
-    if name not in ("auto", "torch", "onnx"):
-        raise ModelError(f"Unknown backend {name!r}: use auto, torch or onnx.")
+    if name not in ("auto", "torch", "onnx", "onnx-int8"):
+        raise ModelError(f"Unknown backend {name!r}: use auto, torch, onnx or onnx-int8.")
     if name == "torch" or (name == "auto" and dev != "cpu"):
         # built once per bundle and device (a copy of the network with BN folded)
         cache = getattr(bundle, "_backends", None)
@@ -110,8 +111,14 @@ def get_backend(bundle, name: str = "auto", device: str = "auto"):
     try:
         from dicompipe.model.onnx_backend import OnnxBackend
     except ImportError as e:
-        if name == "onnx":
+        if name.startswith("onnx"):
             raise ModelError(f"The ONNX backend is not available ({e}). Install the extra "
                              "`pip install dicompipe[fast]` or use --backend torch.") from e
         return get_backend(bundle, "torch", dev)
-    return OnnxBackend(bundle, dev)
+    precision = "int8" if name == "onnx-int8" else "fp32"
+    cache = getattr(bundle, "_backends", None)       # one session per bundle, device, precision
+    if cache is None:
+        return OnnxBackend(bundle, dev, precision)
+    if ("onnx", dev, precision) not in cache:
+        cache[("onnx", dev, precision)] = OnnxBackend(bundle, dev, precision)
+    return cache[("onnx", dev, precision)]
