@@ -153,6 +153,11 @@ def main(argv=None) -> dict:
 
     def run_e2e():
         folder = e2e.study(shape)
+        try:   # export once, untimed (it is cached per weights)
+            from dicompipe.model.onnx_backend import export
+            export(bundle)
+        except ImportError:
+            pass
         return {"study": f"{shape[2]}x{shape[1]}x{shape[0]}, {e2e.SPACING} mm (x, y, z)",
                 "analyze": e2e.analyze_runs(folder, bundle.path,
                                             tuple(a.e2e_backends.split(",")) if not tiny else ("auto",),
