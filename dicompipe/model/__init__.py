@@ -7,10 +7,24 @@ Example::
     >>> preds = model.predict(bundle, batch)
     >>> verdict = model.aggregate(preds, bundle=bundle)
 """
-from dicompipe.model.bundle import (  # noqa: F401
-    Bundle, available_bundles, load_bundle, resnet50_from_torchvision, save_bundle,
-)
-from dicompipe.model.network import resnet50  # noqa: F401
-from dicompipe.model.aggregate import aggregate, softmax  # noqa: F401,E402
-from dicompipe.model.backends import get_backend  # noqa: F401,E402
-from dicompipe.model.predict import predict  # noqa: F401,E402
+# numpy-only, imported now (the function shadows its module's name, as before)
+from dicompipe.model.aggregate import aggregate, softmax  # noqa: E402,F401
+
+# the torch/MONAI parts are imported on first use, so that serialising an Analysis
+# (aggregate.softmax) does not pull in torch
+_PUBLIC = {
+    "Bundle": "bundle", "available_bundles": "bundle", "load_bundle": "bundle",
+    "resnet50_from_torchvision": "bundle", "save_bundle": "bundle",
+    "resnet50": "network",
+    "get_backend": "backends", "predict": "predict",
+}
+__all__ = sorted([*_PUBLIC, "aggregate", "softmax"])
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dicompipe.model' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"dicompipe.model.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
