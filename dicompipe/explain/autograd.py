@@ -64,7 +64,9 @@ def autograd_cam(model: torch.nn.Module, x, classes: Sequence[int] | None = None
     try:
         for start in range(0, len(x), batch_size):
             kept.clear()
-            xb = x[start:start + batch_size].to(device)
+            # an input that requires grad makes layer activations differentiable even when
+            # the model's parameters are frozen (only d score / d activation is computed)
+            xb = x[start:start + batch_size].to(device).detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = _logits(model(xb))
                 if not kept:
