@@ -184,3 +184,20 @@ def test_gradcam_stack_scale_display_and_volumes():
     preds.features = None
     with pytest.raises(ModelError, match="no layer4 features"):
         gradcam(preds)
+
+
+def test_autograd_with_frozen_parameters_equals_closed_form():
+    torch.manual_seed(3)
+    net = torch.nn.Module()
+    net.layer4 = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, stride=2, padding=1), torch.nn.ReLU())
+    net.fc = torch.nn.Linear(6, 2)
+    net.forward = lambda x: net.fc(net.layer4(x).mean(dim=(2, 3)))
+    for p in net.parameters():
+        p.requires_grad_(False)                     # e.g. a model loaded for inference only
+    x = torch.randn(3, 1, 16, 16)
+    maps = autograd_cam(net, x)
+    with torch.no_grad():
+        feats = net.layer4(x).numpy()
+    closed = class_maps(feats, net.fc.weight.numpy())
+    assert maps.shape == closed.shape == (3, 2, 8, 8)
+    assert np.allclose(maps * 64, closed, rtol=1e-4, atol=1e-6 * max(1.0, closed.max()))
