@@ -188,10 +188,10 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     ship = d_ba <= MAX_BA_DROP and d_au <= MAX_AUROC_DROP
     res["gate"] = {"max_balanced_accuracy_drop": MAX_BA_DROP, "max_macro_auroc_drop": MAX_AUROC_DROP,
                    "shipped": bool(ship),
-                   "decision": ("int8 shipped: --precision int8 available for this bundle" if ship else
+                   "decision": ("int8 shipped: --backend onnx-int8 available for this bundle" if ship else
                                 "int8 NOT shipped: accuracy drop above the gate; fp32 only")}
     cal_file = ob.calibration_path(bundle)
-    if write:
+    if write:                       # the bundle's int8 calibration: only when shipped
         if ship:
             payload = {"sha256": bundle.sha256, "created_by": "benchmarks/int8_eval.py",
                        "quantization": res["calibration"], "gate": res["gate"],
@@ -202,8 +202,8 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
             res["gate"]["calibration_file"] = str(cal_file)
         elif cal_file.exists():
             cal_file.unlink()
-        write_json(res, RESULTS / f"int8-{bundle.name}.json")
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(res, RESULTS / f"int8-{bundle.name}{'' if write else '-dry-run'}.json")
     return res
 
 
@@ -228,7 +228,7 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="default: ../shared/data/<organ set>")
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--workdir", default="training", help="where the trainer's image cache lives")
-    ap.add_argument("--dry-run", action="store_true", help="do not write the bundle or results")
+    ap.add_argument("--dry-run", action="store_true", help="do not write the int8 calibration into the bundle")
     ap.add_argument("--allow-untrained", action="store_true")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch-vs-ONNX check")
     a = ap.parse_args(argv)
