@@ -122,8 +122,12 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             page.locator("section[data-testid='stSidebar'] input[type='file']").set_input_files(
                 [str(p) for p in slices])
             expect(page.get_by_text("Chosen automatically")).to_be_visible(timeout=120_000)
-            page.get_by_role("combobox", name="Organ").click()
-            page.get_by_role("option", name="Lung", exact=True).click()
+            organ = page.get_by_role("combobox", name="Organ")
+            organ.scroll_into_view_if_needed()      # at 800 px it sits at the sidebar's bottom
+            organ.click()
+            page.keyboard.type("Lung")
+            page.keyboard.press("Enter")
+            expect(page.get_by_text("carry no headers: choose lung")).to_have_count(0)
             page.get_by_role("button", name="Analyse", exact=True).click()
 
             card = page.locator("[data-testid='verdict-card']")
@@ -166,5 +170,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             expect(page.get_by_text("case(s). Select a row")).to_be_visible(timeout=120_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "ui-history.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "ui-failure.png"), full_page=True)
+            raise
         finally:
             browser.close()
