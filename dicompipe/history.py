@@ -33,9 +33,11 @@ import hmac
 import io
 import json
 import os
+import random
 import secrets
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -123,7 +125,7 @@ def _connect(db: str | Path | None, *, create: bool = True) -> Iterator[tuple[sq
     try:
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout = 30000")
-        _init(con, path)
+        _init_retrying(con, path)
         yield con, path
     except sqlite3.OperationalError as e:
         raise HistoryError(f"Cannot use the case history {path}: {e}. If another dicompipe "
@@ -142,9 +144,25 @@ def _corrupt(path: Path, e: Exception) -> HistoryError:
         "another file.")
 
 
+def _init_retrying(con: sqlite3.Connection, path: Path, seconds: float = 30.0) -> None:
+    """_init, retried while another process creates the database or switches it to WAL.
+
+    SQLite answers "database is locked" at once, without waiting for busy_timeout, when
+    two connections would deadlock (both reading the new file, both wanting to change it).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return _init(con, path)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.02, 0.1))
+
+
 def _init(con: sqlite3.Connection, path: Path) -> None:
     """Check the file is a dicompipe history (read-only), then WAL and the schema."""
-    ver = con.execute("PRAGMA user_version").fetchone()[0]
+    ver = con.execute("PRAGMA user_version").fetchall()[0][0]
     if ver > SCHEMA_VERSION:
         raise HistoryError(f"The case history {path} has schema version {ver}, newer than this "
                            f"dicompipe understands ({SCHEMA_VERSION}). Upgrade dicompipe or use "
@@ -155,8 +173,8 @@ def _init(con: sqlite3.Connection, path: Path) -> None:
             raise HistoryError(f"{path} is an SQLite database but not a dicompipe case history "
                                f"(tables: {', '.join(sorted(tables))}). It was left untouched; "
                                f"set {ENV} / --db to another file.")
-    if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-        con.execute("PRAGMA journal_mode = WAL")
+    if con.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
+        con.execute("PRAGMA journal_mode = WAL").fetchall()
     if ver == SCHEMA_VERSION:
         return
     con.execute("BEGIN IMMEDIATE")
