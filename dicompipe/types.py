@@ -263,7 +263,8 @@ class CamStack:
 
     ``maps``: raw (n_included, K, h, w) float32 at layer4 resolution, ReLU applied, not
     normalised. ``scale[label]``: one display maximum per class for the whole volume.
-    ``volumes[label]``: a SimpleITK image on the source volume's exact grid (raw values).
+    ``volumes[label]``: a SimpleITK image on the source volume's exact grid (raw values);
+    ``explain.gradcam`` makes it a mapping that computes a class's volume on first access.
     """
 
     labels: list[str]

@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Sequence
 
 import numpy as np
@@ -177,7 +178,42 @@ def gradcam(predictions: SlicePredictions, classes: Sequence[str | int] | str | 
     batch = predictions.batch
     if volumes and batch is not None and getattr(batch, "volume", None) is not None \
             and getattr(batch, "grid", None) is not None and len(maps):
-        from dicompipe.preprocess.inverse import to_volume
-        for k, label in enumerate(labels):
-            stack.volumes[label] = to_volume(batch, maps[:, k])
+        stack.volumes = CamVolumes(batch, maps, labels)
     return stack
+
+
+class CamVolumes(MutableMapping):
+    """``CamStack.volumes``: each class's map on the source CT grid, made on first access.
+
+    A map on a 512x512x300 grid is 315 MB, so only the most recently used class is kept;
+    ``analyze()`` therefore holds no full-resolution map nobody asked for.
+
+    >>> img = cams.volumes["malignant"]          # SimpleITK image, computed now
+    """
+
+    def __init__(self, batch, maps: np.ndarray, labels: list[str]):
+        self._batch, self._maps, self._labels = batch, maps, list(labels)
+        self._kept: dict = {}
+
+    def __getitem__(self, label):
+        if label not in self._kept:
+            if label not in self._labels:
+                raise KeyError(label)
+            from dicompipe.preprocess.inverse import to_volume
+            self._kept = {label: to_volume(self._batch, self._maps[:, self._labels.index(label)])}
+        return self._kept[label]
+
+    def __setitem__(self, label, image):
+        self._kept = {label: image}
+
+    def __delitem__(self, label):
+        self._kept.pop(label, None)
+
+    def __contains__(self, label):
+        return label in self._labels
+
+    def __iter__(self):
+        return iter(self._labels)
+
+    def __len__(self):
+        return len(self._labels)
