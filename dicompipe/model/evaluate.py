@@ -14,7 +14,7 @@ and writes ``metrics.json`` plus ``confusion_matrix.png``, ``roc.png`` and
 
 Example::
 
-    dicompipe evaluate ../shared/data/iq-othnccd --model lung-resnet50 --out eval/lung
+    dicompipe evaluate IQ-OTH_NCCD/ --model lung-resnet50 --out eval/lung
 """
 from __future__ import annotations
 

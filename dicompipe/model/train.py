@@ -10,7 +10,7 @@ epoch, temperature scaling on validation. The test part is never touched here.
 
 Example::
 
-    dicompipe train ../shared/data/iq-othnccd --organ lung --out my-lung \\
+    dicompipe train IQ-OTH_NCCD/ --organ lung --out my-lung \\
         --sizes 128x8,224x2 --workdir training/lung
 """
 from __future__ import annotations
