@@ -25,6 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
+from dicompipe.io.headerscan import scan_header
 from dicompipe.types import InstanceRef, SeriesInfo
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -33,6 +34,7 @@ _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 _TILT_MIN_DEG = 0.01          # below this a shear between slices is rounding, not tilt
 _OBLIQUE_DEG = 10.0           # further than this from every patient axis: "oblique"
 POSITION_TOL_MM = 1e-3        # positions closer than this along the normal are duplicates
+_FAST_HEADERS = True          # headerscan first, pydicom for what it declines (tests toggle it)
 
 
 class Skipped:
@@ -134,13 +136,15 @@ class _Values:
     def reader(self, ds):
         cs = ds.get_item(0x00080005)
         charset = cs.value if cs is not None else None
+        if not isinstance(charset, (bytes, str, type(None))):
+            charset = str(charset)                     # a converted multi-valued charset
 
         def get(keyword: str, fn=lambda v: v, default=None):
             tag = _TAGS[keyword]
             elem = ds.get_item(tag)
             if elem is None:
                 return default
-            if isinstance(elem, RawDataElement) and elem.VR != "SQ":
+            if isinstance(elem, RawDataElement) and elem.VR != "SQ" and isinstance(elem.value, bytes):
                 key = (tag, elem.value, elem.is_little_endian, elem.is_implicit_VR, charset)
                 try:
                     v = self.cache[key]
@@ -198,27 +202,47 @@ def read_header(path, keep: object = None, values: _Values | None = None
     """
     path = str(path)
     with open(path, "rb") as fp:
-        try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        except InvalidDicomError:
-            if not _looks_like_dicom_without_preamble(Path(path)):
-                return None
+        fast = scan_header(fp) if _FAST_HEADERS else None
+        if fast is not None:
+            ds, ts, offset, length = fast
+            fm = ds.file_meta
+        else:
             fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-        fm = getattr(ds, "file_meta", None)
-        ts = _meta(fm, 0x00020010) or ""
-        if not ts:
-            implicit, little = ds.original_encoding
-            ts = (ImplicitVRLittleEndian if implicit else
-                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-        if len(ds) == 0:
-            raise ValueError("no data set after the file meta (truncated or empty file)")
-        offset = length = None
-        if ts in _NATIVE_LE:
-            at = fp.tell()
-            offset, length = _pixel_element(fp, ts)
-            if offset is None and _ROWS in ds and fp.seek(0, 2) <= at + 8:
-                raise ValueError("the file ends before its Pixel Data (truncated)")
+            slow = _pydicom_header(path, fp)
+            if slow is None:
+                return None
+            ds, fm, ts, offset, length = slow
+    return _describe_header(path, ds, fm, ts, offset, length, keep, values)
+
+
+def _pydicom_header(path: str, fp):
+    """(data set, file meta, transfer syntax, pixel offset, pixel length) read by pydicom,
+    or None when the file is not DICOM."""
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError:
+        if not _looks_like_dicom_without_preamble(Path(path)):
+            return None
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    fm = getattr(ds, "file_meta", None)
+    ts = _meta(fm, 0x00020010) or ""
+    if not ts:
+        implicit, little = ds.original_encoding
+        ts = (ImplicitVRLittleEndian if implicit else
+              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if len(ds) == 0:
+        raise ValueError("no data set after the file meta (truncated or empty file)")
+    offset = length = None
+    if ts in _NATIVE_LE:
+        at = fp.tell()
+        offset, length = _pixel_element(fp, ts)
+        if offset is None and _ROWS in ds and fp.seek(0, 2) <= at + 8:
+            raise ValueError("the file ends before its Pixel Data (truncated)")
+    return ds, fm, ts, offset, length
+
+
+def _describe_header(path, ds, fm, ts, offset, length, keep, values):
     get = (values or _Values()).reader(ds)
     sop_class = get("SOPClassUID", _str) or _meta(fm, 0x00020002)
     if sop_class == DICOMDIR_CLASS or 0x00041220 in ds:              # DirectoryRecordSequence
