@@ -173,6 +173,9 @@ def _p_train(sub):
     p.add_argument("--epochs", type=int, help="epochs (default 10: 8 at 128 px, 2 at 224 px)")
     p.add_argument("--sizes", help='image size per epoch, e.g. "128x8,224x2" (overrides --epochs)')
     p.add_argument("--budget-minutes", type=float, help="train on the clock instead of epochs")
+    p.add_argument("--low-size", type=int, default=112,
+                   help="with --budget-minutes: image size for the first 70%% of the time")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--resume", action="store_true", help="continue from the workdir checkpoint")
     p.add_argument("--label-map", help='folder=label pairs, e.g. "Bengin cases=benign"')
     p.add_argument("--seed", type=int, default=0)

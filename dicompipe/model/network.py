@@ -16,11 +16,20 @@ import torch
 from monai.networks.nets import ResNet
 
 
-def resnet50(num_classes: int, in_channels: int = 3) -> ResNet:
-    """A standard-topology ResNet50 (stride-2 stem, no bias in downsample convs)."""
-    return ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
-                  n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
-                  num_classes=num_classes, bias_downsample=False)
+def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = False) -> ResNet:
+    """A standard-topology ResNet50 (stride-2 stem, no bias in downsample convs).
+
+    ``zero_init_residual`` starts each block's last BatchNorm at gamma 0, so every residual
+    block begins as the identity (Goyal et al. 2017): steadier training from scratch.
+    """
+    net = ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
+                 n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
+                 num_classes=num_classes, bias_downsample=False)
+    if zero_init_residual:
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in layer:
+                torch.nn.init.zeros_(block.bn3.weight)
+    return net
 
 
 def forward_with_features(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,13 +178,14 @@ def _save_ckpt(path, net, opt, sched, state):
 
 def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32,
           flip=False, resume=False, log=print, threads=2, patience=None, budget_s=None,
-          low_size=112, switch=0.7):
+          low_size=112, switch=0.7, label_smoothing=0.1):
     """Train; returns (best state dict, history). Checkpoints/log under ``workdir``.
 
     ``sizes``: training image size per epoch (one-cycle LR over all of them). With
     ``budget_s`` instead, training runs on the clock: ``low_size`` for the first ``switch``
     fraction of the budget, then ``spec.size``; LR warm-up then cosine decay over the
-    budget's time; it stops at the first epoch end past the budget.
+    budget's time; it stops at the first epoch end past the budget. The network starts
+    with zero-initialised residual gammas; the loss uses ``label_smoothing``.
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -195,7 +196,7 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
     xt, yt = images[tr], y[tr]
     xv, yv = images[va], y[va]
     k = len(labels)
-    net = resnet50(k).to(memory_format=torch.channels_last)
+    net = resnet50(k, zero_init_residual=True).to(memory_format=torch.channels_last)
     steps_per_epoch = max(1, len(xt) // bs)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     if budget_s:
@@ -235,7 +236,8 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
                 for gr in opt.param_groups:
                     gr["lr"] = lr * max(f, 0.01)
             x = aug(torch.from_numpy(xt[b]), spec, size)
-            loss = F.cross_entropy(net(x), torch.from_numpy(yt[b]).long())
+            loss = F.cross_entropy(net(x), torch.from_numpy(yt[b]).long(),
+                                   label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -306,7 +308,8 @@ def main(args) -> int:
                         flip=(organ == "lung"), resume=bool(getattr(args, "resume", False)),
                         log=log, patience=getattr(args, "patience", None),
                         threads=int(getattr(args, "threads", None) or 2),
-                        budget_s=budget * 60 if budget else None)
+                        budget_s=budget * 60 if budget else None,
+                        low_size=int(getattr(args, "low_size", None) or 112))
     net = resnet50(len(labels))
     net.load_state_dict(best)
     va = np.array([p == "val" for p in parts])
@@ -327,10 +330,12 @@ def main(args) -> int:
         "training": {"data": str(args.data), "citation": CITATION.get(organ, ""),
                      "split": {**split_info, "counts": S.summary(parts, y, labels)},
                      "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                     "sizes": sizes if not budget else f"time budget {budget} min: 112 px for 70%, then {spec.size}",
+                     "sizes": sizes if not budget else
+                     f"time budget {budget} min: {getattr(args, 'low_size', None) or 112} px for 70%, then {spec.size}",
                      "seconds": round(time.time() - t0 + 0.0, 1),
                      "train_seconds_total": round(state["seconds"], 1),
-                     "hardware": _hardware(), "optimizer": ("AdamW lr 2e-3 wd 0.05, " + ("warm-up 8% then cosine decay on the clock"
+                     "hardware": _hardware(), "optimizer": (f"AdamW lr {float(getattr(args, 'lr', None) or 2e-3):g} wd 0.05, "
+                                   "label smoothing 0.1, zero-init residual gammas, " + ("warm-up 8% then cosine decay on the clock"
                                                             if budget else "one-cycle")),
                      "batch_size": 32, "sampling": "class-balanced", "history": state["history"]},
         "metrics": {"validation_calibrated": val},
