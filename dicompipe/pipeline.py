@@ -97,13 +97,14 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     sel = cfg.get("slice_selection", {})
     batch = preprocess.prepare(volume, bundle.spec, organ=organ,
                                select_slices=select_slices and sel.get("enabled", True),
-                               selection=sel)
+                               selection=sel, render_ahead=True)
     lap("preprocess")
 
     say("predict", 0.4, f"Classifying {len(batch.included)} slices")
     preds = model_stage.predict(
         bundle, batch, device=device, backend=backend, batch_size=batch_size,
         progress=(lambda f: say("predict", 0.4 + 0.4 * f, "Classifying slices")) if progress else None)
+    batch.wait_rows()
     lap("predict")
     agg = {k: v for k, v in (cfg.get("aggregation") or {}).items() if v is not None}
     verdict = model_stage.aggregate(preds, bundle=bundle, **agg)

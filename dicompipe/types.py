@@ -199,10 +199,18 @@ class SliceBatch:
     volume: Volume
     display: np.ndarray | None = None           # (n_grid_z, y, x) uint8 display rendering
     warnings: list[str] = field(default_factory=list)
+    # set by prepare(..., render_ahead=True): ``pending(n)`` blocks until rows [0, n) of
+    # ``tensors`` are rendered (re-raising a rendering error); None when all are there
+    pending: Any = field(default=None, repr=False, compare=False)
 
     @property
     def included(self) -> list[ModelSlice]:
         return [s for s in self.slices if s.included]
+
+    def wait_rows(self, n: int | None = None) -> None:
+        """Block until the first ``n`` rows of ``tensors`` (default: all) are rendered."""
+        if self.pending is not None:
+            self.pending(len(self.tensors) if n is None else min(n, len(self.tensors)))
 
 
 # --------------------------------------------------------------------------- model

@@ -149,3 +149,30 @@ def test_no_slice_in_range_is_a_clear_error():
     body_only = chest_phantom((6, 40, 40), lung_z=(2.0, 3.0))   # no lung anywhere
     with pytest.raises(PreprocessError, match=r"6 x no lung"):
         prepare(make_volume(body_only), PreprocessSpec(size=32), organ="lung")
+
+
+def test_render_ahead_gives_the_same_tensors_and_reraises_errors(monkeypatch):
+    vol = make_volume(chest_phantom((12, 40, 64)))
+    spec = PreprocessSpec(windows=[(-600.0, 1500.0)], channels=3, size=32)
+    now = prepare(vol, spec, select_slices=False)
+    ahead = prepare(vol, spec, select_slices=False, render_ahead=True)
+    ahead.wait_rows(3)
+    np.testing.assert_array_equal(ahead.tensors[:3], now.tensors[:3])
+    ahead.wait_rows()
+    np.testing.assert_array_equal(ahead.tensors, now.tensors)
+    assert now.pending is None
+
+    import importlib
+    P = importlib.import_module("dicompipe.preprocess.prepare")   # the module, not the function
+    calls = []
+
+    def broken(stack, spec, windowed=False):
+        calls.append(1)
+        if len(calls) == 5:
+            raise ValueError("render failed on slice 5")
+        return render(stack, spec, windowed=windowed)
+    monkeypatch.setattr(P, "render", broken)
+    bad = prepare(vol, spec, select_slices=False, render_ahead=True)
+    bad.wait_rows(4)                                    # rows before the failure are fine
+    with pytest.raises(ValueError, match="slice 5"):
+        bad.wait_rows()

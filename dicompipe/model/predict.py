@@ -61,6 +61,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
         logits, feats = [], []
         n = len(x)
         for i in range(0, n, batch_size):
+            batch.wait_rows(i + batch_size)          # rendered ahead in a thread, maybe
             lg, a = run(x[i:i + batch_size])
             logits.append(lg)
             feats.append(a)

@@ -18,6 +18,8 @@ Example::
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -30,11 +32,15 @@ AIR_HU = -1024.0
 
 
 def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
-            select_slices: bool = True, selection: dict | None = None) -> SliceBatch:
+            select_slices: bool = True, selection: dict | None = None,
+            render_ahead: bool = False) -> SliceBatch:
     """Model-ready tensors for one volume, with the map from each model slice to its sources.
 
     ``organ`` picks the slice-selection rules ("lung" | "pancreas"; None: keep all);
     ``selection`` overrides their thresholds (the organ config's ``slice_selection``).
+    ``render_ahead``: return as soon as the slices are chosen and render the tensors in a
+    background thread, so inference can start on the first rows (``predict`` waits for the
+    rows it needs; anyone else reading ``tensors`` calls ``batch.wait_rows()`` first).
     Raises :class:`PreprocessError` when no slice is left to analyse.
 
     >>> b = prepare(vol, PreprocessSpec(slab_mm=5.0), organ="lung")
@@ -115,19 +121,56 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
     n_ch = spec.channels
     tensors = np.empty((len(rows), n_ch, spec.size, spec.size), np.float32)
     last = arr.shape[0] - 1
-    for i, z in enumerate(rows):
-        if spec.channel_mode == "neighbours":
-            half = n_ch // 2
-            idx = [min(max(z + d, 0), last) for d in range(-half, n_ch - half)]
-            stack = arr[idx]
-        else:
-            stack = arr[z]
-        tensors[i] = render(stack, spec, windowed=volume.windowed)
-    _, pad = square_pad(np.empty(arr.shape[1:], np.uint8))
 
+    def render_rows(done=None):
+        for i, z in enumerate(rows):
+            if spec.channel_mode == "neighbours":
+                half = n_ch // 2
+                idx = [min(max(z + d, 0), last) for d in range(-half, n_ch - half)]
+                stack = arr[idx]
+            else:
+                stack = arr[z]
+            tensors[i] = render(stack, spec, windowed=volume.windowed)
+            if done:
+                done(i + 1)
+    pending = _render_in_background(render_rows, grid) if render_ahead else render_rows()
+    _, pad = square_pad(np.empty(arr.shape[1:], np.uint8))
     display = _display(arr, spec, volume.windowed)
     return SliceBatch(tensors=tensors, slices=slices, spec=spec, grid=grid, pad=pad,
-                      volume=volume, display=display, warnings=warnings)
+                      volume=volume, display=display, warnings=warnings, pending=pending)
+
+
+def _render_in_background(render_rows, grid):
+    """Run ``render_rows(done)`` in a thread; return ``wait(n)``, which blocks until ``n``
+    rows are done. Rendering (numpy, torch's resize) releases the GIL, so the model can
+    start on the first rows while the rest are rendered. The thread holds ``grid``: the
+    rows are read through a numpy view of its buffer."""
+    cond = threading.Condition()
+    state = {"done": 0, "error": None, "finished": False}
+
+    def done(n):
+        with cond:
+            state["done"] = n
+            cond.notify_all()
+
+    def work(_hold=grid):
+        try:
+            render_rows(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            state["error"] = e
+        finally:
+            with cond:
+                state["finished"] = True
+                cond.notify_all()
+
+    def wait(n: int) -> None:
+        with cond:
+            cond.wait_for(lambda: state["done"] >= n or state["finished"])
+        if state["done"] < n and state["error"] is not None:
+            raise state["error"]
+
+    threading.Thread(target=work, name="dicompipe-render", daemon=True).start()
+    return wait
 
 
 def _resample_inplane(img, spacing: float, fill: float):
