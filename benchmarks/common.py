@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,17 +89,6 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5,
             fn()
             out[k].samples.append(time.perf_counter() - t)
     return out
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
-
-
-def peak_rss_children_mb() -> float:
-    """Peak RSS of the largest waited-for child process (MB)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 # --------------------------------------------------------------------------- machine
