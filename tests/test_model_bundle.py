@@ -129,3 +129,30 @@ def test_input_bundle_not_modified_by_loading(lung_path):
     after = {p: p.read_bytes() for p in lung_path.rglob("*") if p.is_file()}
     assert before == after
     assert np.isfinite(b.network().fc.weight.detach().numpy()).all()
+
+
+def test_head_is_read_without_building_the_network(lung_path):
+    b = load_bundle(lung_path, allow_untrained=True)
+    w, bias = b.head()
+    assert b._net is None                               # nothing built for it
+    fc = load_bundle(lung_path, allow_untrained=True).network().fc
+    np.testing.assert_array_equal(w, fc.weight.detach().numpy())
+    np.testing.assert_array_equal(bias, fc.bias.detach().numpy())
+    assert w.shape == (3, 2048) and w.dtype == np.float32
+
+
+def test_onnx_inference_from_a_cached_export_does_not_import_monai(lung_path):
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+    from dicompipe.model.onnx_backend import export
+    export(load_bundle(lung_path, allow_untrained=True))     # the cache the user run finds
+    code = ("import sys, numpy as np\n"
+            "from dicompipe.model import load_bundle, get_backend\n"
+            f"b = load_bundle({str(lung_path)!r}, allow_untrained=True)\n"
+            "logits, _ = get_backend(b, 'onnx', 'cpu')(np.zeros((1, 3, 224, 224), np.float32))\n"
+            "b.head()\n"
+            "assert logits.shape == (1, 3)\n"
+            "print('monai' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from dicompipe.errors import ModelError
-from dicompipe.model.network import WithFeatures
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -47,6 +46,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle, device: str = "cpu", fuse_bn: bool = True):
+        from dicompipe.model.network import WithFeatures
         self.device = resolve_device(device)
         net = copy.deepcopy(bundle.network()).eval()
         if self.device == "cpu" and fuse_bn:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from dicompipe.errors import ModelError
-from dicompipe.model.network import load_torchvision_weights, resnet50
 from dicompipe.types import RESEARCH_USE, PreprocessSpec
 
 SCHEMA = "dicompipe-bundle/1"
@@ -172,6 +172,7 @@ class Bundle:
     def network(self) -> torch.nn.Module:
         """The ResNet50 with the bundle's weights, fp32, eval mode (built once, then cached)."""
         if self._net is None:
+            from dicompipe.model.network import resnet50   # MONAI: imported only when needed
             net = resnet50(num_classes=len(self.labels),
                            in_channels=int(self.metadata.get("network", {}).get("in_channels", 3)))
             state = {k: (v.float() if v.is_floating_point() else v)
@@ -192,6 +193,30 @@ class Bundle:
             net.load_state_dict(state)
             self._net = net.eval()
         return self._net
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The linear head (weight (K, 2048), bias (K,)) as float32 — what closed-form
+        Grad-CAM needs. Read from the weights file without building the network (so a
+        non-torch backend never imports MONAI), unless the network is already built."""
+        if self._net is not None:
+            fc = self._net.fc
+            return (fc.weight.detach().float().cpu().numpy().copy(),
+                    fc.bias.detach().float().cpu().numpy().copy())
+        p = self.weights_path
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    w, b = f.get_tensor("fc.weight"), f.get_tensor("fc.bias")
+            except Exception as e:  # noqa: BLE001 - safetensors errors are untyped
+                raise ModelError(f"Cannot read the head (fc.weight, fc.bias) from {p}: {e}.") from e
+        else:
+            state = read_weights(p)
+            w, b = state["fc.weight"], state["fc.bias"]
+        if tuple(w.shape) != (len(self.labels), 2048) or tuple(b.shape) != (len(self.labels),):
+            raise ModelError(f"Weights {p}: head fc.weight {tuple(w.shape)} does not fit "
+                             f"{len(self.labels)} labels x 2048 features.")
+        return w.float().numpy().copy(), b.float().numpy().copy()
 
     def card(self) -> dict:
         """The model-card summary that goes into ``Analysis.model`` / analysis.json."""
@@ -318,6 +343,7 @@ def resnet50_from_torchvision(weights, num_classes: int, in_channels: int = 3) -
     >>> net = resnet50_from_torchvision("resnet50-0676ba61.pth", num_classes=3)
     """
     state = weights if isinstance(weights, Mapping) else read_weights(weights)
+    from dicompipe.model.network import load_torchvision_weights, resnet50
     net = resnet50(num_classes=num_classes, in_channels=in_channels)
     not_loaded = load_torchvision_weights(net, dict(state))
     body = [k for k in net.state_dict() if not k.startswith("fc.")]

@@ -166,13 +166,13 @@ def export(bundle, path: Path | None = None) -> Path:
     then ORT's offline pre-processing (shape inference, BN folding) so that the file also
     quantizes well. Rebuilt when the weights' sha256 or the export recipe changes.
     """
+    path = Path(path) if path else model_path(bundle, "fp32")
+    if path.is_file():
+        return path
     import torch
 
     from dicompipe.model.network import WithFeatures
 
-    path = Path(path) if path else model_path(bundle, "fp32")
-    if path.is_file():
-        return path
     net = bundle.network()
     spec = bundle.spec
     x = torch.zeros(1, spec.channels, spec.size, spec.size)

@@ -76,9 +76,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
     if logits.shape[1] != k:
         raise ModelError(f"Bundle {bundle.name!r}: the network returned {logits.shape[1]} "
                          f"classes but metadata lists {k} labels.")
-    net = bundle.network()
-    head_w = net.fc.weight.detach().float().cpu().numpy().copy()
-    head_b = net.fc.bias.detach().float().cpu().numpy().copy()
+    head_w, head_b = bundle.head()
     seconds = time.perf_counter() - t0
     return SlicePredictions(
         labels=labels, logits=logits, probabilities=softmax(logits), features=features,
