@@ -17,6 +17,9 @@ import sys
 from dicompipe.errors import DicompipeError
 from dicompipe.types import RESEARCH_USE
 
+# the same names as dicompipe.model.backends.BACKENDS (not imported: that pulls in torch)
+BACKENDS = ["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8"]
+
 
 def _p_series(sub):
     p = sub.add_parser("series", help="list the series found under PATH and which one would be analysed",
@@ -93,9 +96,11 @@ def _p_analyze(sub):
     p.add_argument("--series", help="force a series by SeriesInstanceUID, series number or key")
     p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
-                   help="inference backend (auto: ONNX Runtime on CPU when installed; onnx-int8: "
-                        "only for bundles that ship a validated int8 calibration)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference backend (auto: ONNX Runtime fp32 on CPU when installed, else "
+                        "torch; *-int8: only for bundles that ship a validated int8 calibration; "
+                        "openvino*: pip install dicompipe[openvino]; openvino-bf16: CPUs with "
+                        "native bfloat16, reduced precision)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--all-slices", action="store_true", help="do not skip slices outside the organ")
     p.add_argument("--cam", dest="cam", action="store_true", default=True, help="Grad-CAM (default)")

@@ -189,3 +189,9 @@ def test_fold_batchnorm_keeps_outputs_and_leaves_bundle_untouched(bundle):
         (l0, a0), (l1, a1) = forward_with_features(net, x), forward_with_features(folded, x)
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-3)
+
+
+def test_cli_backend_choices_are_the_model_stage_backends():
+    from dicompipe import cli
+    from dicompipe.model.backends import BACKENDS
+    assert list(cli.BACKENDS) == list(BACKENDS)

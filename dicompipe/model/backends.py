@@ -94,31 +94,42 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8")
+
+
 def get_backend(bundle, name: str = "auto", device: str = "auto"):
-    """An inference callable for ``bundle``: name "torch" | "onnx" | "onnx-int8" | "auto";
-    device as for torch. "onnx-int8" needs a bundle that ships a validated int8 calibration."""
+    """An inference callable for ``bundle``, built once per bundle, backend and device.
+
+    ``name``: "auto" (ONNX Runtime fp32 on CPU when installed, else torch; torch on a GPU),
+    "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16" or "openvino-int8". The int8
+    backends need a bundle that ships a validated int8 calibration; bf16 needs a CPU with
+    native bfloat16. ``device`` as for torch.
+    """
     dev = resolve_device(device)
-    if name not in ("auto", "torch", "onnx", "onnx-int8"):
-        raise ModelError(f"Unknown backend {name!r}: use auto, torch, onnx or onnx-int8.")
-    if name == "torch" or (name == "auto" and dev != "cpu"):
-        # built once per bundle and device (a copy of the network with BN folded)
-        cache = getattr(bundle, "_backends", None)
-        if cache is None:
-            return TorchBackend(bundle, dev)
-        if ("torch", dev) not in cache:
-            cache[("torch", dev)] = TorchBackend(bundle, dev)
-        return cache[("torch", dev)]
-    try:
-        from dicompipe.model.onnx_backend import OnnxBackend
-    except ImportError as e:
-        if name.startswith("onnx"):
-            raise ModelError(f"The ONNX backend is not available ({e}). Install the extra "
-                             "`pip install dicompipe[fast]` or use --backend torch.") from e
-        return get_backend(bundle, "torch", dev)
-    precision = "int8" if name == "onnx-int8" else "fp32"
-    cache = getattr(bundle, "_backends", None)       # one session per bundle, device, precision
-    if cache is None:
-        return OnnxBackend(bundle, dev, precision)
-    if ("onnx", dev, precision) not in cache:
-        cache[("onnx", dev, precision)] = OnnxBackend(bundle, dev, precision)
-    return cache[("onnx", dev, precision)]
+    if name not in BACKENDS:
+        raise ModelError(f"Unknown backend {name!r}: use {', '.join(BACKENDS)}.")
+    auto = name == "auto"
+    if auto:
+        name = "torch" if dev != "cpu" else "onnx"
+    cache = getattr(bundle, "_backends", None)
+    if cache is not None and (name, dev) in cache:
+        return cache[(name, dev)]
+    family, _, precision = name.partition("-")
+    if family == "torch":
+        run = TorchBackend(bundle, dev)
+    else:
+        try:
+            if family == "onnx":
+                from dicompipe.model.onnx_backend import OnnxBackend as Backend
+            else:
+                from dicompipe.model.openvino_backend import OpenVinoBackend as Backend
+        except ImportError as e:
+            if auto:
+                return get_backend(bundle, "torch", dev)          # auto without the extra
+            extra = "fast" if family == "onnx" else "openvino"
+            raise ModelError(f"The {family} backend is not available ({e}). Install the extra "
+                             f"`pip install dicompipe[{extra}]` or use --backend torch.") from e
+        run = Backend(bundle, dev, precision or "fp32")
+    if cache is not None:
+        cache[(name, dev)] = run
+    return run

@@ -1,0 +1,80 @@
+"""OpenVINO backend: the cached ONNX exports of a bundle compiled by OpenVINO for the CPU.
+
+Same contract as the other backends: ``x (N, C, H, W) float32 -> (logits, layer4)``.
+Precisions:
+
+- ``fp32``: the fp32 export at f32 inference precision (agrees with torch within float
+  rounding, like ONNX Runtime fp32);
+- ``bf16``: the fp32 export run in bfloat16 — fast only where the CPU has native bf16
+  (AMX or AVX512-BF16), so it is refused elsewhere. Reduced precision: opt-in, judged by
+  ``benchmarks/int8_eval.py`` on the leak-free test split like int8;
+- ``int8``: the bundle's int8 QDQ model (the same file and calibration gate as ONNX
+  Runtime int8), run on OpenVINO's int8 kernels (VNNI/AMX).
+
+Install with ``pip install dicompipe[openvino]``.
+
+Example::
+
+    >>> run = OpenVinoBackend(load_bundle("pancreas-resnet50"), precision="int8")
+    >>> logits, layer4 = run(batch.tensors[:16])
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dicompipe.errors import ModelError
+from dicompipe.model.onnx_backend import export, physical_cores, quantize
+
+import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin has native bf16 on this machine (AMX / AVX512-BF16)."""
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoBackend:
+    """OpenVINO callable on CPU. ``threads``: inference threads (default: physical cores,
+    ``$DICOMPIPE_THREADS`` overrides)."""
+
+    def __init__(self, bundle, device: str = "cpu", precision: str = "fp32", *,
+                 threads: int | None = None):
+        if precision not in PRECISIONS:
+            raise ModelError(f"Unknown precision {precision!r} for OpenVINO: use "
+                             f"{', '.join(PRECISIONS)}.")
+        if device not in (None, "", "auto", "cpu"):
+            raise ModelError(f"The OpenVINO backend runs on the CPU only, not {device!r}: use "
+                             "--backend torch for a GPU.")
+        if precision == "bf16" and not native_bf16():
+            raise ModelError("This CPU has no native bfloat16 (AMX or AVX512-BF16): use "
+                             "--backend openvino (fp32) or onnx.")
+        self.device, self.precision = "cpu", precision
+        self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
+        self.path = Path(quantize(bundle) if precision == "int8" else export(bundle))
+        self.threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                  # fp32 and int8 keep f32 for what is not quantized; bf16 asks for bf16
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+            raise ModelError(f"OpenVINO cannot compile {self.path}: {e}. Delete the file (it "
+                             "is rebuilt) or use --backend onnx.") from e
+        if len(self.compiled.outputs) != 2:
+            raise ModelError(f"{self.path} has {len(self.compiled.outputs)} outputs; expected "
+                             "(logits, layer4).")
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        # copies: the request's output buffers are reused by the next call
+        return tuple(np.array(out[o], dtype=np.float32) for o in self.compiled.outputs)
+
+    def __repr__(self) -> str:
+        return f"OpenVinoBackend({self.path.name}, {self.precision}, threads={self.threads})"
