@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
         bundle, (2,) if tiny else tuple(int(b) for b in a.batch_sizes.split(",")),
         size=64 if tiny else a.size, repeats=reps, images_per_sample=2 if tiny else 32,
         which=("torch-eager", "torch", "onnx") if tiny else
-        ("torch-eager", "torch", "onnx", "onnx-int8"), sgemm_gflops=peak))
+        ("torch-eager", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16",
+         "openvino-int8"), sgemm_gflops=peak))
     section("cam", lambda: inference.cam_cost(bundle, n=2 if tiny else 32,
                                               size=64 if tiny else a.size, repeats=reps))
 

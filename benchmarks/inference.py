@@ -8,7 +8,10 @@ Backends measured in the same run, interleaved (see :mod:`benchmarks.common`):
 - ``onnx-int8``    ONNX Runtime static int8 (QDQ). With the bundle's own calibration when it
                    ships one; otherwise quantized with ranges from synthetic slices, which
                    is fine for *speed* but says nothing about accuracy
-                   (see ``benchmarks/int8_eval.py`` for that).
+                   (see ``benchmarks/int8_eval.py`` for that);
+- ``openvino``, ``openvino-bf16``, ``openvino-int8``  the same ONNX files compiled by
+                   OpenVINO (``pip install dicompipe[openvino]``): f32, bfloat16 (CPUs with
+                   AMX/AVX512-BF16 only), and the int8 QDQ model above.
 
 Run alone: ``python -m benchmarks.inference [--tiny]``.
 """
@@ -116,6 +119,18 @@ def backends(bundle, which=("torch-eager", "torch", "onnx", "onnx-int8")) -> tup
                 notes[name] = f"ONNX Runtime fp32, {out[name].threads} threads"
             elif name == "onnx-int8":
                 out[name], notes[name] = int8_backend(bundle)
+            elif name.startswith("openvino"):
+                from dicompipe.model import openvino_backend as vb
+                precision = name.partition("-")[2] or "fp32"
+                if precision == "bf16" and not vb.native_bf16():
+                    notes[name] = "skipped: no native bfloat16 on this CPU"
+                    continue
+                path, note = None, ""
+                if precision == "int8":                 # the same QDQ file as onnx-int8
+                    onnx_int8, note = int8_backend(bundle)
+                    path, note = onnx_int8.path, f" ({note})"
+                out[name] = vb.OpenVinoBackend(bundle, "cpu", precision, path=path)
+                notes[name] = f"OpenVINO {precision}, {out[name].threads} threads{note}"
         except ImportError as e:
             notes[name] = f"skipped: {e}"
     return out, notes

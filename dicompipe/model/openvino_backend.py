@@ -40,10 +40,10 @@ def native_bf16() -> bool:
 
 class OpenVinoBackend:
     """OpenVINO callable on CPU. ``threads``: inference threads (default: physical cores,
-    ``$DICOMPIPE_THREADS`` overrides)."""
+    ``$DICOMPIPE_THREADS`` overrides). ``path``: compile this .onnx instead of the cache."""
 
     def __init__(self, bundle, device: str = "cpu", precision: str = "fp32", *,
-                 threads: int | None = None):
+                 threads: int | None = None, path: str | Path | None = None):
         if precision not in PRECISIONS:
             raise ModelError(f"Unknown precision {precision!r} for OpenVINO: use "
                              f"{', '.join(PRECISIONS)}.")
@@ -55,7 +55,9 @@ class OpenVinoBackend:
                              "--backend openvino (fp32) or onnx.")
         self.device, self.precision = "cpu", precision
         self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
-        self.path = Path(quantize(bundle) if precision == "int8" else export(bundle))
+        if path is None:
+            path = quantize(bundle) if precision == "int8" else export(bundle)
+        self.path = Path(path)
         self.threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
                   # fp32 and int8 keep f32 for what is not quantized; bf16 asks for bf16
