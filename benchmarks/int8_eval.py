@@ -12,7 +12,8 @@ Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shar
    balanced accuracy, macro AUROC (with a paired bootstrap of the int8 - fp32 difference),
    predicted-class agreement (torch vs ONNX fp32 must be identical) and max |logit| error.
 5. Gate: int8 ships only if balanced accuracy drops <= 0.5 points AND macro AUROC drops
-   <= 0.005. Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
+   <= 0.005 — for ONNX Runtime and, when installed, OpenVINO on the same QDQ file (both
+   use the shipped calibration). OpenVINO fp32 and bf16 are scored against the same gate. Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
    numbers), which ``OnnxBackend(bundle, precision="int8")`` / ``--precision int8`` needs;
    not shipped = that file is removed and the numbers are still written.
 
@@ -155,6 +156,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
         t = time.perf_counter()
         lg8 = logits(int8)
         t8 = time.perf_counter() - t
+        extra = openvino_logits(bundle, fp32.path, q, logits, log)
     res = {"bundle": bundle.name, "version": bundle.version, "sha256": bundle.sha256,
            "data": str(data), "split": info, "test_slices": int(len(te)),
            "calibration": {"slices": int(len(cal)), "part": "train", "method": "MinMax",
@@ -163,7 +165,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
            "test_inference_seconds": {"fp32": round(t32, 2), "int8": round(t8, 2)}}
     yt = y[te]
     out = {}
-    for name, lg in (("onnx-fp32", lg32), ("onnx-int8", lg8)):
+    for name, lg in (("onnx-fp32", lg32), ("onnx-int8", lg8), *extra.items()):
         p = softmax(lg / T)
         out[name] = {"balanced_accuracy": round(balanced_accuracy(yt, p.argmax(1), k), 4),
                      "macro_auroc": round(macro_auroc(yt, p), 4)}
@@ -185,7 +187,18 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
         "predicted_class_agreement": round(float((lg32.argmax(1) == lg8.argmax(1)).mean()), 4),
         "max_abs_logit_diff": round(float(np.abs(lg32 - lg8).max()), 4),
         **paired_bootstrap(yt, p32, p8, k)}
-    ship = d_ba <= MAX_BA_DROP and d_au <= MAX_AUROC_DROP
+    # every reduced-precision variant against ONNX fp32, with the same gate
+    res["reduced_precision_vs_fp32"] = {}
+    for name, lg in (("onnx-int8", lg8), *extra.items()):
+        dba = out["onnx-fp32"]["balanced_accuracy"] - out[name]["balanced_accuracy"]
+        dau = out["onnx-fp32"]["macro_auroc"] - out[name]["macro_auroc"]
+        res["reduced_precision_vs_fp32"][name] = {
+            "balanced_accuracy_drop": round(dba, 4), "macro_auroc_drop": round(dau, 4),
+            "predicted_class_agreement": round(float((lg32.argmax(1) == lg.argmax(1)).mean()), 4),
+            "max_abs_logit_diff": round(float(np.abs(lg32 - lg).max()), 4),
+            "passes_gate": bool(dba <= MAX_BA_DROP and dau <= MAX_AUROC_DROP)}
+    # the int8 calibration serves both int8 backends: it ships only if every one passes
+    ship = all(v["passes_gate"] for k_, v in res["reduced_precision_vs_fp32"].items() if "int8" in k_)
     res["gate"] = {"max_balanced_accuracy_drop": MAX_BA_DROP, "max_macro_auroc_drop": MAX_AUROC_DROP,
                    "shipped": bool(ship),
                    "decision": ("int8 shipped: --backend onnx-int8 available for this bundle" if ship else
@@ -207,6 +220,21 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     return res
 
 
+def openvino_logits(bundle, fp32_path, int8_path, logits, log=print) -> dict:
+    """Test-split logits of the OpenVINO variants (fp32, bf16 where native, int8 on the same
+    QDQ file); empty when OpenVINO is not installed."""
+    try:
+        from dicompipe.model import openvino_backend as vb
+    except ImportError as e:
+        log(f"OpenVINO not measured: {e}")
+        return {}
+    out = {"openvino-fp32": logits(vb.OpenVinoBackend(bundle, "cpu", "fp32", path=fp32_path)),
+           "openvino-int8": logits(vb.OpenVinoBackend(bundle, "cpu", "int8", path=int8_path))}
+    if vb.native_bf16():
+        out["openvino-bf16"] = logits(vb.OpenVinoBackend(bundle, "cpu", "bf16", path=fp32_path))
+    return out
+
+
 def report(res: dict) -> str:
     rows = [[k, f"{v['balanced_accuracy']:.4f}", f"{v['macro_auroc']:.4f}"]
             for k, v in res["metrics"].items()]
@@ -219,6 +247,10 @@ def report(res: dict) -> str:
         f"{d['predicted_class_agreement']:.3f}",
         *( [f"torch vs ONNX fp32: identical classes {res['onnx_vs_torch']['identical_predicted_classes']}, "
             f"max |logit diff| {res['onnx_vs_torch']['max_abs_logit_diff']:.2e}"] if "onnx_vs_torch" in res else []),
+        *[f"{k} - onnx-fp32: balanced accuracy drop {v['balanced_accuracy_drop']:+.4f}, macro "
+          f"AUROC drop {v['macro_auroc_drop']:+.4f}, class agreement "
+          f"{v['predicted_class_agreement']:.3f}, passes gate {v['passes_gate']}"
+          for k, v in res.get("reduced_precision_vs_fp32", {}).items() if k != "onnx-int8"],
         f"gate (BA drop <= {MAX_BA_DROP}, AUROC drop <= {MAX_AUROC_DROP}): {res['gate']['decision']}"])
 
 

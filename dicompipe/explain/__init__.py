@@ -12,5 +12,5 @@ from dicompipe.explain.faithfulness import (  # noqa: F401
     deletion_insertion, randomisation_check, volume_faithfulness,
 )
 from dicompipe.explain.gradcam import (  # noqa: F401
-    class_maps, display_scale, gradcam, normalise_like_grad_cam, upsample,
+    cam_volume, class_maps, display_scale, gradcam, normalise_like_grad_cam, upsample,
 )

@@ -182,6 +182,23 @@ def gradcam(predictions: SlicePredictions, classes: Sequence[str | int] | str | 
     return stack
 
 
+def cam_volume(cams, batch, label: str):
+    """``label``'s Grad-CAM on the source CT grid (a SimpleITK image, raw values), or None
+    when ``cams`` has no such class. ``cams.volumes`` computes it on first access when
+    :func:`gradcam` made it; a CamStack built elsewhere (a plain dict) gets it mapped back
+    with ``preprocess.to_volume`` and kept there.
+
+    >>> img = cam_volume(analysis.cams, analysis.batch, "malignant")
+    """
+    if cams is None or label not in cams.labels:
+        return None
+    img = cams.volumes.get(label)
+    if img is None:
+        from dicompipe.preprocess.inverse import to_volume
+        img = cams.volumes[label] = to_volume(batch, cams.maps[:, cams.labels.index(label)])
+    return img
+
+
 class CamVolumes(MutableMapping):
     """``CamStack.volumes``: each class's map on the source CT grid, made on first access.
 

@@ -156,15 +156,13 @@ def _write_nifti(analysis: Analysis, stage: Path, written: list[str], notes: lis
     cams = analysis.cams
     if cams is None:
         return
+    from dicompipe.explain import cam_volume
     for label in cams.labels:
-        img = cams.volumes.get(label)
-        if img is None:
-            from dicompipe import preprocess
-            try:
-                img = preprocess.to_volume(analysis.batch, cams.maps[:, cams.labels.index(label)])
-            except (DicompipeError, NotImplementedError) as e:
-                notes.append(f"cam_{label}.nii.gz skipped: {e}")
-                continue
+        try:
+            img = cam_volume(cams, analysis.batch, label)
+        except (DicompipeError, NotImplementedError) as e:
+            notes.append(f"cam_{label}.nii.gz skipped: {e}")
+            continue
         name = f"cam_{label}.nii.gz"
         write_nifti(img, stage / name, description=f"Grad-CAM {label}",
                     display_range=(0.0, float(cams.scale.get(label) or 0.0)))

@@ -92,29 +92,6 @@ def calibrated(analysis: Analysis) -> np.ndarray:
     return out
 
 
-# CAM volumes computed from the maps when CamStack.volumes lacks a class: kept for the last
-# two CamStacks only (a reference is held, so an id is never confused with a new object)
-_cam_cache: list[tuple[object, dict]] = []
-
-
-def _cam_volume(analysis: Analysis, label: str):
-    """CamStack.volumes[label], or the maps mapped back onto the CT by preprocess.to_volume."""
-    cams = analysis.cams
-    if cams is None or label not in cams.labels:
-        return None
-    if label in cams.volumes:
-        return cams.volumes[label]
-    cache = next((c for obj, c in _cam_cache if obj is cams), None)
-    if cache is None:
-        cache = {}
-        _cam_cache.insert(0, (cams, cache))
-        del _cam_cache[2:]
-    if label not in cache:
-        from dicompipe import preprocess
-        cache[label] = preprocess.to_volume(analysis.batch, cams.maps[:, cams.labels.index(label)])
-    return cache[label]
-
-
 def slice_view(analysis: Analysis, row: int, label: str | None = None) -> SliceView:
     """The CT and CAM of the model slice in prediction row ``row`` on the source grid."""
     import SimpleITK as sitk
@@ -131,7 +108,8 @@ def slice_view(analysis: Analysis, row: int, label: str | None = None) -> SliceV
     else:
         ct = window(hu, *display_window(analysis))
     cam = None
-    cv = _cam_volume(analysis, label)
+    from dicompipe.explain import cam_volume
+    cv = cam_volume(analysis.cams, analysis.batch, label)
     if cv is not None:
         top = float(analysis.cams.scale.get(label) or 0.0)
         arr = np.asarray(sitk.GetArrayViewFromImage(cv)[vz], np.float32)

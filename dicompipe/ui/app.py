@@ -310,10 +310,10 @@ def _viewer(res):
             win_name or views.DEFAULT_WINDOW.get(a.organ, "Lung"))
         cam = None
         if cams is not None and show_cam and ms.included:
-            vol = services.cam_volume(a, label)
+            raw = services.cam_slice(a, label, vz)
             top = cams.scale.get(label, 0.0)
-            if vol is not None and top > 0:
-                cam = vol[vz] / top
+            if raw is not None and top > 0:
+                cam = raw / top
         sx, sy = a.volume.image.GetSpacing()[:2]
         rgb = views.slice_rgb(a.volume.array[vz], window, cam, opacity, (sx, sy))
         st.image(rgb, width="stretch", output_format="PNG")

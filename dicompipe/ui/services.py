@@ -141,15 +141,11 @@ def history_rows(since: _dt.date | None = None, organ: str | None = None) -> lis
 
 
 # --------------------------------------------------------------------------- viewer
-def cam_volume(analysis: Analysis, label: str) -> np.ndarray | None:
-    """Raw Grad-CAM of ``label`` on the source CT grid (z, y, x), from the explain stage."""
-    cams = analysis.cams
-    if cams is None or label not in cams.labels:
-        return None
-    img = cams.volumes.get(label) if cams.volumes else None
+def cam_slice(analysis: Analysis, label: str, z: int) -> np.ndarray | None:
+    """Raw Grad-CAM of ``label`` on CT slice ``z`` (y, x), a copy, from the explain stage."""
+    from dicompipe.explain import cam_volume
+    img = cam_volume(analysis.cams, analysis.batch, label)
     if img is None:
-        from dicompipe import preprocess
-        img = preprocess.to_volume(analysis.batch, cams.maps[:, cams.labels.index(label)])
-        cams.volumes[label] = img
+        return None
     import SimpleITK as sitk
-    return sitk.GetArrayViewFromImage(img)
+    return np.array(sitk.GetArrayViewFromImage(img)[z])   # copied while the image is held
