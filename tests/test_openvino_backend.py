@@ -66,3 +66,8 @@ def test_refusals_are_clear(bundle):
         vb.OpenVinoBackend(bundle, device="cuda")
     with pytest.raises(ModelError, match="Unknown backend"):
         get_backend(bundle, "tensorrt", "cpu")
+
+
+def test_auto_prefers_openvino_fp32_on_cpu(bundle):
+    run = get_backend(bundle, "auto", "cpu")
+    assert isinstance(run, vb.OpenVinoBackend) and run.precision == "fp32"

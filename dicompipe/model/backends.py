@@ -1,8 +1,10 @@
 """Inference backends: callables ``x (N, C, H, W) float32 -> (logits (N, K), layer4 (N, 2048, h, w))``.
 
 "torch" runs the bundle's network (inference_mode, channels_last, fp32); "onnx" uses
-ONNX Runtime through :mod:`dicompipe.model.onnx_backend` when installed; "auto" takes ONNX
-Runtime on CPU when available, else torch.
+ONNX Runtime (:mod:`dicompipe.model.onnx_backend`, extra ``fast``) and "openvino" OpenVINO
+(:mod:`dicompipe.model.openvino_backend`, extra ``openvino``) on the same exported file;
+"auto" takes the fastest fp32 one installed on CPU (OpenVINO, ONNX Runtime, torch) and torch
+on a GPU. Reduced precision (``*-int8``, ``openvino-bf16``) is never chosen automatically.
 
 Example::
 
@@ -100,7 +102,8 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "
 def get_backend(bundle, name: str = "auto", device: str = "auto"):
     """An inference callable for ``bundle``, built once per bundle, backend and device.
 
-    ``name``: "auto" (ONNX Runtime fp32 on CPU when installed, else torch; torch on a GPU),
+    ``name``: "auto" (on CPU the fastest fp32 runtime installed: OpenVINO, else ONNX
+    Runtime, else torch; torch on a GPU),
     "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16" or "openvino-int8". The int8
     backends need a bundle that ships a validated int8 calibration; bf16 needs a CPU with
     native bfloat16. ``device`` as for torch.
@@ -110,7 +113,7 @@ def get_backend(bundle, name: str = "auto", device: str = "auto"):
         raise ModelError(f"Unknown backend {name!r}: use {', '.join(BACKENDS)}.")
     auto = name == "auto"
     if auto:
-        name = "torch" if dev != "cpu" else "onnx"
+        name = "torch" if dev != "cpu" else ("openvino" if _installed("openvino") else "onnx")
     cache = getattr(bundle, "_backends", None)
     if cache is not None and (name, dev) in cache:
         return cache[(name, dev)]
@@ -133,3 +136,8 @@ def get_backend(bundle, name: str = "auto", device: str = "auto"):
     if cache is not None:
         cache[(name, dev)] = run
     return run
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
