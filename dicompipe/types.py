@@ -310,7 +310,7 @@ class Analysis:
     created: str = ""
     include_phi: bool = False
 
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"             # 1.1: "inference" (backend, device, threads)
 
     def slice_table(self) -> list[dict]:
         """One row per model slice: index, sources, probabilities, included/skipped and why."""
@@ -356,6 +356,8 @@ class Analysis:
                 "method": self.cams.method, "labels": self.cams.labels,
                 "scale": self.cams.scale, "faithfulness": self.cams.faithfulness},
             "model": self.model,
+            "inference": {k: v for k, v in self.predictions.model_info.items()
+                          if k in ("backend", "device", "threads", "batch_size")},
             "timings": self.timings,
             "warnings": self.warnings,
         }

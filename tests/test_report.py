@@ -65,6 +65,7 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
     assert d["verdict"]["label"] == "malignant"
     assert d["verdict"]["probabilities"] == pytest.approx(lung.verdict.probabilities)
     assert {"series", "slices", "warnings", "model"} <= set(d)
+    assert d["inference"] == {"backend": "test"}        # which runtime produced the numbers
     assert d["report"]["files"] == ["analysis.json"]
     assert "patient_id" not in d["series"]
     run2 = report.write(lung, tmp_path, formats=["json"], include_phi=True)

@@ -92,6 +92,10 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
     out += _h("Model")
     out += [_kv("Name", m.get("name")), _kv("Version", m.get("version")),
             _kv("Weights sha256", m.get("sha256")), _kv("Organ", f"{a.organ} ({a.organ_reason})")]
+    info = a.predictions.model_info or {}
+    if info.get("backend"):
+        out.append(_kv("Inference", f"{info['backend']} on {info.get('device', 'cpu')}, "
+                                    f"{info.get('threads', '?')} threads, batch {info.get('batch_size', '?')}"))
     for k in ("task", "intended_use", "training_data"):
         if m.get(k):
             out.append(_kv(k.replace("_", " ").capitalize(), m[k]))
