@@ -165,7 +165,7 @@ def evaluate(data, bundle, out, label_map=None, n_boot: int = 1000, workdir="tra
     logits[need] = predict_logits(net, images[need], spec)
     secs = time.time() - t0
     pu, pc = softmax(logits), softmax(logits / T)
-    res = {"bundle": md["name"], "version": md.get("version"), "data": str(data),
+    res = {"bundle": md["name"], "version": md.get("version"), "data": Path(data).name,
            "temperature": T, "split": info, "split_check": split_check,
            "inference_seconds": round(secs, 1), "inference_images": int(need.sum()),
            "counts": S.summary(parts, y, labels)}
@@ -299,7 +299,7 @@ positive class(es): {', '.join(md.get('positive_labels', []))}. Weights: fp16 sa
 
 ## Data
 
-{tr.get('citation', '')}. Read from `{tr.get('data', '')}`.
+{tr.get('citation', '')}. Read from the folder `{tr.get('data', '')}`.
 
 Split ({split.get('method', '')}), seed {split.get('seed')}, fractions {split.get('fractions')}:
 `{json.dumps(split.get('counts', {}))}`. Other facts: `{json.dumps({k: v for k, v in split.items() if k not in ('method', 'counts', 'seed', 'fractions')})}`.

@@ -327,7 +327,8 @@ def main(args) -> int:
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
         "calibration": {"temperature": T, "method": cal_method},
         "trained": True,
-        "training": {"data": str(args.data), "citation": CITATION.get(organ, ""),
+        "training": {"data": Path(args.data).name,   # the folder's name: no machine paths
+                     "citation": CITATION.get(organ, ""),
                      "split": {**split_info, "counts": S.summary(parts, y, labels)},
                      "epochs": state["epoch"], "best_epoch": state["best_epoch"],
                      "sizes": sizes if not budget else
