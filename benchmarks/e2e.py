@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ROOT, WORK, Timing, interleaved, table
+from benchmarks.load import reset_peak, rss_mb
 
 SPACING = (0.7, 0.7, 1.0)
 
@@ -124,25 +125,6 @@ def load_table(res: dict) -> str:
 
 
 # --------------------------------------------------------------------------- analyze
-def _proc_mb(key: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _child(args) -> None:
     """Subprocess body: one analyze run, JSON on stdout (timings, peak RSS)."""
     t = time.perf_counter()
@@ -157,8 +139,8 @@ def _child(args) -> None:
 
     def progress(stage, fraction, message):
         if stage != current[0]:
-            stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), _proc_mb("VmHWM:"))
-            _reset_peak()
+            stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), rss_mb())
+            reset_peak()
             current[0] = stage
 
     t = time.perf_counter()
@@ -166,7 +148,7 @@ def _child(args) -> None:
                           device="cpu", batch_size=args.batch_size, cam=True,
                           allow_untrained=True, progress=progress)
     total = time.perf_counter() - t
-    stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), _proc_mb("VmHWM:"))
+    stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0.0), rss_mb())
     print(json.dumps({"total_s": round(total, 3), "imports_s": round(imports, 3),
                       "stages_s": a.timings,
                       # VmHWM, not getrusage: ru_maxrss of a forked child starts at the

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset this process's peak RSS (Linux: the high-water mark survives exec from the parent)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -40,7 +40,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _rss_mb(peak: bool = True) -> float:
+def rss_mb(peak: bool = True) -> float:
     try:
         key = "VmHWM:" if peak else "VmRSS:"
         with open("/proc/self/status") as f:
@@ -59,8 +59,8 @@ def child(kind: str, folder: str) -> None:
     if kind == "dicompipe":
         from dicompipe import io
     files = sorted(Path(folder).iterdir())
-    _reset_peak()
-    before = _rss_mb(peak=False)
+    reset_peak()
+    before = rss_mb(peak=False)
     c0 = time.process_time()
     t0 = time.perf_counter()
     if kind == "dicompipe":
@@ -78,7 +78,7 @@ def child(kind: str, folder: str) -> None:
         shape, pixel = (size[2], size[1], size[0]), img.GetPixelIDTypeAsString()
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    print(json.dumps({"kind": kind, "seconds": dt, "cpu_seconds": cpu, "peak_rss_mb": _rss_mb(),
+    print(json.dumps({"kind": kind, "seconds": dt, "cpu_seconds": cpu, "peak_rss_mb": rss_mb(),
                       "rss_before_mb": before, "shape": list(shape), "pixel": pixel,
                       "n_files": len(files)}))
 
