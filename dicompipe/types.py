@@ -140,6 +140,16 @@ class PreprocessSpec:
     ``spacing``: in-plane mm to resample to (None keeps the source spacing).
     ``slab_mm``: z thickness of a model slice (None keeps source slices).
     Intensities are scaled to [0, 1] after windowing, then ``(x - mean) / std``.
+
+    Input hygiene (bundles 2.x; the defaults keep 1.x bundles rendering as before):
+    ``transfer``: HU -> 8-bit representation for the model (``preprocess.body.to_u8``:
+    {"kind": "floor", ...} or {"kind": "window", "window": [level, width]}); None uses
+    ``windows``. ``body_mask``: everything outside the patient (table, blankets, air) set to
+    background and the image cropped to the body (``crop_margin`` x its size around it)
+    before square padding; ``mask_threshold`` is the 8-bit foreground level (``mask_adaptive``: raised to
+    Otsu's level above it, for exports that show air as grey).
+    ``equalize``: rank-equalise intensities inside the body, which makes the input the same
+    under any monotone display transfer (an 8-bit export's window, or HU).
     """
 
     windows: list[tuple[float, float]] = field(default_factory=lambda: [(-600.0, 1500.0)])
@@ -150,6 +160,12 @@ class PreprocessSpec:
     slab_mm: float | None = None
     mean: float = 0.5
     std: float = 0.25
+    transfer: dict | None = None
+    body_mask: bool = False
+    mask_threshold: float = 40.0
+    mask_adaptive: bool = False
+    crop_margin: float = 0.04
+    equalize: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":

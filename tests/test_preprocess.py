@@ -166,7 +166,7 @@ def test_render_ahead_gives_the_same_tensors_and_reraises_errors(monkeypatch):
     P = importlib.import_module("dicompipe.preprocess.prepare")   # the module, not the function
     calls = []
 
-    def broken(stack, spec, windowed=False):
+    def broken(stack, spec, windowed=False, **kw):
         calls.append(1)
         if len(calls) == 5:
             raise ValueError("render failed on slice 5")

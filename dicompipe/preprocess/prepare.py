@@ -7,6 +7,8 @@ Steps, all keeping exact LPS geometry in ``SliceBatch.grid``:
 2. in-plane, linear resampling to ``spec.spacing`` mm (SimpleITK ``Resample``);
 3. slice selection per the organ config (each skip with its reason);
    (PNG/JPG slices have no physical spacing: steps 1-2 are skipped for them);
+   with ``spec.body_mask`` the grid is then cropped (SimpleITK, geometry kept) to the union
+   of the included slices' body boxes;
 4. every included grid slice -> :func:`dicompipe.preprocess.render.render` (window, square pad,
    resize, normalise) — the same function training uses.
 
@@ -24,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicompipe.errors import PreprocessError
-from dicompipe.preprocess.render import render, square_pad, window
+from dicompipe.preprocess.body import body_box, body_mask
+from dicompipe.preprocess.render import model_gray, render, square_pad, window
 from dicompipe.preprocess.selection import skip_reasons
 from dicompipe.types import InstanceRef, ModelSlice, PreprocessSpec, SliceBatch, Volume
 
@@ -117,6 +120,10 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
             f"skipped: {why}). Check that this CT covers the {organ}, choose the other organ, "
             "or analyse all slices with --all-slices (select_slices=False).")
 
+    if spec.body_mask:
+        grid = _crop_to_body(grid, arr, rows, spec, volume.windowed)
+        arr = sitk.GetArrayViewFromImage(grid)
+
     # 4. tensors, the same render() as training
     n_ch = spec.channels
     tensors = np.empty((len(rows), n_ch, spec.size, spec.size), np.float32)
@@ -130,7 +137,7 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
                 stack = arr[idx]
             else:
                 stack = arr[z]
-            tensors[i] = render(stack, spec, windowed=volume.windowed)
+            tensors[i] = render(stack, spec, windowed=volume.windowed, crop=False)
             if done:
                 done(i + 1)
     pending = _render_in_background(render_rows, grid) if render_ahead else render_rows()
@@ -171,6 +178,21 @@ def _render_in_background(render_rows, grid):
 
     threading.Thread(target=work, name="dicompipe-render", daemon=True).start()
     return wait
+
+
+def _crop_to_body(grid, arr, rows: list[int], spec: PreprocessSpec, windowed: bool):
+    """The grid cropped (exact geometry) to the union of the body boxes of slices ``rows``."""
+    box = None
+    for z in rows:
+        m = body_mask(model_gray(arr[z], spec, windowed) * 255.0, spec.mask_threshold, spec.mask_adaptive)
+        b = body_box(m, spec.crop_margin)
+        if b is not None:
+            box = b if box is None else (min(box[0], b[0]), max(box[1], b[1]),
+                                         min(box[2], b[2]), max(box[3], b[3]))
+    if box is None:
+        return grid
+    y0, y1, x0, x1 = (int(v) for v in box)
+    return grid[x0:x1, y0:y1, :]
 
 
 def _resample_inplane(img, spacing: float, fill: float):

@@ -1,7 +1,11 @@
-"""Rendering one model slice: window -> square pad -> resize -> normalise.
+"""Rendering one model slice: window (or transfer) -> body mask and crop -> square pad ->
+resize -> normalise.
 
 Training and inference both call :func:`render`, so a bundle's images look the same in
 both. Already-windowed 8-bit input (PNG/JPG) is scaled to [0, 1], never windowed again.
+With ``spec.body_mask`` the patient is cut out (``preprocess.body``) and, with ``crop``,
+the image is cropped to the body; ``prepare`` crops the whole grid once instead, so that
+every slice of a volume shares one geometry.
 
 Example::
 
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicompipe.preprocess.body import body_box, body_mask, to_u8
 from dicompipe.types import PreprocessSpec
 
 
@@ -54,19 +59,72 @@ def channels(stack: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndar
     if spec.channel_mode == "neighbours":
         if stack.shape[0] != spec.channels:
             raise ValueError(f"neighbours mode needs {spec.channels} slices, got {stack.shape[0]}")
-        layers = [stack[i] / 255.0 if windowed else window(stack[i], *spec.windows[0])
+        layers = [stack[i] / 255.0 if windowed else _model_window(stack[i], spec, 0)
                   for i in range(spec.channels)]
     else:
         centre = stack[stack.shape[0] // 2]
         if windowed:
             layers = [centre.astype(np.float32) / 255.0]
+        elif spec.transfer:
+            layers = [_model_window(centre, spec, 0)]
         else:
             layers = [window(centre, lvl, wid) for lvl, wid in spec.windows]
         layers = [layers[i % len(layers)] for i in range(spec.channels)]
     return np.stack(layers).astype(np.float32, copy=False)
 
 
-def render(stack: np.ndarray, spec: PreprocessSpec, windowed: bool = False) -> np.ndarray:
-    """One model input (spec.channels, size, size), normalised: window, pad, resize, (x-mean)/std."""
-    sq, _ = square_pad(channels(stack, spec, windowed))
+def model_gray(slice_: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:
+    """One slice in the model's first grey channel, [0, 1] (the image the body mask sees)."""
+    if windowed:
+        return np.asarray(slice_, np.float32) / 255.0
+    return _model_window(slice_, spec, 0)
+
+
+def _model_window(hu: np.ndarray, spec: PreprocessSpec, i: int) -> np.ndarray:
+    if spec.transfer:
+        return to_u8(hu, spec.transfer) / np.float32(255.0)
+    return window(hu, *spec.windows[i])
+
+
+def equalize(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rank-equalise ``img`` (values in [0, 1]) inside ``mask`` to (0, 1]; 0 outside.
+
+    Mid-ranks over 256 levels: any monotone transfer of the same image gives the same output.
+
+    >>> equalize(np.array([[0.1, 0.5], [0.9, 0.0]]), np.array([[1, 1], [1, 0]], bool)).round(2)
+    array([[0.17, 0.5 ],
+           [0.83, 0.  ]], dtype=float32)
+    """
+    q = np.clip(np.rint(img * 255.0), 0, 255).astype(np.intp)
+    hist = np.bincount(q[mask], minlength=256).astype(np.float64)
+    n = hist.sum()
+    if n == 0:
+        return np.zeros_like(img, dtype=np.float32)
+    cdf = (np.cumsum(hist) - hist / 2.0) / n
+    return np.where(mask, cdf[q], 0.0).astype(np.float32)
+
+
+def body_layers(layers: np.ndarray, spec: PreprocessSpec, crop: bool) -> np.ndarray:
+    """(C, y, x) in [0, 1] -> the same with the outside of the body zeroed (and equalised,
+    and cropped to the body when ``crop``), per ``spec``."""
+    if not spec.body_mask:
+        return layers
+    m = body_mask(layers[len(layers) // 2] * 255.0, spec.mask_threshold, spec.mask_adaptive)
+    if not m.any():
+        return layers
+    if spec.equalize:
+        layers = np.stack([equalize(c, m) for c in layers])
+    else:
+        layers = layers * m
+    if crop:
+        y0, y1, x0, x1 = body_box(m, spec.crop_margin)
+        layers = layers[:, y0:y1, x0:x1]
+    return layers
+
+
+def render(stack: np.ndarray, spec: PreprocessSpec, windowed: bool = False,
+           crop: bool = True) -> np.ndarray:
+    """One model input (spec.channels, size, size), normalised: window, body mask/crop, pad,
+    resize, (x-mean)/std. ``crop=False`` when the caller has cropped to the body already."""
+    sq, _ = square_pad(body_layers(channels(stack, spec, windowed), spec, crop))
     return (resize(sq, spec.size) - spec.mean) / spec.std
