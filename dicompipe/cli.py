@@ -186,12 +186,57 @@ def _p_train(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workdir", help="checkpoints, cache and log (default training/<organ>)")
+    p.add_argument("--pretrain", choices=["synthetic-lesions"],
+                   help="bundles 2.x: synthetic-lesion pretraining with a location loss, then "
+                        "fine-tuning on the real labels (see --phases); body-masked input")
+    p.add_argument("--phases", default="pretrain:46:128,finetune:32:160",
+                   help="with --pretrain: NAME:MINUTES:SIZE,... (pretrain = synthetic lesions "
+                        "only; finetune = half real labels, half synthetic); the last size is "
+                        "the bundle's input size (default %(default)s)")
+    p.add_argument("--split-file", help="with --pretrain: a docs/split.json (relative path -> "
+                                        "train/val/test) to use, e.g. the 1.0.0 bundle's")
+    p.add_argument("--version", default="2.0.0", help="with --pretrain: the bundle version")
+    p.add_argument("--init", help="with --pretrain: start the backbone from these safetensors "
+                                  "(e.g. another organ's lesion network)")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
-    from dicompipe.model.train import main as train_main
-    return train_main(args)
+    if not args.pretrain:
+        from dicompipe.model.train import main as train_main
+        return train_main(args)
+    import time
+    from pathlib import Path
+
+    from dicompipe.train.run import finalize_bundle, run_lesion_training
+    phases = []
+    for part in args.phases.split(","):
+        try:
+            name, minutes, size = part.split(":")
+            phases.append((name, float(minutes), int(size)))
+        except ValueError:
+            raise DicompipeError(f"--phases entry {part!r} is not NAME:MINUTES:SIZE "
+                                 "(e.g. pretrain:40:128).") from None
+    if not args.split_file:
+        raise DicompipeError("--pretrain needs --split-file (a bundle's docs/split.json) so "
+                             "that the test part stays the one earlier bundles were scored on.")
+    workdir = Path(args.workdir or Path("training") / f"{args.organ}-lesions")
+
+    def log(msg):
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+    state = run_lesion_training(args.data, args.organ, args.split_file, workdir, phases,
+                                threads=args.threads, lr=args.lr, init=args.init, log=log)
+    last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
+    training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
+                          f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g}"
+                          + (f" --init {Path(args.init).name}" if args.init else ""),
+                "phases": [list(p) for p in phases], "steps": state["step"],
+                "backbone_init": Path(args.init).name if args.init else "random (from scratch)",
+                "checks": state["history"]}
+    finalize_bundle(last, args.organ, args.data, args.split_file, args.out, size=phases[-1][2],
+                    version=args.version, training=training, workdir=workdir.parent, log=log)
+    return 0
 
 
 def _p_evaluate(sub):

@@ -142,7 +142,7 @@ def build_cache(items: list[Item], spec: PreprocessSpec, cache_file: str | Path 
     Also fills ``item.shape``/``item.info``. With ``cache_file`` the result is stored/reused
     (keyed on the file list and spec).
     """
-    key = repr(([it.path for it in items], spec.size, spec.mean, spec.std))
+    key = repr(([it.path for it in items], spec.to_dict()))
     if cache_file and Path(cache_file).exists():
         z = np.load(cache_file, allow_pickle=False)
         if str(z["key"]) == key:
@@ -179,14 +179,14 @@ class Augment:
     """Batch augmentation on cached uint8 slices (all in torch, cheap next to the network).
 
     Geometry: rotation +-``rot`` degrees, isotropic scale, translation, optional left-right
-    flip, in one ``grid_sample`` that also resamples to the training size. Intensity (the
+    (``flip``) and up-down (``vflip``) flips, in one ``grid_sample`` that also resamples to the training size. Intensity (the
     display-window spread between scanners/exports, in [0, 1] display space): contrast
     (window width) and brightness (level) jitter, gamma, Gaussian noise, occasional blur.
     """
 
     def __init__(self, rot=10.0, scale=(0.9, 1.1), shift=0.05, flip=False, contrast=(0.8, 1.25),
-                 brightness=0.08, gamma=(0.85, 1.15), noise=0.03, blur_p=0.2, seed=0):
-        self.rot, self.scale, self.shift, self.flip = rot, scale, shift, flip
+                 brightness=0.08, gamma=(0.85, 1.15), noise=0.03, blur_p=0.2, seed=0, vflip=False):
+        self.rot, self.scale, self.shift, self.flip, self.vflip = rot, scale, shift, flip, vflip
         self.contrast, self.brightness, self.gamma = contrast, brightness, gamma
         self.noise, self.blur_p = noise, blur_p
         self.g = torch.Generator().manual_seed(seed)
@@ -194,21 +194,27 @@ class Augment:
     def _u(self, n, lo, hi):
         return torch.rand(n, generator=self.g) * (hi - lo) + lo
 
-    def __call__(self, u8: torch.Tensor, spec: PreprocessSpec, size: int) -> torch.Tensor:
+    def __call__(self, u8: torch.Tensor, spec: PreprocessSpec, size: int, masks=None):
+        """uint8 (or float in [0, 1]) (n, s, s) -> model input; with ``masks`` (n, s, s) also
+        the masks under the same geometric transform, (n, 1, size, size) float."""
         n = u8.shape[0]
-        x = u8.float().div_(255.0)[:, None]
+        x = (u8.float().div_(255.0) if u8.dtype == torch.uint8 else u8.float())[:, None]
         ang = self._u(n, -self.rot, self.rot) * math.pi / 180
         sc = self._u(n, *self.scale)
         fl = torch.where(torch.rand(n, generator=self.g) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n)
+        vf = torch.where(torch.rand(n, generator=self.g) < 0.5, -1.0, 1.0) if self.vflip else torch.ones(n)
         cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
         theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1] = cos * fl, -sin
-        theta[:, 1, 0], theta[:, 1, 1] = sin * fl, cos
+        theta[:, 0, 0], theta[:, 0, 1] = cos * fl, -sin * vf
+        theta[:, 1, 0], theta[:, 1, 1] = sin * fl, cos * vf
         theta[:, :, 2] = self._u(2 * n, -self.shift, self.shift).view(n, 2) * 2
         if size < x.shape[-1]:   # antialias before the geometric resample
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         grid = F.affine_grid(theta, (n, 1, size, size), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(masks.float()[:, None], grid, mode="bilinear",
+                                  padding_mode="zeros", align_corners=False)
         # intensity: window width/level jitter, gamma
         c = self._u(n, *self.contrast).view(n, 1, 1, 1)
         b = self._u(n, -self.brightness, self.brightness).view(n, 1, 1, 1)
@@ -219,7 +225,11 @@ class Augment:
             k = torch.tensor([1., 2., 1.]) / 4
             k2 = (k[:, None] * k[None]).view(1, 1, 3, 3)
             x[blur] = F.conv2d(x[blur], k2, padding=1)
+            twice = blur & (torch.rand(n, generator=self.g) < 0.5)   # a wider blur for some
+            if twice.any():
+                x[twice] = F.conv2d(x[twice], k2, padding=1)
         sig = self._u(n, 0, self.noise).view(n, 1, 1, 1)
         x = (x + sig * torch.randn(x.shape, generator=self.g)).clamp_(0, 1)
         x = (x - spec.mean) / spec.std
-        return x.expand(-1, spec.channels, -1, -1).contiguous(memory_format=torch.channels_last)
+        x = x.expand(-1, spec.channels, -1, -1).contiguous(memory_format=torch.channels_last)
+        return x if masks is None else (x, masks)

@@ -1,0 +1,144 @@
+"""Synthetic lesions for label-free, tumour-centred pretraining.
+
+Lesions are drawn into lesion-free rendered slices (the model's own 8-bit representation,
+after body mask and crop), with a mask that the trainer uses as a location target, after
+label-free tumour synthesis (Hu et al., CVPR 2023; Li et al., 2023 for the pancreas).
+
+- **lung**: inside the lung fields (dark regions enclosed by the body), solid, round to
+  lobulated or spiculated, 5-60 mm; "benign-like" = small (5-15 mm), smooth, sometimes
+  calcified; "malignant-like" = 15-60 mm, lobulated or spiculated, sometimes part-solid.
+  Size and margin are the strongest radiological malignancy cues (Lung-RADS); that is the
+  only link between these shapes and the real classes. Ground-glass is not drawn: the lung
+  bundle's representation sets everything below 0 HU to black, as the IQ-OTH/NCCD export
+  does, so ground-glass is invisible in it.
+- **pancreas**: hypo-attenuating (darker than the tissue around it), ill-defined edges,
+  10-40 mm, centred on soft tissue in the central abdomen (the pancreas lies centrally,
+  in front of the spine; on 8-bit slices without a label this box is the organ prior).
+
+Texture comes from the slice itself: a lung lesion copies a soft-tissue patch of the same
+slice (the speckle of an 8-bit export or the smooth grey of a 5 mm DICOM), a pancreas
+lesion darkens the texture under it; edges get a partial-volume ramp and noise is added.
+
+Example::
+
+    >>> rng = np.random.default_rng(0)
+    >>> lung = lung_fields(img)                       # img: float (s, s) in [0, 1]
+    >>> out, mask = insert_lung_lesion(img, lung, "malignant", rng)
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import convex_hull_image, disk
+
+MM_PER_PX = 1.3          # a ~330 mm wide body crop rendered at 256 px
+
+
+def lung_fields(img: np.ndarray) -> np.ndarray:
+    """Lung-field mask of a rendered chest slice (s, s) in [0, 1]: regions inside the body
+    that are dark over 11 x 11 px (~14 mm; thin fat layers and vessels are not), each
+    >= 1.5 % of the body."""
+    body = convex_hull_image(ndimage.binary_closing(img > 0.15, disk(2)))
+    inner = ndimage.binary_erosion(body, disk(4))
+    dark = (ndimage.uniform_filter(img, 11) < 0.05) & inner
+    lab, n = ndimage.label(dark)
+    if n == 0:
+        return dark
+    sizes = ndimage.sum_labels(dark, lab, np.arange(1, n + 1))
+    return np.isin(lab, 1 + np.nonzero(sizes >= 0.015 * max(1, body.sum()))[0])
+
+
+def _shape(r: float, rng, lobes: float, spikes: int, edge: float) -> np.ndarray:
+    """Alpha map (soft-edged) of a lesion of radius ``r`` px: lobulated outline plus spikes."""
+    half = int(np.ceil(r * (1.0 + lobes + (0.9 if spikes else 0.0)) + 3 * edge + 2))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
+    rho, th = np.hypot(yy, xx), np.arctan2(yy, xx)
+    rad = np.ones_like(th)
+    for k in range(2, 6):
+        rad += lobes * rng.uniform(0, 1) / (k - 1) * np.cos(k * th + rng.uniform(0, 2 * np.pi))
+    for _ in range(spikes):
+        d = np.angle(np.exp(1j * (th - rng.uniform(-np.pi, np.pi))))
+        rad += rng.uniform(0.4, 0.9) * np.exp(-0.5 * (d / rng.uniform(0.03, 0.07)) ** 2)
+    return 1.0 / (1.0 + np.exp(-(r * rad - rho) / edge))
+
+
+def _paste(alpha: np.ndarray, cy: int, cx: int, shape) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    h = alpha.shape[0] // 2
+    y0, x0 = cy - h, cx - h
+    ys, xs = slice(max(0, y0), min(shape[0], y0 + alpha.shape[0])), slice(max(0, x0), min(shape[1], x0 + alpha.shape[1]))
+    out[ys, xs] = alpha[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    return out
+
+
+def _soft_tissue_pixels(smooth: np.ndarray, lo=0.3, hi=0.8) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) inside large soft-tissue regions (heart, muscle: 15 px mean grey in
+    [lo, hi], so thin speckle and bone are not taken): texture sources."""
+    return np.nonzero((smooth > lo) & (smooth < hi))
+
+
+def insert_lung_lesion(img: np.ndarray, lung: np.ndarray, kind: str, rng,
+                       mm_per_px: float = MM_PER_PX) -> tuple[np.ndarray, np.ndarray] | None:
+    """Draw one lesion ("benign" or "malignant"-like) into ``img``; (image, mask) or None
+    when the slice has no lung field or soft tissue to take texture from."""
+    ys, xs = np.nonzero(lung)
+    smooth = ndimage.uniform_filter(img, 15)
+    tex = _soft_tissue_pixels(smooth)
+    if len(ys) == 0 or len(tex[0]) == 0:
+        return None
+    if kind == "benign":
+        d_mm = rng.uniform(5, 15)
+        lobes, spikes, edge = rng.uniform(0, 0.08), 0, rng.uniform(0.5, 1.0)
+    else:
+        d_mm = float(np.exp(rng.uniform(np.log(15), np.log(60))))
+        lobes = rng.uniform(0.1, 0.35)
+        spikes = int(rng.integers(0, 14)) if rng.uniform() < 0.6 else 0
+        edge = rng.uniform(0.7, 1.8)
+    r = max(1.2, d_mm / 2 / mm_per_px)
+    i = int(rng.integers(len(ys)))
+    cy, cx = int(ys[i]), int(xs[i])
+    alpha = _paste(_shape(r, rng, lobes, spikes, edge), cy, cx, img.shape)
+    # texture: the slice's own soft tissue, moved under the lesion
+    j = int(rng.integers(len(tex[0])))
+    shift = (cy - int(tex[0][j]), cx - int(tex[1][j]))
+    # the tissue's own speckle, lifted to the level of the slice's denser soft tissue (the
+    # heart's 15 px mean): a solid tumour is as dense as muscle or blood, never fat
+    level = rng.uniform(float(np.percentile(smooth[tex], 75)), float(np.percentile(smooth[tex], 99)))
+    patch = 0.25 * np.roll(img, shift, axis=(0, 1)) + 0.75 * level
+    if kind == "benign" and rng.uniform() < 0.3:
+        patch = np.full_like(img, rng.uniform(0.85, 1.0))               # calcified
+    elif kind == "malignant" and rng.uniform() < 0.25:                  # part-solid: weaker rim
+        core = _paste(_shape(r * rng.uniform(0.4, 0.7), rng, lobes, 0, edge), cy, cx, img.shape)
+        alpha = np.maximum(alpha * rng.uniform(0.45, 0.7), core)
+    out = img * (1 - alpha) + patch * alpha
+    out += alpha * rng.normal(0, rng.uniform(0.0, 0.05), img.shape).astype(np.float32)
+    return np.clip(out, 0, 1).astype(np.float32), alpha > 0.5
+
+
+def central_soft_tissue(img: np.ndarray, box=0.2, lo=0.3, hi=0.8) -> np.ndarray:
+    """Pancreas prior on a rendered abdominal slice: soft tissue (smoothed grey in [lo, hi])
+    inside the central ``box`` (fraction of the side around the centre) of the body crop."""
+    n = img.shape[0]
+    smooth = ndimage.uniform_filter(img, 7)
+    m = (smooth > lo) & (smooth < hi)
+    c = np.zeros_like(m)
+    a, b = int(n * (0.5 - box)), int(n * (0.5 + box))
+    c[a:b, a:b] = True
+    return m & c
+
+
+def insert_pancreas_lesion(img: np.ndarray, region: np.ndarray, rng,
+                           mm_per_px: float = MM_PER_PX) -> tuple[np.ndarray, np.ndarray] | None:
+    """A hypo-attenuating, ill-defined lesion centred in ``region``; (image, mask) or None."""
+    ys, xs = np.nonzero(region)
+    if len(ys) == 0:
+        return None
+    r = max(2.0, rng.uniform(10, 40) / 2 / mm_per_px)
+    i = int(rng.integers(len(ys)))
+    alpha = _paste(_shape(r, rng, rng.uniform(0.05, 0.25), 0, rng.uniform(1.5, 3.5)),
+                   int(ys[i]), int(xs[i]), img.shape)
+    local = ndimage.uniform_filter(img, 9)
+    depth = rng.uniform(0.12, 0.35)
+    out = img - alpha * depth * np.clip(local / 0.6, 0.5, 1.2)
+    out += alpha * rng.normal(0, rng.uniform(0.0, 0.04), img.shape).astype(np.float32)
+    return np.clip(out, 0, 1).astype(np.float32), alpha > 0.5

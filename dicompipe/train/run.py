@@ -1,0 +1,149 @@
+"""Bundles 2.x: the rendering spec per organ and the data/split set-up for lesion training.
+
+Example::
+
+    >>> spec = spec_v2("lung")
+    >>> images, y, parts, normal_idx, items, labels = prepare_data("iq-othnccd/", "lung",
+    ...     split_file="dicompipe/bundles/lung-resnet50/docs/split.json", workdir="training")
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from dicompipe.model import data as D
+from dicompipe.types import PreprocessSpec
+
+CACHE_SIZE = 256
+
+# Lung: the IQ-OTH/NCCD export holds only 0 or ~130..255 (measured: the 1st percentile of
+# non-zero pixels is 129-130 in every file checked): fat and lung black, soft tissue from
+# 130, bone white. HU input is rendered the same way: below 0 HU -> 0, 0..150 HU -> 130..255.
+LUNG_TRANSFER = {"kind": "floor", "floor_hu": 0.0, "ceil_hu": 150.0, "low": 130.0}
+# Pancreas: a wide soft-tissue window, then rank equalisation inside the body, so the
+# Kaggle exports' different windows (and HU) all give the same image.
+PANCREAS_TRANSFER = {"kind": "window", "window": [50.0, 500.0]}
+
+
+def spec_v2(organ: str, size: int = 160) -> PreprocessSpec:
+    """The 2.x rendering of ``organ``: transfer, body mask and crop (and equalisation)."""
+    if organ == "lung":
+        return PreprocessSpec(windows=[(-600.0, 1500.0)], size=size, transfer=LUNG_TRANSFER,
+                              body_mask=True, mask_threshold=40.0, crop_margin=0.04)
+    return PreprocessSpec(windows=[(50.0, 400.0)], size=size, transfer=PANCREAS_TRANSFER,
+                          body_mask=True, mask_threshold=15.0, mask_adaptive=True, crop_margin=0.04,
+                          equalize=True)
+
+
+def prepare_data(data, organ: str, split_file, workdir="training", log=print):
+    """(images uint8 (n, 256, 256), y, parts, lesion-free training+val indices, items, labels),
+    with the split read from ``split_file`` (a bundle's docs/split.json: relative path -> part)."""
+    spec = replace(spec_v2(organ), size=CACHE_SIZE)
+    items, labels = D.scan(data, organ)
+    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}.npz", log=log)
+    stored = json.loads(Path(split_file).read_text())["parts"]
+    parts = [stored.get(os.path.relpath(it.path, data)) for it in items]
+    y = np.array([it.label for it in items])
+    normal_idx = np.array([i for i, p in enumerate(parts) if p in ("train", "val") and y[i] == 0])
+    return images, y, parts, normal_idx, items, labels
+
+
+def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
+                        cam_weight: float = 1.0, lr: float = 2e-3, init=None, log=print) -> dict:
+    """Set up the data (:func:`prepare_data`) and run
+    :func:`dicompipe.train.pretrain.train_lesions`; resumable from ``workdir``."""
+    from dicompipe.train.pretrain import train_lesions
+    images, y, parts, normal_idx, items, labels = prepare_data(data, organ, split_file,
+                                                               Path(workdir).parent, log=log)
+    return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
+                         organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
+                         flip=True, vflip=organ == "pancreas", log=log)
+
+
+def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,
+                   min_sensitivity: float = 0.9, span: float = 4.0, step: float = 0.1) -> np.ndarray:
+    """Logit offsets (class 0 fixed at 0) that maximise balanced accuracy on validation,
+    among those keeping the ``positive`` class's sensitivity >= ``min_sensitivity`` when any
+    does; ties go to the smallest offsets. A prior correction: the class-balanced training
+    sampler and the deployment prior differ, and argmax then follows AUROC.
+
+    >>> b = fit_prior_bias(val_logits, val_y, positive=2)
+    """
+    k = logits.shape[1]
+    grid = np.arange(-span, span + step / 2, step)
+    best, best_key = np.zeros(k), None
+    for offs in np.array(np.meshgrid(*[grid] * (k - 1), indexing="ij")).reshape(k - 1, -1).T:
+        b = np.concatenate([[0.0], offs])
+        pred = (logits + b).argmax(1)
+        sens = [float((pred[y == c] == c).mean()) for c in range(k) if (y == c).any()]
+        ok = positive is None or float((pred[y == positive] == positive).mean()) >= min_sensitivity
+        key = (ok, round(float(np.mean(sens)), 6), -float(np.abs(b).sum()))
+        if best_key is None or key > best_key:
+            best, best_key = b, key
+    return best
+
+
+def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, version: str,
+                    training: dict, workdir="training", calibrate_on: str = "val",
+                    n_boot: int = 1000, log=print) -> tuple[Path, dict]:
+    """A 2.x bundle from trained ``weights``: the data rendered at ``size`` exactly as
+    inference renders it, a prior correction (:func:`fit_prior_bias`, folded into the
+    head's bias, so every backend applies it) and a temperature fitted on the validation
+    part, leak-free test metrics with bootstrap intervals. Returns (bundle folder, metrics).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from dicompipe.model.bundle import save_bundle
+    from dicompipe.model.calibration import calibrate, softmax
+    from dicompipe.model.metrics import classification_metrics
+    from dicompipe.model.network import resnet50
+    from dicompipe.model.train import CITATION, predict_logits
+
+    spec = spec_v2(organ, size)
+    items, labels = D.scan(data, organ)
+    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}_{size}.npz", log=log)
+    stored = json.loads(Path(split_file).read_text())
+    parts = np.array([stored["parts"].get(os.path.relpath(it.path, data)) or "" for it in items])
+    y = np.array([it.label for it in items])
+    net = resnet50(len(labels))
+    net.load_state_dict(load_file(str(weights)))
+    torch.set_num_threads(2)
+    va, te = parts == "val", parts == "test"
+    lv, lt = predict_logits(net, images[va], spec), predict_logits(net, images[te], spec)
+    pos = labels.index(D.POSITIVE[organ][0])
+    bias = fit_prior_bias(lv, y[va], positive=pos)
+    T, how = calibrate(lv + bias, y[va])
+    with torch.no_grad():
+        net.fc.bias += torch.as_tensor(bias, dtype=net.fc.bias.dtype)
+    val = classification_metrics(y[va], softmax((lv + bias) / T), labels, n_boot=200,
+                                 probs_uncal=softmax(lv + bias))
+    test = classification_metrics(y[te], softmax((lt + bias) / T), labels, n_boot=n_boot,
+                                  probs_uncal=softmax(lt + bias))
+    md = {
+        "name": f"{organ}-resnet50", "version": version, "task": "classification", "organ": organ,
+        "labels": labels, "positive_labels": D.POSITIVE[organ],
+        "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2},
+        "preprocessing": spec.to_dict(),
+        "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
+        "calibration": {"temperature": T, "method": how + " after a prior correction",
+                        "prior_bias_folded_into_head": [round(float(b), 3) for b in bias],
+                        "fitted_on": f"{Path(data).name} validation part ({int(va.sum())} slices, "
+                                     "8-bit exports rendered exactly as inference renders them)"},
+        "trained": True,
+        "training": {"data": Path(data).name, "citation": CITATION.get(organ, ""),
+                     "split": {**stored.get("info", {}), "source": "the 1.0.0 bundle's stored split"},
+                     **training},
+        "metrics": {"validation_calibrated": val, "leak_free_test": test,
+                    "evaluated_on": Path(data).name},
+        "intended_use": "Research use only: not for clinical diagnosis or treatment decisions.",
+    }
+    folder = save_bundle(out, net, md, dtype="float16")
+    (Path(folder) / "docs" / "split.json").write_text(Path(split_file).read_text())
+    log(f"bundle {folder}: T {T:.3f}, bias {bias.round(2).tolist()}, test macro AUROC "
+        f"{test['macro_auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}")
+    return Path(folder), {"validation": val, "test": test}
