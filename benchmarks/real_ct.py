@@ -1,0 +1,367 @@
+"""Do the models look at the tumour? Every figure of the model issue on real DICOM.
+
+For each bundle given (default: the built-in lung and pancreas bundles):
+
+- **lung** on ``lung-pet-ct-dx-a0001`` (biopsy-proven adenocarcinoma, radiologists' boxes):
+  the verdict; per-slice AUROC of P(malignant), tumour slices (z inside the boxes' z range
+  +- half a slice) vs the rest; the malignant CAM peak (on the most malignant slice, and
+  over the whole volume) against the boxes (inside with 10 mm in-plane and 5 mm z margin?
+  distance in mm); on ``lidc-idri-0001`` the distance from the malignant CAM peak to the
+  readers' outline (malignancy >= 4).
+- **CAM mass inside the body** on every key slice of the three shared series for the
+  verdict's evidence class and for the positive class: the share of the slice's CAM (on the
+  model's grid) inside an HU body mask made independently of the model (HU > -500,
+  largest connected component, holes filled).
+- **pancreas synthetic-lesion check** on ``abdomen-ct-dicom``: a hypo-attenuating lesion
+  (20-60 HU darker, 8-30 mm, soft edge) is drawn into the pancreas of TotalSegmentator's
+  label on one slice at a time; hit = the tumour CAM peak of that slice lies in the lesion.
+
+Run: ``python -m benchmarks.real_ct [--lung BUNDLE] [--pancreas BUNDLE] [--out FILE]``
+(reads ``../shared/data``; skips what is missing).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from benchmarks.cam_lidc import lps_points, nodule_masks, parse_lidc
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+SERIES = {"lung-pet-ct-dx-a0001": ("lung-pet-ct-dx-a0001/series", "lung"),
+          "lidc-idri-0001": ("lidc-idri-0001/series", "lung"),
+          "abdomen-ct-dicom": ("abdomen-ct-dicom/series", "pancreas")}
+POSITIVE = {"lung": "malignant", "pancreas": "tumour"}
+
+
+def hu_body(hu: np.ndarray) -> np.ndarray:
+    """Independent body mask of an HU slice: > -500 HU, largest component, holes filled."""
+    lab, n = ndimage.label(hu > -500)
+    if n == 0:
+        return np.zeros(hu.shape, bool)
+    big = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(lab), lab, np.arange(1, n + 1))))
+    return ndimage.binary_fill_holes(lab == big)
+
+
+def grid_maps(a, label: str) -> np.ndarray:
+    from dicompipe.preprocess.inverse import to_grid
+    k = a.cams.labels.index(label)
+    return to_grid(a.batch, a.cams.maps[:, k])
+
+
+def grid_lps(grid: sitk.Image, zyx) -> np.ndarray:
+    return np.asarray(grid.TransformContinuousIndexToPhysicalPoint([float(v) for v in zyx[::-1]]))
+
+
+def body_shares(a) -> dict:
+    """Share of CAM mass inside the HU body on every key slice, for the verdict's evidence
+    class and the positive class (min over key slices and the list)."""
+    hu = sitk.GetArrayViewFromImage(a.batch.grid)
+    out = {}
+    ev = getattr(a.verdict, "evidence_label", None) or a.verdict.label
+    pos = POSITIVE[a.organ]
+    for name, label in (("evidence", ev), ("positive", pos)):
+        if label not in a.cams.labels:
+            continue
+        g = grid_maps(a, label)
+        shares = []
+        for ks in a.verdict.key_slices:
+            m = g[ks.z]
+            tot = float(m.sum())
+            shares.append(round(float((m * hu_body(hu[ks.z])).sum()) / tot, 4) if tot > 0 else None)
+        out[name] = {"label": label, "key_slice_z": [ks.z for ks in a.verdict.key_slices],
+                     "shares": shares, "min": min([s for s in shares if s is not None], default=None)}
+    return out
+
+
+def analyse(path: Path, organ: str, bundle):
+    import dicompipe
+    return dicompipe.analyze(str(path), organ=organ, model=bundle, allow_untrained=True)
+
+
+def verdict_summary(a) -> dict:
+    return {"label": a.verdict.label, "probabilities": {k: round(v, 4) for k, v in a.verdict.probabilities.items()},
+            "uncertain": a.verdict.uncertain, "key_slices_z": [k.z for k in a.verdict.key_slices]}
+
+
+def lung_tumour_check(a, boxes_file: Path) -> dict:
+    """Per-slice AUROC and CAM peak vs the Lung-PET-CT-Dx tumour boxes."""
+    from dicompipe.model.metrics import macro_auroc
+    boxes = json.loads(boxes_file.read_text())["boxes"]
+    bz = [b["lps_min_mm"][2] for b in boxes]
+    grid = a.batch.grid
+    dz = abs(grid.GetSpacing()[2])
+    k = a.predictions.labels.index("malignant")
+    p = a.predictions.probabilities[:, k]
+    z_mm = np.array([grid_lps(grid, (s.z, 0, 0))[2] for s in a.batch.included])
+    tumour = (z_mm >= min(bz) - dz / 2) & (z_mm <= max(bz) + dz / 2)
+    auc = float(macro_auroc(tumour.astype(int), np.stack([1 - p, p], 1))) if 0 < tumour.sum() < len(p) else None
+    g = grid_maps(a, "malignant")
+
+    def box_distance(pt):
+        best = None
+        for b in boxes:
+            lo, hi = np.array(b["lps_min_mm"]), np.array(b["lps_max_mm"])
+            d = np.maximum(0, np.maximum(lo - pt, pt - hi))
+            inside = bool(d[0] <= 10 and d[1] <= 10 and d[2] <= 5)
+            dist = float(np.linalg.norm(d))
+            if best is None or dist < best[0]:
+                best = (dist, inside)
+        return {"lps_mm": [round(float(v), 1) for v in pt], "distance_to_nearest_box_mm": round(best[0], 1),
+                "inside_box_with_margin": best[1]}
+
+    top = a.batch.included[int(np.argmax(p))]
+    peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
+    peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
+    return {"n_slices": int(len(p)), "n_tumour_slices": int(tumour.sum()),
+            "slice_auroc_malignant": None if auc is None else round(auc, 4),
+            "mean_p_malignant_tumour_slices": round(float(p[tumour].mean()), 4) if tumour.any() else None,
+            "mean_p_malignant_other_slices": round(float(p[~tumour].mean()), 4) if (~tumour).any() else None,
+            "most_malignant_slice_z_mm": round(float(z_mm[int(np.argmax(p))]), 1),
+            "cam_peak_most_malignant_slice": box_distance(grid_lps(grid, (top.z, *peak2d))),
+            "cam_peak_volume": box_distance(grid_lps(grid, peak3d))}
+
+
+def lidc_check(a, xml: Path) -> dict:
+    """Distance from the malignant CAM peak (most malignant slice; whole volume) to the
+    readers' outline of the malignancy >= 4 nodule."""
+    nod = [n for n in nodule_masks(a.volume, parse_lidc(xml)) if (n["malignancy"] or 0) >= 4]
+    if not nod:
+        return {"error": "no outlined nodule with malignancy >= 4 in this slab"}
+    union = np.any([n["mask"] for n in nod], axis=0)
+    pts = lps_points(a.volume.image, np.argwhere(union))
+    g = grid_maps(a, "malignant")
+    k = a.predictions.labels.index("malignant")
+    p = a.predictions.probabilities[:, k]
+    top = a.batch.included[int(np.argmax(p))]
+
+    def dist(pt):
+        return round(float(np.min(np.linalg.norm(pts - pt, axis=1))), 1)
+
+    peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
+    peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
+    zs = sorted({round(float(v), 1) for v in pts[:, 2]})
+    return {"nodule_z_mm": [zs[0], zs[-1]],
+            "p_malignant_per_slice": [round(float(v), 3) for v in p],
+            "cam_peak_most_malignant_slice_to_outline_mm": dist(grid_lps(a.batch.grid, (top.z, *peak2d))),
+            "cam_peak_volume_to_outline_mm": dist(grid_lps(a.batch.grid, peak3d))}
+
+
+def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0) -> dict:
+    """Insert one hypo-attenuating lesion into the pancreas (TotalSegmentator label 7) and
+    check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices."""
+    from dicompipe import explain, io, preprocess
+    from dicompipe.model import predict
+    vol = io.load(io.select(io.discover(series)))
+    lab = sitk.DICOMOrient(sitk.ReadImage(str(seg)), "LPS")
+    lab = sitk.Resample(lab, vol.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    panc = sitk.GetArrayFromImage(lab) == 7
+    zs = [z for z in range(panc.shape[0]) if panc[z].sum() > 50]
+    rng = np.random.default_rng(seed)
+    sp = vol.image.GetSpacing()
+    hits, rows = 0, []
+    base = sitk.GetArrayFromImage(vol.image)
+    for t in range(trials):
+        z = zs[t % len(zs)]
+        ys, xs = np.nonzero(panc[z])
+        i = int(rng.integers(len(ys)))
+        r_mm = rng.uniform(4, 15)
+        yy, xx = np.mgrid[:base.shape[1], :base.shape[2]]
+        rho = np.hypot((yy - ys[i]) * sp[1], (xx - xs[i]) * sp[0])
+        alpha = 1 / (1 + np.exp((rho - r_mm) / 1.5))
+        arr = base.copy()
+        arr[z] -= alpha * rng.uniform(20, 60)
+        img = sitk.GetImageFromArray(arr)
+        img.CopyInformation(vol.image)
+        v2 = dataclasses.replace(vol, image=img)
+        batch = preprocess.prepare(v2, bundle.spec, organ=None, select_slices=False)
+        row = next(s.row for s in batch.slices if z in s.volume_z)
+        preds = predict(bundle, batch, backend="auto")
+        cams = explain.gradcam(preds)
+        from dicompipe.preprocess.inverse import to_volume
+        k = cams.labels.index("tumour")
+        one = np.zeros_like(cams.maps[:, k])
+        one[row] = cams.maps[row, k]
+        cam = sitk.GetArrayFromImage(to_volume(batch, one))[z]
+        py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        hit = bool(alpha[py, px] > 0.5)
+        hits += hit
+        rows.append({"z": z, "radius_mm": round(r_mm, 1), "hit": hit,
+                     "p_tumour": round(float(preds.probabilities[row, k]), 3),
+                     "distance_mm": round(float(np.hypot((py - ys[i]) * sp[1], (px - xs[i]) * sp[0])), 1)})
+    p_lesion = float(np.mean([r["p_tumour"] for r in rows]))
+    return {"trials": trials, "cam_peak_in_lesion": hits / trials, "mean_p_tumour_with_lesion": round(p_lesion, 3),
+            "trials_detail": rows}
+
+
+KAGGLE = {"lung": "iq-othnccd", "pancreas": "pancreas-ct-kaggle"}
+
+
+def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Path, size: int) -> dict:
+    """A synthetic-only network (never trained on real labels) on the real leak-free test
+    part: AUROC of P(positive) (lung: malignant vs normal; pancreas: tumour vs normal)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dicompipe.model import data as D
+    from dicompipe.model.calibration import softmax
+    from dicompipe.model.metrics import auroc
+    from dicompipe.model.network import resnet50
+    from dicompipe.model.train import predict_logits
+    from dicompipe.train.run import spec_v2
+    import os
+    root = data / KAGGLE[organ]
+    spec = spec_v2(organ, size)
+    items, labels = D.scan(root, organ)
+    parts = json.loads(split_file.read_text())["parts"]
+    te = np.array([parts.get(os.path.relpath(it.path, root)) == "test" for it in items])
+    y = np.array([it.label for it in items])[te]
+    pos = labels.index(D.POSITIVE[organ][0])
+    keep = (y == 0) | (y == pos)
+    images = D.build_cache([it for it, t in zip(items, te) if t], spec,
+                           ROOT / "training" / f"cache_v2_{organ}_{size}_test.npz", log=None)
+    net = resnet50(len(labels))
+    net.load_state_dict(load_file(str(weights)))
+    torch.set_num_threads(2)
+    p = softmax(predict_logits(net, images, spec))[:, pos]
+    return {"weights": weights.name, "n_test": int(keep.sum()),
+            f"auroc_{labels[pos]}_vs_normal": round(float(auroc((y[keep] == pos).astype(int), p[keep])), 4)}
+
+
+def pixel_features(g: np.ndarray) -> np.ndarray:
+    """Grey-level statistics of one rendered slice (values in [0, 1]) inside its non-zero
+    region: mean, spread, percentiles, share of black pixels, texture (mean |Laplacian|)."""
+    inside = ndimage.binary_fill_holes(ndimage.binary_closing(g > 0.02, iterations=3))
+    v = g[inside] if inside.any() else g.ravel()
+    lap = np.abs(ndimage.laplace(g))[inside].mean() if inside.any() else 0.0
+    return np.array([v.mean(), v.std(), *np.percentile(v, [10, 25, 50, 75, 90]),
+                     (v < 0.02).mean(), lap, inside.mean()])
+
+
+def cv_logistic_auroc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """AUROC of a 5-fold cross-validated logistic regression (numpy, standardised features,
+    class-weighted, L2): can these features tell the two kinds apart?"""
+    from dicompipe.model.metrics import auroc
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    score = np.zeros(len(y))
+    for f in range(folds):
+        te = order[f::folds]
+        tr = np.setdiff1d(order, te)
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-9
+        a, b = (x[tr] - mu) / sd, (x[te] - mu) / sd
+        w, c = np.zeros(x.shape[1]), 0.0
+        cw = np.where(y[tr] == 1, 0.5 / y[tr].mean(), 0.5 / (1 - y[tr].mean()))
+        for _ in range(500):
+            p = 1 / (1 + np.exp(-(a @ w + c)))
+            g = cw * (p - y[tr])
+            w -= 0.1 * (a.T @ g / len(tr) + 1e-2 * w)
+            c -= 0.1 * g.mean()
+        score[te] = b @ w + c
+    return float(auroc(y, score))
+
+
+def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
+    """8-bit training slices vs the shared DICOM series, both rendered by ``bundle``'s spec:
+    AUROC of a probe on grey-level statistics alone (0.5 = indistinguishable)."""
+    from dicompipe import io, preprocess
+    from dicompipe.model import data as D
+    spec = bundle.spec
+    items, _ = D.scan(data / KAGGLE[organ], organ)
+    pick = np.random.default_rng(0).choice(len(items), min(n_images, len(items)), replace=False)
+    feats, kind = [], []
+    for i in pick:
+        a, windowed, _ = D.read_gray(items[i].path)
+        from dicompipe.preprocess.render import render
+        feats.append(pixel_features(render(a, spec, windowed)[0] * spec.std + spec.mean))
+        kind.append(0)
+    n_dicom = 0
+    for name, (rel, own) in SERIES.items():
+        if own != organ or not (data / rel).exists():
+            continue
+        vol = io.load(io.select(io.discover(data / rel)))
+        batch = preprocess.prepare(vol, spec, organ=organ)
+        for t in batch.tensors:
+            feats.append(pixel_features(t[0] * spec.std + spec.mean))
+            kind.append(1)
+            n_dicom += 1
+    x, y = np.array(feats), np.array(kind)
+    return {"n_8bit": int((y == 0).sum()), "n_dicom": n_dicom,
+            "probe_auroc_8bit_vs_dicom": round(cv_logistic_auroc(x, y), 3),
+            "features": "mean, sd, p10/25/50/75/90, black share, mean |Laplacian|, body share"}
+
+
+def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20) -> dict:
+    from dicompipe import model as model_stage
+    out: dict = {}
+    bundles = {"lung": model_stage.load_bundle(lung or "lung-resnet50", organ="lung", allow_untrained=True),
+               "pancreas": model_stage.load_bundle(pancreas or "pancreas-resnet50", organ="pancreas",
+                                                   allow_untrained=True)}
+    for organ, b in bundles.items():
+        out[organ] = {"bundle": f"{b.name} {b.version}", "bundle_path": str(b.path),
+                      "sha256": b.sha256, "series": {}}
+    for name, (rel, own_organ) in SERIES.items():
+        path = data / rel
+        if not path.exists():
+            continue
+        for organ, b in bundles.items():
+            try:
+                a = analyse(path, organ, b)
+            except Exception as e:                               # noqa: BLE001 - reported
+                out[organ]["series"][name] = {"error": str(e)}
+                continue
+            rec = {"verdict": verdict_summary(a), "cam_in_body": body_shares(a)}
+            if organ == "lung" and name == "lung-pet-ct-dx-a0001":
+                rec["tumour"] = lung_tumour_check(a, data / "lung-pet-ct-dx-a0001" / "tumour_boxes.json")
+            if organ == "lung" and name == "lidc-idri-0001":
+                rec["nodule"] = lidc_check(a, data / "lidc-idri-0001" / "annotations.xml")
+            out[organ]["series"][name] = rec
+    for organ, b in bundles.items():
+        if (data / KAGGLE[organ]).exists():
+            out[organ]["domain_probe"] = domain_probe(organ, b, data)
+    seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
+    if seg.exists() and lesion_trials:
+        out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
+            bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lung", help="lung bundle folder (default: built-in)")
+    ap.add_argument("--pancreas", help="pancreas bundle folder (default: built-in)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--lesion-trials", type=int, default=20)
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--synthetic-only", nargs=4, action="append", default=[],
+                    metavar=("ORGAN", "WEIGHTS", "SPLIT_JSON", "SIZE"),
+                    help="also score a synthetic-only network's safetensors on the real test part")
+    args = ap.parse_args(argv)
+    res = run(args.lung, args.pancreas, args.data, args.lesion_trials)
+    for organ, w, split, size in args.synthetic_only:
+        res.setdefault(organ, {})["synthetic_only"] = synthetic_only_scores(
+            Path(w), organ, args.data, Path(split), int(size))
+    for organ in ("lung", "pancreas"):
+        md = json.loads((Path(res[organ].get("bundle_path", "")) / "configs" / "metadata.json").read_text()) \
+            if res.get(organ, {}).get("bundle_path") else None
+        if md:
+            t = md.get("metrics", {}).get("leak_free_test", {})
+            res[organ]["leak_free_test"] = {k: t.get(k) for k in (
+                "n", "macro_auroc", "macro_auroc_ci95", "balanced_accuracy", "balanced_accuracy_ci95",
+                f"sensitivity_{'malignant' if organ == 'lung' else 'tumour'}", "ece") if k in t}
+    text = json.dumps(res, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
