@@ -403,3 +403,21 @@ def test_no_exception_escapes_discover_for_a_broken_header(tmp_path, monkeypatch
     monkeypatch.setattr(dicom_mod, "_describe_header", boom)
     with pytest.raises(NoSeriesFound, match="IndexError"):
         io.discover(files[0].parent)
+
+
+def test_jpeg2000_contradicting_its_header_is_refused_not_aborted(tmp_path):
+    """GDCM aborts the process (uncaught C++ exception) on a JPEG 2000 stream whose
+    component count contradicts PhotometricInterpretation; found by benchmarks/fuzz.py."""
+    from pydicom.data import get_testdata_file
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    ds.PhotometricInterpretation = "RGB"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    ds.save_as(tmp_path / "j.dcm")
+    (s,) = io.discover(tmp_path / "j.dcm")
+    assert not s.usable and "PhotometricInterpretation RGB" in s.unusable_reason
+    code = ("import sys; from dicompipe.io.loader import _decode_file\n"
+            "try:\n    _decode_file(sys.argv[1], '1.2.840.10008.1.2.4.90')\n"
+            "except Exception as e:\n    print('raised', type(e).__name__)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.dcm")], capture_output=True,
+                       text=True, timeout=110, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert p.returncode == 0, p.stderr[-500:]             # not -6 (SIGABRT)

@@ -736,4 +736,7 @@ def _unusable_reason(refs: list[InstanceRef], facts: dict) -> str | None:
         return "localizer/scout image"
     if refs[0].meta.get("samples", 1) != 1:
         return "colour image (SamplesPerPixel > 1), not a CT volume"
+    pi = (refs[0].meta.get("photometric") or "MONOCHROME2").upper()
+    if pi not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"PhotometricInterpretation {pi}: not a monochrome CT image"
     return None

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import pydicom
 from pydicom.pixels import pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicompipe.errors import UnreadableSeries
 from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
@@ -67,26 +67,46 @@ def _fix_bits(a: np.ndarray, m: dict) -> None:
         np.bitwise_and(a, (1 << stored) - 1, out=a)
 
 
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+_J2K = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+
+
+def _plugin(ts: str | None) -> str:
+    """pydicom decoding plugin to force: openjpeg (pylibjpeg) for JPEG 2000, because GDCM
+    aborts the whole process (an uncaught C++ exception) on a codestream whose component
+    count contradicts the header; "" (pydicom's choice) otherwise."""
+    if ts in _J2K:
+        from pydicom.pixels import get_decoder
+        try:
+            if "pylibjpeg" in get_decoder(ts).available_plugins:
+                return "pylibjpeg"
+        except Exception:  # noqa: BLE001 - no decoder registered: let pydicom say so
+            pass
+    return ""
+
+
 def _decode_file(file: str, ts: str | None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """All frames of one file as stored values (frames, rows, cols), with pydicom's
     decoders, falling back to GDCM for compressed syntaxes that pydicom's plugins decline.
 
-    Native (uncompressed) pixel data never goes to GDCM: when pydicom refuses it, it is
-    short or inconsistent, and GDCM would return a buffer of uninitialised memory. The
-    decoded frames must have the header's ``shape`` (rows, cols).
+    Only 12-bit JPEG Extended falls back to GDCM: native pixel data that pydicom refuses is
+    short or inconsistent (GDCM would return a buffer of uninitialised memory), and GDCM
+    can abort the process on a damaged JPEG 2000 stream. The decoded frames must have the
+    header's ``shape`` (rows, cols).
     """
     if ts == DeflatedExplicitVRLittleEndian:
         arr = pydicom.dcmread(file).pixel_array               # the deflated data set must be inflated
     else:
-        try:
-            arr = pixel_array(file)                           # decodes without keeping the data set
-        except Exception as first:                            # e.g. 12-bit JPEG Extended: pydicom's
-            if not (ts and UID(ts).is_valid and UID(ts).is_encapsulated):   # GDCM plugin refuses
-                raise                                                      # it, GDCM does not
+        try:                                                  # decodes without keeping the data set
+            arr = pixel_array(file, decoding_plugin=_plugin(ts))
+        except Exception:                                     # 12-bit JPEG Extended: pydicom's GDCM
+            if ts != _JPEG_EXTENDED:                          # plugin refuses it, GDCM does not
+                raise
             try:
                 arr = gdcm_frames(file)
-            except Exception:
-                raise first from None
+            except Exception as e:
+                raise ValueError(f"neither pydicom nor GDCM can decode it ({e})") from None
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
