@@ -421,3 +421,10 @@ def test_jpeg2000_contradicting_its_header_is_refused_not_aborted(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.dcm")], capture_output=True,
                        text=True, timeout=110, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert p.returncode == 0, p.stderr[-500:]             # not -6 (SIGABRT)
+
+
+def test_zero_columns_is_not_an_image(tmp_path):
+    """Found by benchmarks/fuzz.py (seed 0, case 685): Columns 0 reached the pixel reader."""
+    files = _edit(_series(tmp_path), lambda ds, i: setattr(ds, "Columns", 0))
+    with pytest.raises(NoSeriesFound, match="Rows/Columns 0"):
+        io.select(io.discover(files[0].parent))

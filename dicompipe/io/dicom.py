@@ -727,8 +727,8 @@ def _unusable_reason(refs: list[InstanceRef], facts: dict) -> str | None:
             return why
     if facts["modality"] in ("SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PR", "KO", "SEG", "REG", "DOC"):
         return f"{facts['modality']} object, not a CT image"
-    if not facts["has_pixels"] or not refs[0].meta.get("rows"):
-        return "non-image object (no pixel data)"
+    if not facts["has_pixels"] or not refs[0].meta.get("rows") or not refs[0].meta.get("cols"):
+        return "non-image object (no pixel data, or Rows/Columns 0)"
     if sop.startswith(_SECONDARY_CAPTURE):
         return "secondary capture (a screenshot-like image, no reliable geometry or HU)"
     it = facts["image_type"]
