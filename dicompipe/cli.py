@@ -110,7 +110,16 @@ def _p_analyze(sub):
     p.add_argument("--format", default=None,
                    help="comma list of outputs: txt,png,json,nifti,dicom (default: all but dicom)")
     p.add_argument("--include-phi", action="store_true",
-                   help="write patient identifiers into reports and history (off by default)")
+                   help="write patient identifiers, input paths, file names and series "
+                        "descriptions into reports, history and output (off by default: "
+                        "pseudonymised)")
+    p.add_argument("--deidentify", action="store_true",
+                   help="with --format dicom: write sr.dcm and sc/ without the patient's name, "
+                        "ID, birth date, accession number, physicians and institution "
+                        "(default: copied from the source, as a PACS needs)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the volume may take, e.g. 4G (default: 75%% of the available "
+                        "memory); larger inputs are refused before loading")
     p.add_argument("--history", help="case-history database file (default: user data dir)")
     p.add_argument("--no-history", action="store_true", help="do not record the case")
     p.add_argument("--config", help="pipeline config YAML (default: configs/<organ>.yaml)")
@@ -120,37 +129,52 @@ def _p_analyze(sub):
 
 def _cmd_analyze(args) -> int:
     from dicompipe import history, report
+    from dicompipe.io.limits import parse_size
     from dicompipe.pipeline import analyze
 
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
+    formats = report.parse_formats(args.format)
+    if not args.no_history:                 # a bad database fails before any work is done
+        history.check(args.history, input_path=args.input)
     bar = None if args.quiet else _ProgressBar()
     try:
         a = analyze(args.input, organ=args.organ, model=args.model, series=args.series,
                     device=args.device, backend=args.backend, cam=args.cam,
                     select_slices=not args.all_slices, config=args.config,
                     batch_size=args.batch_size, include_phi=args.include_phi,
-                    progress=bar)
+                    progress=bar, max_memory=max_memory)
     finally:
         if bar:
             bar.close()
-    formats = args.format.split(",") if args.format else None
     try:
         run_dir = report.write(a, args.out, formats=formats, cam_slices=args.cam_slices,
-                               include_phi=args.include_phi)
+                               include_phi=args.include_phi, deidentify=args.deidentify)
     except DicompipeError as e:
         if not args.no_history:
             history.record(a, report_dir=None, db=args.history, status="failed", reason=str(e))
         raise
     if not args.no_history:
-        history.record(a, report_dir=run_dir, db=args.history)
+        try:
+            history.record(a, report_dir=run_dir, db=args.history)
+        except DicompipeError as e:
+            raise type(e)(f"{e} The report was written to {run_dir} but is not in the "
+                          "case history.") from e
+    scrub = (lambda t: t) if args.include_phi else _redactor(a).text
     v = a.verdict
     probs = ", ".join(f"{k} {p:.2f}" for k, p in v.probabilities.items())
     print(f"{a.organ}: {v.label.upper()}{' (uncertain)' if v.uncertain else ''}  [{probs}]")
-    print(f"series: {a.series.series_description or a.series.key} ({a.series.reason})")
+    name = (a.series.series_description if args.include_phi else None) or a.series.key
+    print(f"series: {name} ({scrub(a.series.reason or '')})")
     for w in a.warnings:
-        print(f"warning: {w}")
+        print(f"warning: {scrub(w)}")
     print(f"report: {run_dir}")
     print(RESEARCH_USE)
     return 0
+
+
+def _redactor(analysis):
+    from dicompipe.phi import Redactor
+    return Redactor.for_analysis(analysis)
 
 
 class _ProgressBar:

@@ -1,7 +1,9 @@
 """Case history: every analysis recorded in a local SQLite database.
 
 One row per analysis: when, input path and content hash, study/series UID, a patient
-pseudonym (the raw patient ID/name only when the analysis was run with ``include_phi``),
+pseudonym (the raw patient ID/name only when the analysis was run with ``include_phi``;
+without it the input path is an ``I-`` pseudonym and warnings/reasons name files as
+``<input>/file-NNNN``, see :mod:`dicompipe.phi`),
 organ, verdict, calibrated probabilities, model name/version/sha256, report folder, and
 status ("done" or "failed" with the reason).
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dicompipe.errors import HistoryError
+from dicompipe.phi import Redactor
 from dicompipe.types import Analysis
 
 SCHEMA_VERSION = 1
@@ -128,6 +131,10 @@ def _connect(db: str | Path | None, *, create: bool = True) -> Iterator[tuple[sq
         _init_retrying(con, path)
         yield con, path
     except sqlite3.OperationalError as e:
+        if "full" in str(e).lower():
+            raise HistoryError(f"The disk holding the case history {path} is full ({e}); "
+                               "nothing was recorded. Free some space, or set "
+                               f"{ENV} / --history to a file on another disk.") from e
         raise HistoryError(f"Cannot use the case history {path}: {e}. If another dicompipe "
                            "is writing a lot, try again; check the file and folder are "
                            "writable.") from e
@@ -168,8 +175,10 @@ def _init(con: sqlite3.Connection, path: Path) -> None:
                            f"dicompipe understands ({SCHEMA_VERSION}). Upgrade dicompipe or use "
                            "another database.")
     if ver == 0:
+        # dicompipe creates its tables and sets user_version in one transaction, so a
+        # version-0 file with tables belongs to someone else, even with an "analyses" table
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables - {"meta", "analyses", "sqlite_sequence"}:
+        if tables:
             raise HistoryError(f"{path} is an SQLite database but not a dicompipe case history "
                                f"(tables: {', '.join(sorted(tables))}). It was left untouched; "
                                f"set {ENV} / --db to another file.")
@@ -187,8 +196,16 @@ def _init(con: sqlite3.Connection, path: Path) -> None:
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        _rollback(con)
         raise
+
+
+def _rollback(con: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open (SQLite ends it itself on a full disk, and a
+    second ROLLBACK would hide the real error behind "no transaction is active")."""
+    if con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
 
 
 def _key(con: sqlite3.Connection) -> bytes:
@@ -223,6 +240,31 @@ def content_hash(analysis: Analysis) -> str | None:
     return h.hexdigest() if files else None
 
 
+def _refuse_inside(path: Path, src: Path) -> None:
+    if src.is_dir() and _inside(path, src):
+        raise HistoryError(f"The case history {path} lies inside the analysed input {src}; "
+                           f"dicompipe never writes into its input. Set {ENV} or --history to "
+                           "a file elsewhere.")
+
+
+def check(db: str | Path | None = None, input_path=None) -> Path:
+    """Open and validate the case history now (creating it if absent), before an analysis,
+    so a bad database fails fast and no report folder is written for an analysis that
+    cannot be recorded. Returns the database path; raises :class:`HistoryError`.
+
+    Example::
+
+        >>> history.check("cases.sqlite", input_path="study/")
+        PosixPath('cases.sqlite')
+    """
+    path = _resolve(db)
+    if input_path is not None:
+        _refuse_inside(path, Path(input_path))
+    with _connect(path):
+        pass
+    return path
+
+
 def record(analysis: Analysis, *, report_dir: str | Path | None, db: str | Path | None = None,
            status: str = "done", reason: str | None = None) -> int:
     """Record one analysis (one transaction); return the new record id.
@@ -235,15 +277,15 @@ def record(analysis: Analysis, *, report_dir: str | Path | None, db: str | Path 
         raise HistoryError(f"status must be one of {', '.join(STATUSES)}, got {status!r}.")
     path = _resolve(db)
     src = Path(analysis.input)
-    if src.is_dir() and _inside(path, src):
-        raise HistoryError(f"The case history {path} lies inside the analysed input {src}; "
-                           f"dicompipe never writes into its input. Set {ENV} or --history to "
-                           "a file elsewhere.")
+    _refuse_inside(path, src)
     s, vd, m = analysis.series, analysis.verdict, analysis.model or {}
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    scrub = (lambda t: t) if analysis.include_phi else Redactor.for_analysis(analysis).text
+    real_input = str(src.resolve()) if src.exists() else str(src)
     row = dict(
-        recorded=now, analysed=analysis.created or None, status=status, reason=reason,
-        input_path=str(src.resolve()) if src.exists() else str(src),
+        recorded=now, analysed=analysis.created or None, status=status,
+        reason=scrub(reason) if reason else reason,
+        input_path=real_input,
         input_hash=content_hash(analysis), study_uid=s.study_instance_uid,
         series_uid=s.series_instance_uid,
         patient_id=s.patient_id if analysis.include_phi else None,
@@ -252,17 +294,21 @@ def record(analysis: Analysis, *, report_dir: str | Path | None, db: str | Path 
         probabilities=json.dumps({k: round(float(v), 6) for k, v in vd.probabilities.items()}),
         model_name=m.get("name"), model_version=m.get("version"), model_sha256=m.get("sha256"),
         report_dir=str(Path(report_dir).resolve()) if report_dir else None,
-        n_slices=vd.n_slices, warnings=json.dumps(list(analysis.warnings)))
+        n_slices=vd.n_slices, warnings=json.dumps([scrub(w) for w in analysis.warnings]))
     with _connect(path) as (con, p):
         con.execute("BEGIN IMMEDIATE")
         try:
-            row["patient"] = pseudonym(s.patient_id, _key(con))
+            key = _key(con)
+            row["patient"] = pseudonym(s.patient_id, key)
+            if not analysis.include_phi:
+                row["input_path"] = "I-" + hmac.new(key, real_input.encode("utf-8"),
+                                                    hashlib.sha256).hexdigest()[:12]
             cols = ", ".join(row)
             cur = con.execute(f"INSERT INTO analyses ({cols}) VALUES ({', '.join('?' * len(row))})",
                               tuple(row.values()))
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
             raise
         return int(cur.lastrowid)
 

@@ -42,7 +42,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
             device: str = "auto", backend: str = "auto", cam: bool = True,
             select_slices: bool = True, config: str | Path | None = None,
             batch_size: int = 16, include_phi: bool = False,
-            progress: Progress | None = None, allow_untrained: bool = False) -> Analysis:
+            progress: Progress | None = None, allow_untrained: bool = False,
+            max_memory=None) -> Analysis:
     """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.
 
     ``organ``: "lung", "pancreas" or "auto" (from BodyPartExamined/descriptions, else content).
@@ -52,6 +53,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     ``progress``: optional callback ``(stage, fraction, message)``; silent when None.
     ``allow_untrained``: accept a bundle whose metadata says ``"trained": false`` (tests,
     benchmarks); the CLI never sets it, so random weights never produce a printed verdict.
+    ``max_memory``: bytes (or "4G") loading may use, checked before the volume is allocated
+    (default: 75 % of the available memory; see :mod:`dicompipe.io.limits`).
     Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
     """
     from dicompipe import explain, model as model_stage, preprocess
@@ -86,7 +89,7 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     if organ != "auto":      # a wrong or untrained bundle fails before any pixel is read
         organ, organ_reason, cfg, bundle = organ_and_bundle(None)
         lap("load_model")
-    volume = io.load(chosen)
+    volume = io.load(chosen, max_memory=max_memory)
     _check_volume(volume)
     lap("load")
     if organ == "auto":
@@ -156,13 +159,14 @@ def _check_series(series) -> None:
 
 
 def _check_volume(volume) -> None:
-    """A DICOM CT must be a volume: one slice (a single image) is refused, clearly."""
-    if volume.series.kind == "dicom" and volume.shape[0] < 2:
+    """A DICOM or NIfTI CT must be a volume: one slice (a single image, a 2-D NIfTI) is
+    refused, clearly, the same way for both."""
+    if volume.series.kind in ("dicom", "nifti") and volume.shape[0] < 2:
+        what = "NIfTI" if volume.series.kind == "nifti" else "Series"
         raise UnreadableSeries(
-            f"Series {volume.series.series_description or volume.series.key} "
-            f"({volume.series.source}) has a single slice: a volume-level verdict needs a CT "
-            "volume. Point dicompipe at the folder holding the whole series (or export the "
-            "slice as PNG to analyse it as an image).")
+            f"{what} {volume.series.key} ({volume.series.source}) has a single slice: a "
+            "volume-level verdict needs a CT volume. Point dicompipe at the folder (or NIfTI) "
+            "holding the whole series (or export the slice as PNG to analyse it as an image).")
 
 
 _ORGAN_WORDS = {

@@ -349,7 +349,9 @@ class Analysis:
         return rows
 
     def to_dict(self) -> dict:
-        return {
+        """analysis.json. Without ``include_phi``, paths, file names and free text are
+        pseudonymised (see :mod:`dicompipe.phi`)."""
+        d = {
             "schema_version": self.SCHEMA_VERSION,
             "disclaimer": RESEARCH_USE,
             "created": self.created,
@@ -377,6 +379,18 @@ class Analysis:
             "timings": self.timings,
             "warnings": self.warnings,
         }
+        return d if self.include_phi else redact_dict(self, d)
+
+
+def redact_dict(analysis: "Analysis", d: dict) -> dict:
+    """``d`` (from ``analysis.to_dict()``) without patient identifiers: descriptions
+    withheld, the input path and source files pseudonymised (:mod:`dicompipe.phi`)."""
+    from dicompipe.phi import INPUT, Redactor
+    for s in [d.get("series")] + list(d.get("candidates") or []):
+        if isinstance(s, dict) and s.get("series_description"):
+            s["series_description"] = None
+    d["input"] = INPUT
+    return Redactor.for_analysis(analysis).walk(d)
 
 
 def _plain(obj, skip: set[str] = frozenset()) -> dict:

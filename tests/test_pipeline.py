@@ -54,8 +54,11 @@ def test_analyze_dicom_end_to_end(chest_dir, lung_bundle):
     d = json.loads(json.dumps(a.to_dict()))                     # JSON-ready
     assert d["verdict"]["label"] == "malignant"
     key = d["verdict"]["key_slices"][0]
+    assert key["files"] and all(f.startswith("<input>/file-") for f in key["files"])  # no PHI
+    a.include_phi = True
     files = {p.name for p in chest_dir.iterdir()}
-    assert key["files"] and all(f.split("/")[-1] in files for f in key["files"])
+    real = a.to_dict()["verdict"]["key_slices"][0]["files"]
+    assert real and all(f.split("/")[-1] in files for f in real)
     assert all(n is not None for n in key["instance_numbers"])
     assert d["slices"][1]["probabilities"]["malignant"] > 0.5
     assert d["slices"][0]["skip_reason"] and "probabilities" not in d["slices"][0]

@@ -2,8 +2,14 @@
 
 Rules: member names must be relative and stay inside the folder (no ``..``, no absolute
 paths or drive letters), symbolic links and special files are refused, the number of
-members and the total uncompressed size are bounded (counted while writing, not trusted
-from the zip headers), and encrypted members are refused.
+members and the total uncompressed size are bounded, and encrypted members are refused.
+Before anything is extracted, the sizes declared in the zip's directory are checked: their
+total against ``max_bytes`` and the free space of the temporary folder, and each large
+member's compression ratio against ``MAX_RATIO`` (a zip bomb). While writing, the bytes are
+counted again, so a lying directory cannot get past the bound either.
+
+Temporary folders are named ``dicompipe-zip-<pid>-*``; one left behind by a killed run
+(older than an hour, its process gone) is removed by the next extraction.
 
 Lifetime: the folder belongs to an :class:`ExtractedArchive`. Every ``InstanceRef``
 discovered inside it keeps a reference to that object in ``meta["keep"]``, so the folder
@@ -18,11 +24,14 @@ Example::
 """
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import stat
 import tempfile
 import weakref
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from dicompipe.errors import UnsupportedInput
@@ -30,7 +39,12 @@ from dicompipe.errors import UnsupportedInput
 #: default bounds for one archive (override with discover(max_zip_bytes=..., max_zip_members=...))
 MAX_ZIP_BYTES = 8 * 1024 ** 3
 MAX_ZIP_MEMBERS = 100_000
+#: largest uncompressed/compressed ratio accepted for a member over RATIO_MIN_BYTES
+#: (DICOM compresses 2-10x, the air around a body rarely beyond 50x; a bomb is 1000x)
+MAX_RATIO = 200
+RATIO_MIN_BYTES = 16 << 20
 _CHUNK = 1 << 20
+PREFIX = "dicompipe-zip-"
 
 
 class ExtractedArchive:
@@ -89,14 +103,19 @@ def extract_zip(zip_path, *, max_bytes: int = MAX_ZIP_BYTES,
     except (zipfile.BadZipFile, OSError) as e:
         raise UnsupportedInput(f"Cannot open {zip_path} as a zip archive ({e}). "
                                "Give the export folder itself, or re-create the zip.") from e
-    folder = Path(tempfile.mkdtemp(prefix="dicompipe-zip-", dir=tmp_dir))
+    from dicompipe.report.files import remove_stale
+    tmp_root = Path(tmp_dir) if tmp_dir else Path(tempfile.gettempdir())
+    remove_stale(tmp_root, PREFIX)
+    try:
+        _check_declared(zf, zip_path, max_bytes, max_members, tmp_root)
+    except BaseException:
+        zf.close()
+        raise
+    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=tmp_dir))
     arc = ExtractedArchive(zip_path, folder)
     try:
         with zf:
             infos = zf.infolist()
-            if len(infos) > max_members:
-                raise UnsupportedInput(f"{zip_path} has {len(infos)} members, more than the allowed "
-                                       f"{max_members}. Extract it yourself and give the folder.")
             total = 0
             for info in infos:
                 mode = info.external_attr >> 16
@@ -131,11 +150,56 @@ def extract_zip(zip_path, *, max_bytes: int = MAX_ZIP_BYTES,
     except UnsupportedInput:
         arc.cleanup()
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+    except OSError as e:
+        arc.cleanup()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UnsupportedInput(f"Cannot extract {zip_path}: no space left in the temporary "
+                                   f"folder {tmp_root}. Free space, set TMPDIR to a larger disk, "
+                                   "or extract the zip yourself and give the folder.") from e
+        raise UnsupportedInput(f"Cannot extract {zip_path}: {e}. The archive is damaged or "
+                               "unreadable; re-create it or give the folder.") from e
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, zlib.error,
+            NotImplementedError) as e:
         arc.cleanup()
         raise UnsupportedInput(f"Cannot extract {zip_path}: {e}. The archive is damaged; "
                                "re-create it or give the folder.") from e
     return arc
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def _check_declared(zf: zipfile.ZipFile, zip_path: Path, max_bytes: int, max_members: int,
+                    tmp_root: Path) -> None:
+    """Refuse, before extracting anything, a zip whose directory declares too many members,
+    more than ``max_bytes`` in all or more than the free space, or a member compressed more
+    than ``MAX_RATIO`` times (a zip bomb)."""
+    infos = zf.infolist()
+    if len(infos) > max_members:
+        raise UnsupportedInput(f"{zip_path} has {len(infos)} members, more than the allowed "
+                               f"{max_members}. Extract it yourself and give the folder.")
+    for info in infos:
+        if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise UnsupportedInput(
+                f"{zip_path}: member {info.filename!r} expands from {info.compress_size} bytes to "
+                f"{_fmt(info.file_size)} (ratio {info.file_size / max(info.compress_size, 1):.0f}:1, "
+                f"more than {MAX_RATIO}:1): a zip bomb. Refused; nothing was extracted.")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise UnsupportedInput(
+            f"{zip_path} expands to more than the allowed {_fmt(max_bytes)} ({_fmt(total)} "
+            "declared: a zip bomb or a very large export). Refused; nothing was extracted. "
+            "Extract it yourself and give the folder.")
+    try:
+        free = shutil.disk_usage(tmp_root).free
+    except OSError:
+        return
+    if total > free:
+        raise UnsupportedInput(
+            f"{zip_path} expands to {_fmt(total)} but the temporary folder {tmp_root} has "
+            f"{_fmt(free)} free. Free space, set TMPDIR to a larger disk, or extract the "
+            "zip yourself and give the folder.")
 
 
 def is_zip(path) -> bool:
@@ -144,4 +208,5 @@ def is_zip(path) -> bool:
     return p.is_file() and zipfile.is_zipfile(p)
 
 
-__all__ = ["ExtractedArchive", "extract_zip", "is_zip", "MAX_ZIP_BYTES", "MAX_ZIP_MEMBERS"]
+__all__ = ["ExtractedArchive", "extract_zip", "is_zip", "MAX_ZIP_BYTES", "MAX_ZIP_MEMBERS",
+           "MAX_RATIO"]

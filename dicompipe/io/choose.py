@@ -1,9 +1,10 @@
 """Choose the series to analyse, and say why (and why not the others).
 
 Preference, in order: usable volumes only (no localizer, SR, SC, RT, non-image), CT
-modality, at least ``min_slices`` slices, DICOM before PNG/JPG or NIfTI, ORIGINAL/PRIMARY
-before derived, axial before other orientations, then the thinnest slices, then the most
-slices. A user can force a series by SeriesInstanceUID, series number or key.
+modality, at least ``min_slices`` slices, DICOM before PNG/JPG or NIfTI, complete series
+(at least ``PARTIAL_SLICES`` slices or half the z extent of the longest candidate) before
+partial ones, ORIGINAL/PRIMARY before derived, axial before other orientations, then the thinnest
+slices, then the most slices. A user can force a series by SeriesInstanceUID, series number or key.
 
 Example::
 
@@ -41,8 +42,22 @@ def _is_original(s: SeriesInfo) -> bool:
     return not it or (it[0] == "ORIGINAL" and (len(it) < 2 or it[1] == "PRIMARY"))
 
 
-def _rank(s: SeriesInfo) -> tuple:
-    return (s.kind != "dicom", not _is_original(s), s.orientation not in ("axial", None),
+#: a series with fewer slices than this that also covers less than half the z extent of
+#: the longest candidate is a partial series: a few thin slices or a fragment must not beat
+#: the complete volume
+PARTIAL_SLICES = 10
+
+
+def _extent(s: SeriesInfo) -> float:
+    """z coverage in mm (slices × thickness; slices alone when the thickness is unknown)."""
+    th = _thickness(s)
+    return s.n_instances * (th if th != float("inf") else 1.0)
+
+
+def _rank(s: SeriesInfo, longest: tuple = (0, 0.0)) -> tuple:
+    """Sort key; ``longest`` = (most slices, largest z extent) of the eligible candidates."""
+    partial = s.n_instances < min(PARTIAL_SLICES, longest[0]) and _extent(s) < 0.5 * longest[1]
+    return (s.kind != "dicom", partial, not _is_original(s), s.orientation not in ("axial", None),
             _thickness(s), -s.n_instances, s.key)
 
 
@@ -93,7 +108,7 @@ def select(candidates: list[SeriesInfo], series=None, *, min_slices: int = 1,
         if not usable:
             raise NoSeriesFound(f"Series {series!r} under {where} is not a usable volume: "
                                 f"{hits[0].unusable_reason}. Found: {found}.")
-        chosen = min(usable, key=_rank)
+        chosen = min(usable, key=_rank)           # no partial-series rule when forced
         chosen.reason = f"forced by the user ({series if not isinstance(series, SeriesInfo) else series.key})"
         for s in cands:
             if s is not chosen:
@@ -117,28 +132,32 @@ def select(candidates: list[SeriesInfo], series=None, *, min_slices: int = 1,
             f"No usable {modality + ' ' if modality else ''}series under {where}: {details}"
             f"{'. ' + extra if extra else ''}. Point dicompipe at the folder of the CT export, or "
             "force a series with --series.")
-    eligible.sort(key=_rank)
+    longest = (max(s.n_instances for s in eligible), max(_extent(s) for s in eligible))
+    eligible.sort(key=lambda s: _rank(s, longest))
     chosen = eligible[0]
-    criteria = "DICOM before image slices, ORIGINAL/PRIMARY, axial, thinnest, then most slices"
+    criteria = (f"DICOM before image slices, at least {PARTIAL_SLICES} slices, ORIGINAL/PRIMARY, "
+                "axial, thinnest, then most slices")
     chosen.reason = (f"{_summary(chosen)}: the only usable series" if len(eligible) == 1 else
                      f"{_summary(chosen)}: best of {len(eligible)} usable series ({criteria})")
     for s in eligible[1:]:
-        why_not[id(s)] = _why_not(s, chosen)
+        why_not[id(s)] = _why_not(s, chosen, longest)
     for s in cands:
         if s is not chosen:
             s.reason = "not chosen: " + why_not[id(s)]
     return chosen
 
 
-def _why_not(s: SeriesInfo, chosen: SeriesInfo) -> str:
-    a, b = _rank(s), _rank(chosen)
-    names = ["not DICOM (image slices or NIfTI rank after DICOM)", "derived/secondary image",
-             f"{s.orientation} rather than axial"]
+def _why_not(s: SeriesInfo, chosen: SeriesInfo, longest: tuple = (0, 0.0)) -> str:
+    a, b = _rank(s, longest), _rank(chosen, longest)
+    names = ["not DICOM (image slices or NIfTI rank after DICOM)",
+             f"partial series: {s.n_instances} slice(s) covering {_extent(s):g} mm, fewer than "
+             f"{PARTIAL_SLICES} slices and under half the longest series' extent",
+             "derived/secondary image", f"{s.orientation} rather than axial"]
     for i, why in enumerate(names):
         if a[i] != b[i]:
             return why
-    if a[3] != b[3]:
-        return f"thicker slices ({a[3]:g} mm vs {b[3]:g} mm)"
     if a[4] != b[4]:
+        return f"thicker slices ({a[4]:g} mm vs {b[4]:g} mm)"
+    if a[5] != b[5]:
         return f"fewer slices ({s.n_instances} vs {chosen.n_instances})"
     return f"equal rank; {chosen.key} comes first by key"

@@ -201,7 +201,8 @@ def read_header(path, keep: object = None, values: _Values | None = None
     ``values`` shares converted header values between the files of one discover() call.
     """
     path = str(path)
-    with open(path, "rb") as fp:
+    with open_regular(path) as fp:
+        size = os.fstat(fp.fileno()).st_size
         fast = scan_header(fp) if _FAST_HEADERS else None
         if fast is not None:
             ds, ts, offset, length = fast
@@ -212,7 +213,18 @@ def read_header(path, keep: object = None, values: _Values | None = None
             if slow is None:
                 return None
             ds, fm, ts, offset, length = slow
-    return _describe_header(path, ds, fm, ts, offset, length, keep, values)
+    return _describe_header(path, ds, fm, ts, offset, length, keep, values, size)
+
+
+def open_regular(path):
+    """Open ``path`` for binary reading, refusing (``OSError``) anything but a regular file:
+    a FIFO or device swapped in after the folder was listed must not block the reader."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file (FIFO, socket or device); not read")
+    return os.fdopen(fd, "rb")
 
 
 def _pydicom_header(path: str, fp):
@@ -242,7 +254,7 @@ def _pydicom_header(path: str, fp):
     return ds, fm, ts, offset, length
 
 
-def _describe_header(path, ds, fm, ts, offset, length, keep, values):
+def _describe_header(path, ds, fm, ts, offset, length, keep, values, size=None):
     get = (values or _Values()).reader(ds)
     sop_class = get("SOPClassUID", _str) or _meta(fm, 0x00020002)
     if sop_class == DICOMDIR_CLASS or 0x00041220 in ds:              # DirectoryRecordSequence
@@ -283,6 +295,8 @@ def _describe_header(path, ds, fm, ts, offset, length, keep, values):
         "thickness": get("SliceThickness", _num),
         "n_frames": get("NumberOfFrames", _int, 1) or 1,
     }
+    check_layout(base, size)
+    base["thickness"] = _positive(base["thickness"])
     if keep is not None:
         base["keep"] = keep
     inst_no = get("InstanceNumber", _int)
@@ -304,7 +318,103 @@ def _describe_header(path, ds, fm, ts, offset, length, keep, values):
                 refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f, position=p, meta=meta))
         else:
             refs = [InstanceRef(str(path), sop_uid, inst_no, position=pos, meta=meta)]
+    for r in refs:
+        check_geometry(r)
     return refs, facts
+
+
+# --------------------------------------------------------------------------- validation
+#: plausibility bounds: beyond them a value is hostile or corrupt, and float32 HU would overflow
+MAX_COORD_MM = 1e7
+MAX_SPACING_MM = 1e4
+MAX_SLOPE = 1e6
+MAX_INTERCEPT = 1e7
+
+
+def _positive(v):
+    """A finite positive number, else None (SliceThickness is informative only)."""
+    return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
+def frame_bytes(m: dict) -> int:
+    """Bytes of one stored frame: Rows × Columns × SamplesPerPixel × BitsAllocated / 8."""
+    bits = m.get("bits_allocated") or 0
+    return ((m.get("rows") or 0) * (m.get("cols") or 0) * (m.get("samples") or 1) * bits + 7) // 8
+
+
+def check_layout(m: dict, file_size: int | None) -> None:
+    """Refuse a header whose pixel layout cannot match the bytes in the file.
+
+    Raises ``ValueError`` (the file is then skipped and counted) when BitsAllocated or
+    NumberOfFrames is invalid, or when Rows × Columns × frames × BitsAllocated/8 needs
+    more bytes than the Pixel Data element (native syntaxes) or the file holds, so a
+    hostile header can neither make the loader allocate gigabytes nor read past the data.
+
+    Example::
+
+        >>> check_layout({"rows": 512, "cols": 512, "bits_allocated": 16, "n_frames": 1,
+        ...               "ts": "1.2.840.10008.1.2.1", "pixel_length": 1000}, 2000)
+        Traceback (most recent call last):
+        ValueError: Pixel Data holds 1000 bytes but 512 x 512 x 1 frame(s) x 16 bits need 524288 ...
+    """
+    rows, cols, bits, frames = m.get("rows"), m.get("cols"), m.get("bits_allocated"), m.get("n_frames")
+    if not rows or not cols:
+        return                                     # no image: described as a non-image object
+    if rows < 0 or cols < 0 or rows > 65535 or cols > 65535:
+        raise ValueError(f"Rows x Columns {rows} x {cols} is invalid")
+    if bits is None or bits <= 0 or bits > 64:
+        raise ValueError(f"BitsAllocated {bits} is invalid (CT images use 8, 16 or 32): "
+                         "the header is corrupt")
+    if frames is None or frames < 1:
+        raise ValueError(f"NumberOfFrames {frames} is invalid")
+    need = frames * frame_bytes(m)
+    length = m.get("pixel_length")
+    ts = UID(m.get("ts") or "")
+    what = f"{rows} x {cols} x {frames} frame(s) x {bits} bits"
+    if length is not None and length != 0xFFFFFFFF and length < need:
+        raise ValueError(f"Pixel Data holds {length} bytes but {what} need {need} bytes: "
+                         "the header does not match the pixel data (corrupt or hostile file)")
+    if file_size is None:
+        return
+    if ts.is_encapsulated if ts.is_valid else False:
+        if frames > max(1, file_size // 8):          # every compressed frame has an 8-byte item
+            raise ValueError(f"NumberOfFrames {frames} is impossible in a file of {file_size} bytes")
+    elif not (ts.is_deflated if ts.is_valid else False) and need > file_size:
+        raise ValueError(f"{what} need {need} bytes but the file holds {file_size}: "
+                         "the header does not match the pixel data (corrupt or hostile file)")
+
+
+def _finite(name: str, v, bound: float) -> None:
+    vals = v if isinstance(v, tuple) else (v,)
+    if not all(math.isfinite(x) and abs(x) <= bound for x in vals):
+        raise ValueError(f"{name} {v} is not a finite, plausible value")
+
+
+def check_geometry(r: InstanceRef) -> None:
+    """Refuse NaN/inf/implausible position, orientation, pixel spacing or rescale, zero or
+    negative pixel spacing, a zero slope and a degenerate orientation (row ∥ column).
+    Raises ``ValueError`` naming the attribute (the file is skipped and counted)."""
+    m = r.meta
+    if r.position is not None:
+        _finite("ImagePositionPatient", r.position, MAX_COORD_MM)
+    if m.get("iop") is not None:
+        _finite("ImageOrientationPatient", m["iop"], 2.0)
+        row, col = np.asarray(m["iop"][:3]), np.asarray(m["iop"][3:])
+        if np.linalg.norm(np.cross(row, col)) < 0.5 or min(np.linalg.norm(row), np.linalg.norm(col)) < 0.5:
+            raise ValueError(f"ImageOrientationPatient {m['iop']} is degenerate: the row and column "
+                             "directions must be perpendicular unit vectors")
+    if m.get("spacing") is not None:
+        _finite("PixelSpacing", m["spacing"], MAX_SPACING_MM)
+        if min(m["spacing"]) <= 0:
+            raise ValueError(f"PixelSpacing {m['spacing']} must be positive")
+    for name, key, bound in (("RescaleSlope", "slope", MAX_SLOPE),
+                             ("RescaleIntercept", "intercept", MAX_INTERCEPT)):
+        if m.get(key) is not None:
+            if not isinstance(m[key], (int, float)):
+                raise ValueError(f"{name} {m[key]!r} is not a number")
+            _finite(name, float(m[key]), bound)
+    if m.get("slope") == 0:
+        raise ValueError("RescaleSlope 0 would make every pixel the same value")
 
 
 def _meta(fm, tag: int) -> str | None:
@@ -362,6 +472,11 @@ def _enhanced_refs(ds, path: Path, sop_uid, inst_no, base) -> list[InstanceRef]:
     return refs
 
 
+def _why(e: Exception) -> str:
+    """Short reason for a skipped file, e.g. ``ValueError: BitsAllocated 0 is invalid``."""
+    return f"{type(e).__name__}: {e}"[:200]
+
+
 def read_headers(files: Iterable, keep: object = None):
     """Read every file's header. Returns ([(refs, facts)], Skipped, dicomdir files)."""
     found, skipped = [], Skipped()
@@ -371,7 +486,10 @@ def read_headers(files: Iterable, keep: object = None):
             r = read_header(f, keep, values)
         except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError,
                 struct.error, AttributeError) as e:
-            skipped.unreadable.append((str(f), f"{type(e).__name__}: {e}"[:200]))
+            skipped.unreadable.append((str(f), _why(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - any other reader failure: one bad file, skipped
+            skipped.unreadable.append((str(f), _why(e)))
             continue
         if r is None:
             skipped.not_dicom.append(str(f))
@@ -609,8 +727,8 @@ def _unusable_reason(refs: list[InstanceRef], facts: dict) -> str | None:
             return why
     if facts["modality"] in ("SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PR", "KO", "SEG", "REG", "DOC"):
         return f"{facts['modality']} object, not a CT image"
-    if not facts["has_pixels"] or not refs[0].meta.get("rows"):
-        return "non-image object (no pixel data)"
+    if not facts["has_pixels"] or not refs[0].meta.get("rows") or not refs[0].meta.get("cols"):
+        return "non-image object (no pixel data, or Rows/Columns 0)"
     if sop.startswith(_SECONDARY_CAPTURE):
         return "secondary capture (a screenshot-like image, no reliable geometry or HU)"
     it = facts["image_type"]
@@ -618,4 +736,7 @@ def _unusable_reason(refs: list[InstanceRef], facts: dict) -> str | None:
         return "localizer/scout image"
     if refs[0].meta.get("samples", 1) != 1:
         return "colour image (SamplesPerPixel > 1), not a CT volume"
+    pi = (refs[0].meta.get("photometric") or "MONOCHROME2").upper()
+    if pi not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"PhotometricInterpretation {pi}: not a monochrome CT image"
     return None

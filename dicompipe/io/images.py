@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicompipe.errors import UnreadableSeries, UnsupportedInput
+from dicompipe.io.limits import BYTES_PER_VOXEL, check_budget
 from dicompipe.types import InstanceRef, SeriesInfo, Volume
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -41,8 +42,8 @@ def _size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size                      # (width, height), header only
-    except (UnidentifiedImageError, OSError):
-        return None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+        return None                             # not an image, damaged, or over PIL's pixel limit
 
 
 def discover_images(files: list[Path], source: str) -> tuple[list[SeriesInfo], list[str]]:
@@ -73,7 +74,7 @@ def discover_images(files: list[Path], source: str) -> tuple[list[SeriesInfo], l
     return out, bad
 
 
-def load_images(series: SeriesInfo, *, spacing=None) -> Volume:
+def load_images(series: SeriesInfo, *, spacing=None, max_memory=None) -> Volume:
     """Stack the slice images of ``series`` into a windowed (0..255) float32 volume.
 
     ``spacing``: (x, y, z) mm, or one number for all three; default 1 mm (with a warning).
@@ -91,6 +92,8 @@ def load_images(series: SeriesInfo, *, spacing=None) -> Volume:
             raise UnsupportedInput(f"spacing must be positive, got {spacing}")
     planes, slices = [], []
     shape = (series.rows, series.columns)
+    check_budget(series.n_instances * (series.rows or 0) * (series.columns or 0) * BYTES_PER_VOXEL,
+                 f"{series.n_instances} image(s) of {series.columns} x {series.rows}", max_memory)
     for ref in series.instances:
         try:
             with Image.open(ref.file) as im:
@@ -101,7 +104,7 @@ def load_images(series: SeriesInfo, *, spacing=None) -> Volume:
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     im = im.convert("RGBA").convert("RGB")
                 grey = np.asarray(im.convert("L"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
             warnings.append(f"skipped unreadable image {ref.file}: {e}")
             continue
         if grey.shape != shape:

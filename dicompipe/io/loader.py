@@ -29,6 +29,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicompipe.errors import UnreadableSeries
 from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
+from dicompipe.io.limits import BYTES_PER_VOXEL, check_budget
 from dicompipe.types import InstanceRef, SeriesInfo, Volume
 
 #: relative deviation of one step from the mean step still treated as uniform spacing
@@ -66,23 +67,53 @@ def _fix_bits(a: np.ndarray, m: dict) -> None:
         np.bitwise_and(a, (1 << stored) - 1, out=a)
 
 
-def _decode_file(file: str, ts: str | None) -> np.ndarray:
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+_J2K = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+
+
+def _plugin(ts: str | None) -> str:
+    """pydicom decoding plugin to force: openjpeg (pylibjpeg) for JPEG 2000, because GDCM
+    aborts the whole process (an uncaught C++ exception) on a codestream whose component
+    count contradicts the header; "" (pydicom's choice) otherwise."""
+    if ts in _J2K:
+        from pydicom.pixels import get_decoder
+        try:
+            if "pylibjpeg" in get_decoder(ts).available_plugins:
+                return "pylibjpeg"
+        except Exception:  # noqa: BLE001 - no decoder registered: let pydicom say so
+            pass
+    return ""
+
+
+def _decode_file(file: str, ts: str | None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """All frames of one file as stored values (frames, rows, cols), with pydicom's
-    decoders, falling back to GDCM for what pydicom's plugins decline."""
+    decoders, falling back to GDCM for compressed syntaxes that pydicom's plugins decline.
+
+    Only 12-bit JPEG Extended falls back to GDCM: native pixel data that pydicom refuses is
+    short or inconsistent (GDCM would return a buffer of uninitialised memory), and GDCM
+    can abort the process on a damaged JPEG 2000 stream. The decoded frames must have the
+    header's ``shape`` (rows, cols).
+    """
     if ts == DeflatedExplicitVRLittleEndian:
         arr = pydicom.dcmread(file).pixel_array               # the deflated data set must be inflated
     else:
-        try:
-            arr = pixel_array(file)                           # decodes without keeping the data set
-        except Exception as first:                            # e.g. 12-bit JPEG Extended: pydicom's
-            try:                                              # GDCM plugin refuses it, GDCM does not
+        try:                                                  # decodes without keeping the data set
+            arr = pixel_array(file, decoding_plugin=_plugin(ts))
+        except Exception:                                     # 12-bit JPEG Extended: pydicom's GDCM
+            if ts != _JPEG_EXTENDED:                          # plugin refuses it, GDCM does not
+                raise
+            try:
                 arr = gdcm_frames(file)
-            except Exception:
-                raise first from None
+            except Exception as e:
+                raise ValueError(f"neither pydicom nor GDCM can decode it ({e})") from None
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"decoded pixel array has shape {arr.shape}, expected monochrome frames")
+    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
+        raise ValueError(f"decoded frames are {arr.shape[1]} x {arr.shape[2]}, the header says "
+                         f"{shape[0]} x {shape[1]}")
     return arr
 
 
@@ -125,7 +156,7 @@ def _read_each(refs: list[InstanceRef], put, workers: int | None) -> dict[int, s
     def read_slow(item):
         file, idx = item
         try:
-            arr = _decode_file(file, refs[idx[0]].meta.get("ts"))
+            arr = _decode_file(file, refs[idx[0]].meta.get("ts"), (rows, cols))
             for i in idx:
                 put(i, arr[refs[i].frame or 0])
         except Exception as e:  # any decoder failure is a per-file warning, not a crash
@@ -220,7 +251,8 @@ def gdcm_frames(path) -> np.ndarray:
 
 
 def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
-               correct_tilt: bool = True, workers: int | None = None) -> Volume:
+               correct_tilt: bool = True, workers: int | None = None,
+               max_memory=None) -> Volume:
     """Load a DICOM :class:`SeriesInfo` (see module docstring).
 
     ``max_gap``: largest allowed gap between slices in mm before the series is refused
@@ -228,7 +260,8 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     irregular spacing are resampled to a uniform grid by linear interpolation along the
     stack (numpy, between the two neighbouring slices). ``correct_tilt``: resample a
     gantry-tilted (sheared) stack onto an orthogonal grid (False keeps the slices and
-    reports the tilt; the geometry is then that of the untilted planes).
+    reports the tilt; the geometry is then that of the untilted planes). ``max_memory``:
+    the memory budget (see :mod:`dicompipe.io.limits`), checked before the volume is allocated.
     """
     refs = list(series.instances)
     if not refs:
@@ -260,6 +293,9 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     else:
         g, t = None, np.zeros(len(refs))
 
+    check_budget(len(refs) * (m0.get("rows") or 0) * (m0.get("cols") or 0) * BYTES_PER_VOXEL,
+                 f"series {series.key} ({len(refs)} slices of {m0.get('rows')} x {m0.get('cols')}, "
+                 f"first {refs[0].file})", max_memory)
     try:
         img, failed = read_hu(refs, workers)
     except ValueError as e:                              # e.g. BitsAllocated 1 or 12
@@ -321,7 +357,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
     img.SetDirection(tuple(float(v) for v in np.column_stack([row, col, n]).ravel()))
     if tilt:
         if correct_tilt:
-            img, slices = _untilt(img, slices, origin, step * axis, n, dn, axis, row)
+            img, slices = _untilt(img, slices, origin, step * axis, n, dn, axis, row, max_memory)
             warnings.append(f"gantry tilt {tilt:.2f} deg corrected: resampled onto an orthogonal grid "
                             f"({img.GetSize()[0]}x{img.GetSize()[1]} in-plane, linear interpolation)")
         else:
@@ -369,7 +405,7 @@ def _regularise(arr, refs, t, max_gap, series):
     return out, slices, step, msg
 
 
-def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row):
+def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row, max_memory=None):
     """Resample a sheared (gantry-tilted) stack onto an orthogonal grid.
 
     ``img`` carries the untilted geometry (planes stacked along their normal ``n`` every
@@ -404,6 +440,8 @@ def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row):
     spacing = (sx, sy, step)
     size = [int(math.floor((hi[a] - lo[a]) / spacing[a] + 1e-6)) + 1 for a in range(3)]
     origin = np.asarray(p0, float) + lo[0] * u1 + lo[1] * u2 + lo[2] * u3
+    check_budget(int(np.prod(size, dtype=float)) * BYTES_PER_VOXEL,
+                 f"the tilt-corrected grid {size[0]} x {size[1]} x {size[2]}", max_memory)
     fill = float(sitk.GetArrayViewFromImage(img).min())
     out = sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
                         tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicompipe.errors import UnreadableSeries, UnsupportedInput
+from dicompipe.io.limits import BYTES_PER_VOXEL, check_budget
 from dicompipe.types import InstanceRef, SeriesInfo, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,10 +52,38 @@ def _nib_header(path: Path):
         raise UnreadableSeries(f"Cannot read NIfTI {path}: {e}") from e
 
 
+def check_size(path: Path, nimg) -> None:
+    """Refuse a header whose dimensions need more bytes than the file can hold (a 416-byte
+    ``.nii`` claiming 2048 × 2048 × 1024 voxels): nothing is allocated for it.
+
+    Uncompressed files are compared with their size; for ``.nii.gz`` the gzip trailer's
+    uncompressed size is used when the volume is under 4 GiB (the budget covers the rest).
+    """
+    shape = tuple(int(v) for v in nimg.shape)
+    if not shape or min(shape) < 1:
+        raise UnreadableSeries(f"NIfTI {path} has dimensions {shape}: no voxels.")
+    hdr = nimg.header
+    need = int(np.prod(shape, dtype=object)) * hdr.get_data_dtype().itemsize
+    offset = int(hdr.get_data_offset() or 0)
+    size = path.stat().st_size
+    have = size - offset
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+        have = int.from_bytes(tail, "little") - offset if len(tail) == 4 and need < (1 << 32) else need
+    if have < need:
+        raise UnreadableSeries(
+            f"NIfTI {path}: the header says {' x '.join(map(str, shape))} voxels of "
+            f"{hdr.get_data_dtype()} ({need} bytes) but the file holds {max(have, 0)} bytes of "
+            "data: it is truncated or its header is wrong. Refused before reading any voxel.")
+
+
 def discover_nifti(path: Path, source: str) -> SeriesInfo:
     """Describe a NIfTI file from its header (nibabel, no voxels read)."""
     import nibabel as nib
     nimg = _nib_header(path)
+    check_size(path, nimg)
     shape = nimg.shape
     zooms = nimg.header.get_zooms()
     info = SeriesInfo(key="", kind="nifti", source=str(source),
@@ -79,17 +108,33 @@ def discover_nifti(path: Path, source: str) -> SeriesInfo:
     return info
 
 
-def load_nifti(series: SeriesInfo) -> Volume:
-    """Read the NIfTI volume as float32 (scl_slope/scl_inter applied), LPS geometry."""
+def load_nifti(series: SeriesInfo, *, max_memory=None) -> Volume:
+    """Read the NIfTI volume as float32 (scl_slope/scl_inter applied), LPS geometry.
+
+    The header's size is checked against the file and ``max_memory`` (see
+    :mod:`dicompipe.io.limits`) before SimpleITK allocates the volume."""
     path = Path(series.instances[0].file)
     if not series.usable:
         raise UnreadableSeries(f"{path}: {series.unusable_reason}")
+    nimg = _nib_header(path)
+    check_size(path, nimg)
+    n = int(np.prod([int(v) for v in nimg.shape], dtype=object))
+    check_budget(n * (BYTES_PER_VOXEL + nimg.header.get_data_dtype().itemsize),
+                 f"NIfTI {path} ({' x '.join(map(str, nimg.shape))} voxels)", max_memory)
+    if nimg.header.get_data_dtype().kind in "fc":        # SimpleITK would turn NaN into 0
+        bad = int(np.size(nimg.dataobj) - np.count_nonzero(np.isfinite(np.asanyarray(nimg.dataobj))))
+        if bad:
+            raise UnreadableSeries(f"NIfTI {path}: {bad} voxel(s) are NaN or infinite, so the "
+                                   "values cannot be Hounsfield units. Fix or re-export the file.")
     try:
         img = sitk.ReadImage(str(path), sitk.sitkFloat32)
     except RuntimeError as e:
-        raise UnsupportedInput(f"SimpleITK cannot read {path} ({str(e).strip().splitlines()[-1]}). "
-                               "A NIfTI with a sheared or singular affine cannot be used; "
-                               "resample it to an orthogonal grid first.") from e
+        why = str(e).strip().splitlines()[-1]
+        hint = ("A NIfTI with a sheared or singular affine cannot be used; resample it to an "
+                "orthogonal grid first." if "orthonormal" in why.lower() or "affine" in why.lower()
+                or "direction" in why.lower() else
+                "The file may be damaged; re-export it.")
+        raise UnsupportedInput(f"SimpleITK cannot read {path} ({why}). {hint}") from e
     if img.GetDimension() == 4:
         size = list(img.GetSize())
         img = sitk.Extract(img, size[:3] + [0], [0, 0, 0, 0])

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from dicompipe.errors import NoSeriesFound, UnsupportedInput
@@ -38,8 +39,12 @@ class Discovery(list):
         return self.skipped.summary()
 
 
-def _walk(folder: Path) -> list[Path]:
-    """Every regular file under ``folder`` (recursive, sorted; symlinked folders not followed)."""
+def _walk(folder: Path, skipped: Skipped | None = None) -> list[Path]:
+    """Every regular file under ``folder`` (recursive, sorted; symlinked folders not followed).
+
+    FIFOs, sockets and devices are never opened (reading one could block forever), and a
+    symbolic link that loops or points nowhere is skipped; both are counted in ``skipped``.
+    """
     out, stack = [], [str(folder)]
     while stack:
         d = stack.pop()
@@ -48,11 +53,34 @@ def _walk(folder: Path) -> list[Path]:
         except OSError:
             continue
         for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
-            elif e.is_file():
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                    continue
+                st = os.stat(e.path)                       # follows links: ELOOP for a loop
+            except OSError as err:
+                if skipped is not None:
+                    skipped.unreadable.append((e.path, f"cannot open: {err.strerror or err}"))
+                continue
+            if stat.S_ISREG(st.st_mode):
                 out.append(Path(e.path))
+            elif skipped is not None and not stat.S_ISDIR(st.st_mode):
+                skipped.unreadable.append((e.path, "not a regular file (FIFO, socket or device); "
+                                                   "not opened"))
     return sorted(out)
+
+
+def _check_regular(src: Path) -> None:
+    """Refuse a FIFO, socket or device given as the input: opening it could block forever."""
+    try:
+        mode = os.stat(src).st_mode
+    except OSError as e:
+        raise UnsupportedInput(f"Cannot read {src}: {e.strerror or e}. Give a folder, a .zip, a "
+                               "DICOM file, an image folder or a NIfTI file.") from e
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UnsupportedInput(f"{src} is not a regular file or folder (a FIFO, socket or device); "
+                               "dicompipe does not read from it. Give a folder, a .zip, a DICOM "
+                               "file, an image folder or a NIfTI file.")
 
 
 def _dicomdir_files(path: Path) -> list[Path] | None:
@@ -61,7 +89,7 @@ def _dicomdir_files(path: Path) -> list[Path] | None:
     from pydicom.fileset import FileSet
     try:
         fs = FileSet(pydicom.dcmread(path))
-        return [Path(inst.path) for inst in fs]
+        return [Path(inst.path) for inst in fs if Path(inst.path).is_file()]   # no FIFOs
     except Exception:  # a damaged DICOMDIR: fall back to scanning its folder
         return None
 
@@ -83,13 +111,15 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
     if not src.exists():
         raise UnsupportedInput(f"{src} does not exist. Give a folder, a .zip, a DICOM file, "
                                "an image folder or a NIfTI file.")
+    _check_regular(src)
     archive = None
     root = src
+    skipped = Skipped()
     if src.is_file() and is_zip(src):
         archive = extract_zip(src, max_bytes=max_zip_bytes, max_members=max_zip_members)
         root = archive.path
     if root.is_dir():
-        files = _walk(root)
+        files = _walk(root, skipped)
     elif is_nifti(root) or is_image_file(root):
         files = [root]
     else:
@@ -97,12 +127,11 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
         listed = None
         if root.name.upper() == "DICOMDIR" or _is_dicomdir(root):
             listed = _dicomdir_files(root)
-            files = listed if listed is not None else _walk(root.parent)
+            files = listed if listed is not None else _walk(root.parent, skipped)
 
     images = [f for f in files if is_image_file(f)]
     niftis = [f for f in files if is_nifti(f)]
     others = [f for f in files if not is_image_file(f) and not is_nifti(f)]
-    skipped = Skipped()
     nested_zips = [f for f in others if f.suffix.lower() == ".zip"]
     skipped.not_dicom += [str(f) for f in nested_zips]
     others = [f for f in others if f.suffix.lower() != ".zip"]
@@ -117,7 +146,7 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
         try:
             out.append(discover_nifti(f, str(src)))
         except Exception as e:  # noqa: BLE001 - a damaged NIfTI is skipped like a damaged DICOM
-            skipped.unreadable.append((str(f), str(e)[:200]))
+            skipped.unreadable.append((str(f), str(e)[:400]))
     _keys(out)
     if archive is not None:
         for s in out:

@@ -56,14 +56,16 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
 
 
 def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[str] | None = None,
-          cam_slices: str = "key", include_phi: bool = False) -> Path:
+          cam_slices: str = "key", include_phi: bool = False, deidentify: bool = False) -> Path:
     """Write the reports of ``analysis`` into a new run folder under ``out_dir``; return it.
 
     ``formats``: any of txt, png, json, nifti, dicom (default: all but dicom).
     ``cam_slices``: "key" (annotated PNGs of the key slices), "all" (also one per analysed
-    slice under ``slices/``) or "none". ``include_phi``: patient identifiers in report.txt
-    and analysis.json (DICOM outputs always carry the source's patient module, which a PACS
-    needs to file them with the study).
+    slice under ``slices/``) or "none". ``include_phi``: patient identifiers, input paths,
+    file names and series descriptions in report.txt and analysis.json (otherwise
+    pseudonymised). DICOM outputs carry the source's patient module, which a PACS needs to
+    file them with the study, whatever ``include_phi`` says; ``deidentify=True`` writes them
+    without it (:func:`dicompipe.report.dicom_source.deidentify`).
     Raises :class:`ReportError` (nothing is left behind) when something cannot be written.
     """
     fmts = parse_formats(formats)
@@ -85,12 +87,17 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
             _write_nifti(analysis, stage, written, notes)
         if "dicom" in fmts:
             from dicompipe.report import dicom_sc, dicom_sr
-            dicom_sr.write(analysis, stage / "sr.dcm", ctx)
+            dicom_sr.write(analysis, stage / "sr.dcm", ctx, deidentify=deidentify)
             written.append("sr.dcm")
-            for p in dicom_sc.write(analysis, stage / "sc", ctx, images=key_rgb):
+            for p in dicom_sc.write(analysis, stage / "sc", ctx, images=key_rgb,
+                                    deidentify=deidentify):
                 written.append(f"sc/{p.name}")
-            notes.append("sr.dcm and sc/ carry the source's patient and study attributes "
-                         "(required to file them with the study), whatever --include-phi says.")
+            notes.append("sr.dcm and sc/ are de-identified (--deidentify): patient name and ID "
+                         "replaced, birth date, accession, physicians and institution removed; "
+                         "UIDs kept." if deidentify else
+                         "sr.dcm and sc/ carry the source's patient and study attributes "
+                         "(required to file them with the study), whatever --include-phi says; "
+                         "use --deidentify to write them without.")
         listing = sorted(written + [n for n, f in (("analysis.json", "json"),
                                                    ("report.txt", "txt")) if f in fmts])
         if "json" in fmts:

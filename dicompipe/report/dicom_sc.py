@@ -89,8 +89,10 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
 
 
 def write(analysis: Analysis, folder: str | Path, ctx: SourceContext | None = None, *,
-          images: dict[int, np.ndarray] | None = None) -> list[Path]:
-    """Write the SC series as ``folder/key_NN.dcm`` (atomic per file); returns the paths."""
+          images: dict[int, np.ndarray] | None = None, deidentify: bool = False) -> list[Path]:
+    """Write the SC series as ``folder/key_NN.dcm`` (atomic per file); returns the paths.
+    ``deidentify``: without the patient's identifiers (see :func:`dicom_source.deidentify`)."""
+    from dicompipe.report.dicom_source import deidentify as _deid
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ def write(analysis: Analysis, folder: str | Path, ctx: SourceContext | None = No
         raise ReportError(f"Cannot create {folder}: {e.strerror or e}.") from e
     paths = []
     for sc in build(analysis, ctx, images=images):
+        if deidentify:
+            _deid(sc)
         p = folder / f"key_{int(sc.InstanceNumber):02d}.dcm"
         with atomic_path(p) as tmp:
             sc.save_as(tmp, enforce_file_format=True)

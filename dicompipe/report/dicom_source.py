@@ -146,3 +146,62 @@ def patient_study(ds: Dataset) -> dict:
                 accession_number=get("AccessionNumber"), study_id=get("StudyID"),
                 study_date=get("StudyDate"), study_time=get("StudyTime"),
                 referring_physician_name=get("ReferringPhysicianName"))
+
+
+#: emptied (type 2 in the SR/SC IODs) by :func:`deidentify`
+DEID_EMPTY = ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName",
+              "StudyID")
+#: removed, wherever they occur (sequences included), by :func:`deidentify`
+DEID_REMOVE = ("PatientBirthTime", "PatientAge", "PatientWeight", "PatientSize",
+               "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+               "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
+               "IssuerOfPatientID", "EthnicGroup", "PatientComments", "MilitaryRank",
+               "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+               "StationName", "OperatorsName", "PerformingPhysicianName",
+               "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician",
+               "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+               "AdditionalPatientHistory", "StudyDescription", "DeviceSerialNumber",
+               "RequestAttributesSequence", "PersonName")
+
+
+def deidentify(ds: Dataset, study_uid: str | None = None) -> Dataset:
+    """De-identify a derived object (SR, SC) in place for ``--deidentify`` and return it.
+
+    PatientName becomes ``ANONYMOUS``; PatientID ``ANON-`` + 12 hex digits of a hash of the
+    StudyInstanceUID (stable per study, not derived from the real ID); birth date, sex,
+    accession number, referring physician and study ID are emptied; institution, operators,
+    other physicians, addresses and other patient attributes are removed wherever they
+    occur. UIDs (so the SR still references the source images) and study dates are kept.
+    ``PatientIdentityRemoved`` is ``YES`` and ``DeidentificationMethod`` says the above.
+
+    Example::
+
+        >>> sr = deidentify(pydicom.dcmread("sr.dcm"))
+        >>> sr.PatientName, sr.PatientIdentityRemoved
+        ('ANONYMOUS', 'YES')
+    """
+    import hashlib
+
+    def scrub(d: Dataset):
+        for kw in DEID_REMOVE:
+            if kw in d:
+                del d[kw]
+        for kw in DEID_EMPTY:
+            if kw in d:
+                d[kw].value = ""
+        for kw in ("PatientName", "PatientID"):
+            if kw in d:
+                d[kw].value = "ANONYMOUS" if kw == "PatientName" else pid
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    scrub(item)
+
+    uid = str(study_uid or ds.get("StudyInstanceUID") or "")
+    pid = "ANON-" + hashlib.sha256(uid.encode()).hexdigest()[:12]
+    scrub(ds)
+    ds.PatientName, ds.PatientID = "ANONYMOUS", pid
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = ("dicompipe --deidentify: name/ID replaced; birth date, sex, "
+                                 "accession, physicians, institution removed; UIDs and dates kept")
+    return ds

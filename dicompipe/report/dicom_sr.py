@@ -137,9 +137,14 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
         raise ReportError(f"Cannot build the DICOM SR for {analysis.input}: {e}") from e
 
 
-def write(analysis: Analysis, path: str | Path, ctx: SourceContext | None = None) -> Path:
-    """Build the SR and write it atomically to ``path``; returns ``path``."""
+def write(analysis: Analysis, path: str | Path, ctx: SourceContext | None = None, *,
+          deidentify: bool = False) -> Path:
+    """Build the SR and write it atomically to ``path``; returns ``path``. ``deidentify``:
+    without the patient's identifiers (see :func:`dicom_source.deidentify`)."""
     sr = build(analysis, ctx)
+    if deidentify:
+        from dicompipe.report.dicom_source import deidentify as _deid
+        _deid(sr)
     path = Path(path)
     with atomic_path(path) as tmp:
         sr.save_as(tmp, enforce_file_format=True)

@@ -72,15 +72,67 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "-", s).strip("-").lower() or "run"
 
 
+#: leftovers of a killed run older than this (seconds) whose process is gone are removed
+STALE_AFTER_S = 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True                       # exists (another user's), or cannot tell: keep
+    return True
+
+
+def remove_stale(folder: str | Path, prefix: str, suffix: str = "",
+                 older_than: float = STALE_AFTER_S) -> list[Path]:
+    """Remove folders ``<folder>/<prefix><pid>-*<suffix>`` left by killed runs: only those
+    older than ``older_than`` seconds whose process ``pid`` is gone (names without a pid,
+    from older versions, only by age). Symbolic links and files are never touched. Returns
+    what was removed; errors are ignored (another run may be removing the same folder).
+
+    Example::
+
+        >>> remove_stale("runs", ".dicompipe-run-", ".partial")
+        [PosixPath('runs/.dicompipe-run-4242-k2j1.partial')]
+    """
+    import time
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not (e.name.startswith(prefix) and e.name.endswith(suffix)):
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or now - e.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+        except OSError:
+            continue
+        head = e.name[len(prefix):].split("-", 1)[0]
+        if head.isdigit() and _pid_alive(int(head)):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    return removed
+
+
 def staging_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (with parents) and a hidden staging folder inside it.
+    """Create ``out_dir`` (with parents) and a hidden staging folder inside it
+    (``.dicompipe-run-<pid>-*.partial``); stale ones of killed runs are removed first.
 
     Raises :class:`ReportError` naming the folder when it cannot be created or written.
     """
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".dicompipe-run-", suffix=".partial", dir=out))
+        remove_stale(out, ".dicompipe-run-", ".partial")
+        stage = Path(tempfile.mkdtemp(prefix=f".dicompipe-run-{os.getpid()}-", suffix=".partial",
+                                      dir=out))
         os.chmod(stage, DIR_MODE)
         return stage
     except OSError as e:

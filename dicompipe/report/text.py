@@ -1,6 +1,7 @@
 """``report.txt``: the human-readable report of one analysis.
 
-Sections: disclaimer, input provenance (patient identifiers only with ``include_phi``),
+Sections: disclaimer, input provenance (patient identifiers, paths, file names and
+SeriesDescription only with ``include_phi``; otherwise pseudonymised, see :mod:`dicompipe.phi`),
 model, verdict with calibrated probability per class and the uncertain band, key slices
 (InstanceNumber, SOPInstanceUID), analysed/skipped slices and why, explanation, warnings,
 timings, and the files written.
@@ -59,7 +60,7 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
 
     out += _h("Input")
     out += [_kv("Path", a.input), _kv("Kind", s.kind),
-            _kv("Series", s.series_description or s.key),
+            _kv("Series", (s.series_description if include_phi else None) or s.key),
             _kv("Series number", s.series_number), _kv("Modality", s.modality),
             _kv("StudyInstanceUID", s.study_instance_uid or "(missing in source)"),
             _kv("SeriesInstanceUID", s.series_instance_uid or "(missing in source)"),
@@ -77,7 +78,8 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         out.append(_kv("Other series", len(others)))
         for c in others:
             why = c.unusable_reason if not c.usable else "usable, not chosen"
-            out.append(f"    - {c.series_description or c.key} ({c.n_instances} inst.): {why}")
+            name = (c.series_description if include_phi else None) or c.key
+            out.append(f"    - {name} ({c.n_instances} inst.): {why}")
     if include_phi:
         out += [_kv("Patient ID", s.patient_id), _kv("Patient name", s.patient_name),
                 _kv("Study date", s.study_date)]
@@ -187,7 +189,10 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         out += _h("Files in this folder")
         out += [f"  {f}" for f in files]
     out += ["", RESEARCH_USE, ""]
-    return "\n".join(out)
+    if include_phi:
+        return "\n".join(out)
+    from dicompipe.phi import Redactor
+    return Redactor.for_analysis(a).text("\n".join(out))
 
 
 def write(analysis: Analysis, path: str | Path, *, include_phi: bool = False,
