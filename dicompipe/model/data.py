@@ -166,8 +166,8 @@ def build_cache(items: list[Item], spec: PreprocessSpec, cache_file: str | Path 
 
 
 def to_input(u8: torch.Tensor, spec: PreprocessSpec, size: int | None = None) -> torch.Tensor:
-    """uint8 (n, s, s) -> normalised float (n, C, size, size), channels_last."""
-    x = u8.float().div_(255.0)[:, None]
+    """uint8 (n, s, s), or float in [0, 1], -> normalised float (n, C, size, size), channels_last."""
+    x = (u8.float().div_(255.0) if u8.dtype == torch.uint8 else u8.float())[:, None]
     if size and size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=size < x.shape[-1])
