@@ -318,7 +318,7 @@ class Verdict:
     @property
     def class_label(self) -> str:
         """The class the aggregated probabilities favour (``label`` unless not assessable)."""
-        return self.model_label or self.label
+        return self.label if self.assessable else (self.model_label or self.label)
 
     @property
     def evidence(self) -> str:
