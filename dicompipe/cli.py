@@ -162,7 +162,16 @@ def _cmd_analyze(args) -> int:
     scrub = (lambda t: t) if args.include_phi else _redactor(a).text
     v = a.verdict
     probs = ", ".join(f"{k} {p:.2f}" for k, p in v.probabilities.items())
-    print(f"{a.organ}: {v.label.upper()}{' (uncertain)' if v.uncertain else ''}  [{probs}]")
+    if v.assessable:
+        print(f"{a.organ}: {v.label.upper()}{' (uncertain)' if v.uncertain else ''}  [{probs}]")
+    else:
+        print(f"{a.organ}: {v.label.upper()} ({v.reason})  [model output, for transparency "
+              f"only: {probs}]")
+    from dicompipe.model.confidence import confidence_of, performance_text
+    conf = confidence_of(a)
+    print(f"confidence: {conf.status}" + (f" ({conf.reasons[0].split(': ', 1)[-1]})"
+                                          if conf.reasons else ""))
+    print(f"measured performance: {performance_text(conf.performance)}")
     name = (a.series.series_description if args.include_phi else None) or a.series.key
     print(f"series: {name} ({scrub(a.series.reason or '')})")
     for w in a.warnings:

@@ -109,8 +109,13 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         progress=(lambda f: say("predict", 0.4 + 0.4 * f, "Classifying slices")) if progress else None)
     batch.wait_rows()
     lap("predict")
+    from dicompipe.model import calibration, confidence, ood as ood_stage
+    ood = ood_stage.check(bundle.ood(), preds.features)
+    lap("ood")
     agg = {k: v for k, v in (cfg.get("aggregation") or {}).items() if v is not None}
-    verdict = model_stage.aggregate(preds, bundle=bundle, **agg)
+    verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, **agg)
+    verdict.confidence = confidence.assess(verdict, bundle.card(),
+                                           calibration.input_kind(volume.windowed))
     lap("aggregate")
 
     cams = None
@@ -123,9 +128,19 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     if not bundle.trained:
         warnings.append(f"Model bundle {bundle.name!r} is UNTRAINED (random/fixture weights): "
                         "this verdict is meaningless.")
-    if verdict.uncertain:
+    if not verdict.assessable:
+        warnings.append(f"Not assessable: {verdict.reason} ({len(ood.out_rows)} of "
+                        f"{len(ood.scores)} analysed slices beyond the OOD threshold "
+                        f"{ood.slice_threshold:.3g}); the class probabilities are shown for "
+                        "transparency only.")
+    elif ood.out_rows:
+        warnings.append(f"{len(ood.out_rows)} of {len(ood.scores)} analysed slices are out of "
+                        "distribution (input unlike the model's training data) and were left "
+                        "out of the verdict.")
+    if verdict.assessable and verdict.uncertain:
         warnings.append(f"Uncertain verdict: top probability {max(verdict.probabilities.values()):.2f} "
-                        f"is inside the band {list(verdict.uncertain_band)}.")
+                        f"is at or below {verdict.uncertain_band[1]:.2f} (the uncertain band's "
+                        "upper end).")
     return Analysis(
         input=str(path), organ=organ, organ_reason=organ_reason, series=chosen,
         candidates=candidates, volume=volume, batch=batch, predictions=preds,

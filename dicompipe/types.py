@@ -251,8 +251,46 @@ class SlicePredictions:
 
 
 @dataclass
+class OodCheck:
+    """Out-of-distribution check of one volume's slices (``model.ood.check``).
+
+    ``available`` is False when the bundle has no OOD model (``note`` says so); then no
+    slice is left out and the volume is never called out of distribution. ``scores`` and
+    ``out_rows`` are by row of :class:`SlicePredictions`; a slice is out when its score is
+    above ``slice_threshold``; the volume is out by ``volume_rule``.
+
+    >>> OodCheck(available=False, note="not available: the bundle has no OOD model")
+    """
+
+    available: bool
+    method: str | None = None
+    scores: list[float] = field(default_factory=list)
+    slice_threshold: float | None = None
+    out_rows: list[int] = field(default_factory=list)
+    volume_rule: str | None = None
+    out_of_distribution: bool = False
+    note: str | None = None
+
+
+@dataclass
+class Confidence:
+    """How far a verdict can be trusted (``model.confidence.assess``).
+
+    ``status``: "confident", "uncertain", "outside training data" or "model not validated
+    on this kind of input"; ``reasons``: every reason that applies, worst first;
+    ``performance``: the bundle's measured test performance shown beside the verdict;
+    ``bar``: the documented bar the bundle had to meet.
+    """
+
+    status: str
+    reasons: list[str] = field(default_factory=list)
+    performance: dict[str, Any] | None = None
+    bar: str = ""
+
+
+@dataclass
 class KeySlice:
-    """A slice that drove the verdict."""
+    """A slice that decided the verdict (see ``Verdict.evidence_label``)."""
 
     row: int                    # row in SlicePredictions
     z: int                      # grid z
@@ -260,21 +298,48 @@ class KeySlice:
     instance_numbers: list[int | None]
     sop_instance_uids: list[str | None]
     files: list[str]
-    probability: float          # calibrated probability of the verdict label on this slice
+    probability: float          # calibrated probability of the evidence label on this slice
+
+
+NOT_ASSESSABLE = "not assessable"
 
 
 @dataclass
 class Verdict:
-    """Volume-level result of ``model.aggregate``."""
+    """Volume-level result of ``model.aggregate``.
+
+    ``label`` is a class, or ``NOT_ASSESSABLE`` ("not assessable") when the input is unlike
+    the model's training data (``reason`` says so; ``probabilities`` are then the model's
+    output shown for transparency only). ``model_label`` is the class with the highest
+    aggregated probability either way. ``evidence_label`` is the class whose slice
+    evidence decided the verdict under the rule; ``key_slices`` show that evidence.
+    ``uncertain``: the top probability is at or below the band's upper end.
+    """
 
     label: str
     probabilities: dict[str, float]             # calibrated, sums to 1
     uncertain: bool
-    uncertain_band: tuple[float, float]         # top probability inside this band => uncertain
+    uncertain_band: tuple[float, float]         # top probability <= band[1] => uncertain
     rule: str                                   # "topk_mean(k=5)" | "max" | "mean" | "noisy_or"
     temperature: float
     key_slices: list[KeySlice] = field(default_factory=list)
     n_slices: int = 0
+    evidence_label: str | None = None
+    model_label: str | None = None
+    assessable: bool = True
+    reason: str | None = None
+    ood: OodCheck | None = None
+    confidence: Confidence | None = None
+
+    @property
+    def class_label(self) -> str:
+        """The class the aggregated probabilities favour (``label`` unless not assessable)."""
+        return self.label if self.assessable else (self.model_label or self.label)
+
+    @property
+    def evidence(self) -> str:
+        """The class whose evidence the key slices (and their Grad-CAM) show."""
+        return self.evidence_label or self.class_label
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -326,14 +391,20 @@ class Analysis:
     created: str = ""
     include_phi: bool = False
 
-    SCHEMA_VERSION = "1.1"             # 1.1: "inference" (backend, device, threads)
+    # 1.1: "inference" (backend, device, threads); 1.2: verdict evidence_label, model_label,
+    # assessable, reason, ood, confidence; slices ood_score and excluded_reason
+    SCHEMA_VERSION = "1.2"
 
     def slice_table(self) -> list[dict]:
-        """One row per model slice: index, sources, probabilities, included/skipped and why."""
+        """One row per model slice: index, sources, probabilities, included/skipped and why,
+        and (when the bundle has an OOD model) the slice's OOD score and whether it was left
+        out of the aggregate (``excluded_reason``)."""
         labels = self.predictions.labels
         temp = self.verdict.temperature or 1.0
         from dicompipe.model.aggregate import softmax  # calibrated slice probabilities
         cal = softmax(self.predictions.logits / temp) if len(self.predictions.logits) else None
+        ood = self.verdict.ood if self.verdict.ood is not None and self.verdict.ood.available else None
+        out_rows = set(ood.out_rows) if ood else set()
         rows = []
         for s in self.batch.slices:
             r = {
@@ -345,6 +416,9 @@ class Analysis:
             }
             if s.included and cal is not None:
                 r["probabilities"] = {l: float(p) for l, p in zip(labels, cal[s.row])}
+                if ood and s.row < len(ood.scores):
+                    r["ood_score"] = float(ood.scores[s.row])
+                    r["excluded_reason"] = "out of distribution" if s.row in out_rows else None
             rows.append(r)
         return rows
 

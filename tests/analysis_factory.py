@@ -172,9 +172,10 @@ def make_analysis(dicom_dir: str | Path | None = None, *, organ: str = "lung",
                              files=[i.file for i in s.sources], probability=float(cal[r, li])))
     top = vprobs[label]
     verdict = Verdict(label=label, probabilities=vprobs,
-                      uncertain=uncertain_band[0] <= top <= uncertain_band[1],
+                      uncertain=top <= uncertain_band[1],
                       uncertain_band=uncertain_band, rule=f"topk_mean(k={kk})",
-                      temperature=temperature, key_slices=keys, n_slices=n)
+                      temperature=temperature, key_slices=keys, n_slices=n,
+                      evidence_label=label, model_label=label)
 
     # ---- CAMs: a Gaussian on the lesion, strength ~ class logit
     cams = None

@@ -43,7 +43,14 @@ def test_report_txt_content(lung):
     t = text.render(lung)
     assert RESEARCH_USE in t
     assert lung.model["sha256"] in t and lung.model["version"] in t
-    assert "MALIGNANT" in t and "Uncertain band: top probability in [0.40, 0.60]" in t
+    assert "MALIGNANT" in t
+    assert "Uncertain band [0.40, 0.60]: a top probability at or below 0.60" in t
+    # issue 13: confidence status, measured performance, evidence class, OOD availability
+    assert "Confidence status:    model not validated on this kind of input" in t
+    assert "Measured performance (the bundle's card):" in t and "not measured" in t
+    assert "Key slices (decided the verdict): evidence for malignant" in t
+    assert "Out-of-distribution:  not available: the bundle has no OOD model" in t
+    assert "ECE per input kind: not recorded in the bundle (this input: HU DICOM)" in t
     for lab, p in lung.verdict.probabilities.items():
         assert f"{lab:<12}{p:6.3f}" in t
     for k in lung.verdict.key_slices:

@@ -17,6 +17,8 @@ _PUBLIC = {
     "resnet50_from_torchvision": "bundle", "save_bundle": "bundle",
     "resnet50": "network",
     "get_backend": "backends", "predict": "predict",
+    "fit_ood": "ood", "save_ood": "ood", "load_ood": "ood", "OodModel": "ood",
+    "assess": "confidence",
 }
 __all__ = sorted([*_PUBLIC, "aggregate", "softmax"])
 

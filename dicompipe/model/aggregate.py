@@ -13,10 +13,26 @@ more than 1 they are rescaled to sum 1 (negative 0). With ``mean`` this is exact
 probability vector. A volume is abnormal when a few slices clearly are, which a per-class
 mean over a whole scan (mostly normal slices) would hide.
 
+The verdict is uncertain when its top probability is at or below the band's upper end
+(``top <= uncertain_band[1]``): a top probability below the band is no more certain.
+
+Key slices are the slices that decided the verdict under the rule, for the deciding class
+(``Verdict.evidence_label``): an abnormal verdict c is decided by c's slice probabilities;
+a negative ("normal") verdict is decided by the abnormal scores being low, so its evidence
+class is the abnormal class with the highest score (the closest contender). The key slices
+are then the slices with the highest probability of that class: the k of ``topk_mean``, the
+one of ``max``, and for ``mean``/``noisy_or`` (every slice counts) the k contributing most.
+
+With an :class:`OodCheck` (``model.ood.check``) slices out of distribution are left out of
+the aggregate; a volume out of distribution gets the label "not assessable" with the reason
+"input unlike the model's training data", and its probabilities (over all slices) are the
+model's output shown for transparency only.
+
 Example::
 
     >>> v = aggregate(preds, bundle=bundle)                 # the bundle's rule and temperature
     >>> v.label, v.probabilities, v.uncertain, v.key_slices[0].instance_numbers
+    >>> v.evidence_label                                    # whose evidence the key slices show
     >>> aggregate(preds, rule="noisy_or", temperature=1.5)
 """
 from __future__ import annotations
@@ -24,10 +40,11 @@ from __future__ import annotations
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.types import KeySlice, SlicePredictions, Verdict
+from dicompipe.types import NOT_ASSESSABLE, KeySlice, OodCheck, SlicePredictions, Verdict
 
 RULES = ("topk_mean", "max", "mean", "noisy_or")
 NEGATIVE_NAMES = ("normal", "negative", "benign_or_normal", "healthy")
+OOD_REASON = "input unlike the model's training data"
 
 
 def softmax(logits) -> np.ndarray:
@@ -50,10 +67,54 @@ def negative_index(labels: list[str]) -> int:
     return 0
 
 
+def class_scores(p: np.ndarray, rule: str, k: int, neg: int) -> np.ndarray:
+    """Volume score per class from calibrated slice probabilities ``p`` (n, K); sums to 1.
+
+    >>> class_scores(np.array([[.9, .1], [.2, .8]]), "max", 1, 0)
+    array([0.2, 0.8])
+    """
+    kk = min(k, len(p))
+    scores = np.zeros(p.shape[1])
+    for c in range(p.shape[1]):
+        if c == neg:
+            continue
+        col = p[:, c]
+        if rule == "topk_mean":
+            scores[c] = np.sort(col)[-kk:].mean()
+        elif rule == "max":
+            scores[c] = col.max()
+        elif rule == "mean":
+            scores[c] = col.mean()
+        else:
+            scores[c] = 1.0 - np.prod(1.0 - col)
+    total = scores.sum()
+    if total > 1.0:
+        scores /= total
+    scores[neg] = max(0.0, 1.0 - scores.sum())
+    return scores / scores.sum()
+
+
+def evidence_class(scores: np.ndarray, neg: int) -> int:
+    """The class whose slice evidence decided the verdict: the winner when it is abnormal,
+    else the abnormal class with the highest score (what the "normal" score was left from).
+
+    >>> evidence_class(np.array([0.8, 0.05, 0.15]), 0)
+    2
+    """
+    best = int(np.argmax(scores))
+    if best != neg or len(scores) < 2:
+        return best
+    others = [c for c in range(len(scores)) if c != neg]
+    return max(others, key=lambda c: scores[c])
+
+
 def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
               k: int | None = None, temperature: float | None = None,
-              uncertain_band=None) -> Verdict:
+              uncertain_band=None, ood: OodCheck | None = None) -> Verdict:
     """Volume verdict from slice predictions; arguments override the bundle's defaults.
+
+    ``ood``: the slices' out-of-distribution check; out slices are left out, and an out
+    volume's verdict is "not assessable" (see the module doc).
 
     >>> v = aggregate(preds, rule="topk_mean", k=5, temperature=1.2, uncertain_band=(0.4, 0.6))
     """
@@ -77,33 +138,24 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
     if n == 0:
         raise ModelError("No analysed slice to aggregate (every slice was skipped).")
 
-    p = softmax(np.asarray(preds.logits, np.float64) / temp).astype(np.float64)
+    p_all = softmax(np.asarray(preds.logits, np.float64) / temp).astype(np.float64)
+    assessable = not (ood is not None and ood.available and ood.out_of_distribution)
+    rows = np.arange(n)
+    if assessable and ood is not None and ood.available and ood.out_rows:
+        rows = np.setdiff1d(rows, np.asarray(ood.out_rows, int))
+        if len(rows) == 0:      # cannot happen with a sane volume rule; be explicit anyway
+            raise ModelError("Every analysed slice is out of distribution, but the volume rule "
+                             "did not mark the volume: check the bundle's OOD volume rule.")
+    p = p_all[rows]
     neg = negative_index(labels)
-    kk = min(k, n)
-    scores = np.zeros(len(labels))
-    for c in range(len(labels)):
-        if c == neg:
-            continue
-        col = p[:, c]
-        if rule == "topk_mean":
-            scores[c] = np.sort(col)[-kk:].mean()
-        elif rule == "max":
-            scores[c] = col.max()
-        elif rule == "mean":
-            scores[c] = col.mean()
-        else:
-            scores[c] = 1.0 - np.prod(1.0 - col)
-    total = scores.sum()
-    if total > 1.0:
-        scores /= total
-    scores[neg] = max(0.0, 1.0 - scores.sum())
-    scores /= scores.sum()
-
+    kk = min(k, len(rows))
+    scores = class_scores(p, rule, k, neg)
     best = int(np.argmax(scores))
     top = float(scores[best])
-    uncertain = band[0] <= top <= band[1]
+    uncertain = top <= band[1]
+    ev = evidence_class(scores, neg)
     n_key = 1 if rule == "max" else kk
-    order = np.argsort(-p[:, best], kind="stable")[:n_key]
+    order = rows[np.argsort(-p[:, ev], kind="stable")[:n_key]]
     by_row = {s.row: s for s in preds.batch.slices if s.included}
     keys = []
     for r in order:
@@ -114,9 +166,11 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
             row=int(r), z=s.z, volume_z=list(s.volume_z),
             instance_numbers=[i.instance_number for i in s.sources],
             sop_instance_uids=[i.sop_instance_uid for i in s.sources],
-            files=[i.file for i in s.sources], probability=float(p[r, best])))
-    return Verdict(label=labels[best],
+            files=[i.file for i in s.sources], probability=float(p_all[r, ev])))
+    return Verdict(label=labels[best] if assessable else NOT_ASSESSABLE,
                    probabilities={l: float(v) for l, v in zip(labels, scores)},
                    uncertain=bool(uncertain), uncertain_band=band,
                    rule=f"topk_mean(k={k})" if rule == "topk_mean" else rule,
-                   temperature=temp, key_slices=keys, n_slices=n)
+                   temperature=temp, key_slices=keys, n_slices=len(rows),
+                   evidence_label=labels[ev], model_label=labels[best],
+                   assessable=assessable, reason=None if assessable else OOD_REASON, ood=ood)

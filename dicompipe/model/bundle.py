@@ -6,6 +6,7 @@
                                      aggregation, calibration, trained, training, metrics,
                                      intended_use, weights {file, sha256, dtype}
     BUNDLE/models/model.safetensors  state dict of dicompipe.model.network.resnet50 (fp16 on disk)
+    BUNDLE/models/ood.safetensors    optional OOD model (arrays; metadata "ood", see model.ood)
     BUNDLE/docs/README.md            model card
 
 Weights are read with safetensors (or ``torch.load(weights_only=True)`` for ``.pt``), never
@@ -109,7 +110,7 @@ def _complete_metadata(md: dict) -> dict:
     md.setdefault("metrics", {})
     md["schema"] = SCHEMA
     order = ["schema", "name", "version", "task", "organ", "labels", "positive_labels", "network",
-             "preprocessing", "aggregation", "calibration", "trained", "training", "metrics",
+             "preprocessing", "aggregation", "calibration", "ood", "trained", "training", "metrics",
              "intended_use", "weights"]
     return {**{k: md[k] for k in order if k in md}, **{k: v for k, v in md.items() if k not in order}}
 
@@ -144,6 +145,7 @@ class Bundle:
     metadata: dict
     _net: Any = field(default=None, repr=False)
     _backends: dict = field(default_factory=dict, repr=False)   # backends.get_backend cache
+    _ood: Any = field(default=None, repr=False)
 
     name = property(lambda self: self.metadata["name"])
     version = property(lambda self: self.metadata.get("version", "0.0.0"))
@@ -194,6 +196,20 @@ class Bundle:
             self._net = net.eval()
         return self._net
 
+    def ood(self):
+        """The bundle's OOD model (:class:`dicompipe.model.ood.OodModel`, read once from
+        safetensors and sha256-checked), or None when the metadata has no ``"ood"`` entry.
+
+        >>> b.ood().slice_threshold if b.ood() else "not available"
+        """
+        entry = self.metadata.get("ood")
+        if not entry:
+            return None
+        if self._ood is None:
+            from dicompipe.model.ood import load_ood
+            self._ood = load_ood(self.path, entry)
+        return self._ood
+
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         """The linear head (weight (K, 2048), bias (K,)) as float32 — what closed-form
         Grad-CAM needs. Read from the weights file without building the network (so a
@@ -230,6 +246,8 @@ class Bundle:
             "architecture": "resnet50 (MONAI, conv1_t_stride=2)",
             "preprocessing": md.get("preprocessing"),
             "aggregation": self.aggregation, "temperature": self.temperature,
+            "calibration": md.get("calibration") or {},
+            "ood": {k: v for k, v in (md.get("ood") or {}).items() if k != "labels"} or None,
             "intended_use": md.get("intended_use", RESEARCH_USE),
             "training_data": tr.get("data") or tr.get("dataset") or tr.get("datasets"),
             "training": {k: v for k, v in tr.items() if not isinstance(v, (list, dict)) or k in
@@ -278,6 +296,8 @@ def load_bundle(name_or_path, *, organ: str | None = None, allow_untrained: bool
             raise ModelError(f"Weights {wf} do not match the sha256 in {b.path / METADATA_FILE} "
                              f"(file {digest[:12]}…, expected {str(b.sha256)[:12]}…): the file is "
                              "corrupt or was replaced. Restore the bundle or re-export it.")
+        if b.metadata.get("ood"):
+            b.ood()                     # checks the OOD model's sha256 and shapes now
     return b
 
 

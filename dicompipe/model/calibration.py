@@ -48,3 +48,60 @@ def calibrate(logits: np.ndarray, y: np.ndarray) -> tuple[float, str]:
         return 1.0, ("none: the validation part is perfectly separated, so the temperature is "
                      "not identifiable (NLL falls as T -> 0); T = 1 kept")
     return fit_temperature(logits, y), "temperature scaling on the validation part (NLL)"
+
+
+# --------------------------------------------------------------------------- per input kind
+#: The kinds of input a bundle meets, as named in ``metadata["calibration"]["ece"]``: PNG/JPG
+#: slices already windowed to 8 bits, and Hounsfield-unit volumes (DICOM series or NIfTI).
+INPUT_KINDS = ("8-bit slices", "HU DICOM")
+
+
+def input_kind(windowed: bool) -> str:
+    """The input kind of a volume: "8-bit slices" when already windowed, else "HU DICOM".
+
+    >>> input_kind(True)
+    '8-bit slices'
+    """
+    return INPUT_KINDS[0] if windowed else INPUT_KINDS[1]
+
+
+def ece_by_kind(data: dict, temperature: float, bins: int = 15) -> dict:
+    """ECE of ``softmax(logits / T)`` per input kind, where data allow.
+
+    ``data``: kind -> (logits, y) of validation slices rendered the way inference renders
+    that kind, or None / empty when there are none. Every kind in :data:`INPUT_KINDS`
+    gets an entry: a float, or "not measured: no validation data of this kind".
+
+    >>> ece_by_kind({"8-bit slices": (val_logits, val_y), "HU DICOM": None}, T)
+    {'8-bit slices': 0.041, 'HU DICOM': 'not measured: no validation data of this kind'}
+    """
+    from dicompipe.model.metrics import ece
+
+    out = {}
+    for kind in dict.fromkeys([*INPUT_KINDS, *data]):
+        d = data.get(kind)
+        if d is None or len(d[1]) == 0:
+            out[kind] = "not measured: no validation data of this kind"
+        else:
+            out[kind] = ece(np.asarray(d[1]), softmax(np.asarray(d[0]) / temperature), bins)
+    return out
+
+
+def calibration_entry(temperature: float, method: str, *, fitted_on: str,
+                      ece: dict | None = None) -> dict:
+    """``metadata["calibration"]``: temperature, method, what it was fitted on, ECE per kind.
+
+    ``ece``: kind -> float or a "not measured: why" text (see :func:`ece_by_kind`); kinds
+    left out are recorded as "not measured".
+
+    >>> calibration_entry(1.7, "temperature scaling on the validation part (NLL)",
+    ...                   fitted_on="iq-othnccd validation part, 8-bit JPG slices",
+    ...                   ece={"8-bit slices": 0.04})
+    {'temperature': 1.7, 'method': '...', 'fitted_on': '...',
+     'ece': {'8-bit slices': 0.04, 'HU DICOM': 'not measured'}}
+    """
+    ece = dict(ece or {})
+    return {"temperature": float(temperature), "method": str(method),
+            "fitted_on": str(fitted_on),
+            "ece": {k: (float(v) if isinstance(v, (int, float)) else (v or "not measured"))
+                    for k, v in {**{k: ece.get(k) for k in INPUT_KINDS}, **ece}.items()}}

@@ -52,7 +52,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
 
     ctx = ctx or source_context(analysis)
     series_uid = generate_uid()
-    label = label or analysis.verdict.label
+    label = label or analysis.verdict.evidence
     out, seen = [], set()
     for im in ctx.key_images:
         if im.rank in seen:           # one image per key slice even when it has 2 sources

@@ -98,7 +98,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
     sites = [hd.sr.FindingSite(anatomic_location=site)] if site else None
 
     p = vd.probabilities
-    measurements = [hd.sr.Measurement(name=PROBABILITY, value=round(float(p[vd.label]), 6),
+    measurements = [hd.sr.Measurement(name=PROBABILITY, value=round(float(p[vd.class_label]), 6),
                                       unit=UNIT_NONE, algorithm_id=algo)]
     malignant = [l for l in p if l.lower() in MALIGNANT]
     if malignant:
@@ -108,7 +108,8 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
     groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(), identifier=f"volume verdict: {vd.label}"
-            + (" (uncertain)" if vd.uncertain else "")),
+            + (" (uncertain)" if vd.uncertain and vd.assessable else "")
+            + (f" ({vd.reason})" if not vd.assessable else "")),
         finding_type=class_code(vd.label), algorithm_id=algo, finding_sites=sites,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=FINDING,
                                                              value=class_code(vd.label))],
@@ -123,7 +124,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=CT, imaging_measurements=groups,
         referenced_images=[im.dataset for im in ctx.key_images])
-    private = any(class_code(l).scheme_designator == PRIVATE_SCHEME for l in p)
+    private = any(class_code(l).scheme_designator == PRIVATE_SCHEME for l in [*p, vd.label])
     try:
         return hd.sr.Comprehensive3DSR(
             evidence=[im.dataset for im in ctx.key_images], content=report[0],

@@ -92,13 +92,21 @@ def calibrated(analysis: Analysis) -> np.ndarray:
     return out
 
 
+def verdict_text(vd) -> str:
+    """'MALIGNANT (uncertain) P = 0.55', or 'NOT ASSESSABLE (input unlike ...)'."""
+    if not vd.assessable:
+        return f"{vd.label.upper()} ({vd.reason})"
+    return (f"{vd.label.upper()}{' (uncertain)' if vd.uncertain else ''} "
+            f"P = {vd.probabilities.get(vd.label, 0.0):.2f}")
+
+
 def slice_view(analysis: Analysis, row: int, label: str | None = None) -> SliceView:
     """The CT and CAM of the model slice in prediction row ``row`` on the source grid."""
     import SimpleITK as sitk
 
     from dicompipe.preprocess import window
 
-    label = label or analysis.verdict.label
+    label = label or analysis.verdict.evidence
     ms = next(s for s in analysis.batch.slices if s.row == row)
     vz = ms.volume_z[len(ms.volume_z) // 2] if ms.volume_z else 0
     vol = analysis.volume
@@ -176,7 +184,7 @@ def slice_figure(analysis: Analysis, row: int, label: str | None = None, *,
 
         >>> fig = slice_figure(analysis, row=3, label="malignant")
     """
-    label = label or analysis.verdict.label
+    label = label or analysis.verdict.evidence
     v = slice_view(analysis, row, label)
     fig = Figure(figsize=(11.0, 7.0), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -196,9 +204,9 @@ def slice_figure(analysis: Analysis, row: int, label: str | None = None, *,
     tax.axis("off")
     vd = analysis.verdict
     left = [
-        f"Verdict: {vd.label.upper()}{' (UNCERTAIN)' if vd.uncertain else ''}   "
-        f"P({vd.label}) = {vd.probabilities[vd.label]:.2f}",
-        "         (calibrated, whole volume)",
+        f"Verdict: {verdict_text(vd)}",
+        "         (calibrated, whole volume)" if vd.assessable else
+        "         (probabilities: transparency only)",
         f"This slice: P({label}) = {v.probability:.2f} (calibrated)" if v.probability is not None
         else "This slice: no probability",
         f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}".rstrip(),
@@ -227,14 +235,14 @@ def key_slice_figure(analysis: Analysis, key: KeySlice, label: str | None = None
     """:func:`slice_figure` for one of ``analysis.verdict.key_slices``, titled with its rank."""
     keys = analysis.verdict.key_slices
     rank = next((i for i, k in enumerate(keys) if k.row == key.row), 0) + 1
-    label = label or analysis.verdict.label
+    label = label or analysis.verdict.evidence
     return slice_figure(analysis, key.row, label,
                         title=f"Key slice {rank} of {len(keys)} - Grad-CAM for '{label}'")
 
 
 def montage_figure(analysis: Analysis, label: str | None = None, *, ncols: int = 3) -> Figure:
     """All key slices side by side with the same CAM scale and one colour bar."""
-    label = label or analysis.verdict.label
+    label = label or analysis.verdict.evidence
     keys = analysis.verdict.key_slices
     n = max(1, len(keys))
     ncols = min(ncols, n)
@@ -246,8 +254,8 @@ def montage_figure(analysis: Analysis, label: str | None = None, *, ncols: int =
                           left=0.04, right=0.9, top=1 - 0.5 / height,
                           bottom=0.45 / height, hspace=0.25, wspace=0.12)
     vd = analysis.verdict
-    fig.suptitle(f"Key slices - {vd.label.upper()}{' (uncertain)' if vd.uncertain else ''} "
-                 f"P = {vd.probabilities[vd.label]:.2f}; Grad-CAM for '{label}'",
+    fig.suptitle(f"Key slices (evidence for {vd.evidence}) - {verdict_text(vd)}; "
+                 f"Grad-CAM for '{label}'",
                  fontsize=11, fontweight="bold")
     has_cam = False
     for i, k in enumerate(keys):
@@ -310,7 +318,7 @@ def slice_scores_figure(analysis: Analysis) -> Figure:
     ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
               frameon=False)
     fig.suptitle(f"Per-slice probabilities (temperature {vd.temperature:.2f}); verdict "
-                 f"{vd.label.upper()}{' (uncertain)' if vd.uncertain else ''}",
+                 f"{verdict_text(vd)}",
                  fontsize=11, fontweight="bold", x=0.08, ha="left", y=0.985)
     fig.text(0.08, 0.015, RESEARCH_USE, fontsize=7, color="#b00000")
     return fig
@@ -330,17 +338,17 @@ def probability_figure(analysis: Analysis) -> Figure:
     for y, (i, l) in zip(ys, enumerate(labels)):
         p = vd.probabilities[l]
         ax.barh(y, p, color=class_colour(l, i), height=0.6,
-                edgecolor="black" if l == vd.label else "none", lw=1.2)
+                edgecolor="black" if l == vd.class_label else "none", lw=1.2)
         ax.text(min(p + 0.01, 0.9), y, f"{p:.2f}", va="center", fontsize=9)
     ax.set_yticks(ys, labels, fontsize=9)
     for t in ax.get_yticklabels():
-        if t.get_text() == vd.label:
+        if t.get_text() == vd.class_label:
             t.set_fontweight("bold")
     ax.set_xlim(0, 1)
     ax.set_xlabel("calibrated probability (volume)", fontsize=9)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
               title=f"top P in [{lo:.2f}, {hi:.2f}]", title_fontsize=7)
-    fig.suptitle(f"Verdict: {vd.label.upper()}{' (uncertain)' if vd.uncertain else ''}  -  "
+    fig.suptitle(f"Verdict: {verdict_text(vd)}  -  "
                  f"{vd.rule}, T = {vd.temperature:.2f}, {vd.n_slices} slices",
                  fontsize=10, fontweight="bold", x=0.02, ha="left", y=1 - 0.1 / h)
     fig.text(0.02, 0.06 / h * 4, RESEARCH_USE, fontsize=7, color="#b00000")

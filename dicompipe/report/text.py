@@ -2,9 +2,11 @@
 
 Sections: disclaimer, input provenance (patient identifiers, paths, file names and
 SeriesDescription only with ``include_phi``; otherwise pseudonymised, see :mod:`dicompipe.phi`),
-model, verdict with calibrated probability per class and the uncertain band, key slices
-(InstanceNumber, SOPInstanceUID), analysed/skipped slices and why, explanation, warnings,
-timings, and the files written.
+model, verdict (or "not assessable" and why) with its confidence status, the bundle's
+measured test performance, calibrated probability per class, the uncertain band, what the
+calibration was fitted on and its ECE per input kind, the OOD check, key slices and the
+class whose evidence they show (InstanceNumber, SOPInstanceUID), analysed/skipped/left-out
+slices and why, explanation, warnings, timings, and the files written.
 
 Example::
 
@@ -19,6 +21,8 @@ import datetime as _dt
 import textwrap
 from pathlib import Path
 
+from dicompipe.model.calibration import input_kind
+from dicompipe.model.confidence import confidence_of, performance_text
 from dicompipe.report.files import write_text
 from dicompipe.types import RESEARCH_USE, Analysis
 
@@ -44,6 +48,41 @@ def _fmt_mm(v) -> str:
     if isinstance(v, (tuple, list)):
         return " x ".join(f"{x:g}" for x in v) + " mm"
     return f"{v:g} mm"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent)
+
+
+def _calibration_lines(cal: dict | None, windowed: bool) -> list[str]:
+    """What the temperature was fitted on and its ECE per input kind (this input's marked)."""
+    cal = cal or {}
+    kind = input_kind(windowed)
+    out = [_kv("Calibration", f"{cal.get('method') or 'not recorded'}")]
+    out += _wrap(f"fitted on: {cal.get('fitted_on') or 'not recorded in the bundle'}", "    ")
+    ece = cal.get("ece")
+    if not ece:
+        out.append(f"    ECE per input kind: not recorded in the bundle (this input: {kind})")
+        return out
+    for k, v in ece.items():
+        val = f"{v:.3f}" if isinstance(v, (int, float)) else (v or "not measured")
+        out.append(f"    ECE on {k}: {val}" + ("   <- this input" if k == kind else ""))
+    if kind not in ece:
+        out.append(f"    ECE on {kind} (this input): not measured")
+    return out
+
+
+def _ood_lines(ood) -> list[str]:
+    if ood is None or not ood.available:
+        return [_kv("Out-of-distribution", (ood.note if ood is not None else None)
+                    or "not available: the bundle has no OOD model")]
+    n_out, n = len(ood.out_rows), len(ood.scores)
+    state = "OUT OF DISTRIBUTION" if ood.out_of_distribution else "in distribution"
+    out = [_kv("Out-of-distribution", f"{state}: {n_out} of {n} analysed slices above the "
+               f"slice threshold {ood.slice_threshold:.4g} ({ood.method})")]
+    out += _wrap(f"volume rule: {ood.volume_rule}; slices above the threshold are left out "
+                 "of the verdict", "    ")
+    return out
 
 
 def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | None = None,
@@ -103,22 +142,45 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
             out.append(_kv(k.replace("_", " ").capitalize(), m[k]))
 
     out += _h("Verdict")
-    p_top = vd.probabilities.get(vd.label, 0.0)
-    out.append(f"  {vd.label.upper()}   calibrated probability {p_top:.3f}"
-               + ("   ** UNCERTAIN **" if vd.uncertain else ""))
+    conf = confidence_of(a)
+    p_top = vd.probabilities.get(vd.class_label, 0.0)
+    if vd.assessable:
+        out.append(f"  {vd.label.upper()}   calibrated probability {p_top:.3f}"
+                   + ("   ** UNCERTAIN **" if vd.uncertain else ""))
+    else:
+        out.append(f"  {vd.label.upper()}: {vd.reason}")
+        out += _wrap("The class probabilities below are the model's output on this input, "
+                     "shown for transparency only: they are NOT a verdict.")
+    out.append(_kv("Confidence status", conf.status))
+    out += _bullets(conf.reasons)
+    out.append("  Measured performance (the bundle's card):")
+    out += _wrap(performance_text(conf.performance), indent="    ")
+    out.append("  Confident only if:")
+    out += _wrap(f"outside the uncertain band, in distribution, and {conf.bar}", "    ")
     lo, hi = vd.uncertain_band
-    out.append(f"  Uncertain band: top probability in [{lo:.2f}, {hi:.2f}] is reported as "
-               "uncertain.")
-    out.append("  Calibrated probability per class:")
+    out.append(f"  Uncertain band [{lo:.2f}, {hi:.2f}]: a top probability at or below {hi:.2f} "
+               "is reported as uncertain.")
+    out.append("  Calibrated probability per class"
+               + (" (transparency only, not a verdict):" if not vd.assessable else ":"))
     for lab, p in vd.probabilities.items():
         bar = "#" * int(round(p * 40))
         out.append(f"    {lab:<12}{p:6.3f}  {bar}")
     out.append(_kv("Aggregation", f"{vd.rule}, temperature {vd.temperature:.3g}, "
                    f"over {vd.n_slices} slices"))
+    out += _calibration_lines(m.get("calibration"), a.volume.windowed)
+    out += _ood_lines(vd.ood)
 
-    out += _h("Key slices (drove the verdict)")
+    ev = vd.evidence
+    out += _h(f"Key slices (decided the verdict): evidence for {ev}")
+    if ev != vd.class_label and vd.assessable:
+        out += _wrap(f"The verdict is {vd.label} because the evidence for {ev} on these "
+                     f"slices was low under the rule {vd.rule}; they are the slices that "
+                     "decided it.")
+    elif not vd.assessable:
+        out += _wrap(f"Shown for transparency only: where the model's evidence for {ev} was "
+                     "strongest; the input is not assessable.")
     if vd.key_slices:
-        out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + vd.label + ')':>10}"
+        out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + ev + ')':>10}"
                    "  SOPInstanceUID")
         for i, k in enumerate(vd.key_slices, 1):
             inst = ",".join("-" if n is None else str(n) for n in k.instance_numbers) or "-"
@@ -146,6 +208,10 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         if r["included"] and "probabilities" in r:
             ps = " ".join(f"{r['probabilities'][l]:>9.3f}" for l in labels)
             status = "key" if r["z"] in keyz else "analysed"
+            if r.get("excluded_reason"):
+                status += f", left out: {r['excluded_reason']}"
+            if r.get("ood_score") is not None:
+                status += f" (OOD {r['ood_score']:.3g})"
         else:
             ps = " ".join(f"{'':>9}" for _ in labels)
             status = f"skipped: {r['skip_reason'] or '-'}"

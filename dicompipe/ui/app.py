@@ -281,7 +281,7 @@ def _viewer(res):
                 "Window", list(views.WINDOWS), key="window",
                 default=views.DEFAULT_WINDOW.get(a.organ, "Lung"))
         cams = a.cams
-        label = a.verdict.label
+        label = a.verdict.evidence
         opacity = 0.5
         c2, c3, c4 = st.columns([1, 1.1, 1])
         with c2:
@@ -291,8 +291,8 @@ def _viewer(res):
             with c3:
                 labels = list(cams.labels)
                 label = st.selectbox("Class to explain", labels, key=f"cam_label-{res['id']}",
-                                     index=labels.index(a.verdict.label)
-                                     if a.verdict.label in labels else 0)
+                                     index=labels.index(a.verdict.evidence)
+                                     if a.verdict.evidence in labels else 0)
             with c4:
                 opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="cam_opacity",
                                     disabled=not show_cam)
@@ -327,7 +327,12 @@ def _viewer(res):
             if p:
                 desc.append(" · ".join(f"{l} {views.pct(v)}" for l, v in p.items()))
             if ms.z in keys:
-                desc.append("key slice")
+                desc.append(f"key slice (evidence for {a.verdict.evidence})")
+            ood = a.verdict.ood
+            if ood is not None and ood.available and ms.row < len(ood.scores):
+                out = ms.row in ood.out_rows
+                desc.append(f"OOD score {ood.scores[ms.row]:.3g}"
+                            + (" · out of distribution, left out of the verdict" if out else ""))
         st.markdown(f'<div class="dp-caption" data-testid="slice-caption">{" · ".join(desc)}</div>',
                     unsafe_allow_html=True)
         if not ms.included:

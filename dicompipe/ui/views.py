@@ -148,29 +148,54 @@ def colorbar_html(label: str, scale: float, opacity: float = 1.0) -> str:
 
 
 # --------------------------------------------------------------------------- verdict
+def badge_html(conf) -> str:
+    """The confidence badge: exactly ``model.confidence``'s status, its reasons as tooltip."""
+    cls = "ok" if conf.status == "confident" else "unc"
+    tip = html.escape("; ".join(conf.reasons) or "outside the uncertain band, in distribution, "
+                      f"and the bundle meets the bar ({conf.bar})", quote=True)
+    return (f'<span class="dp-badge {cls}" data-testid="confidence-badge" title="{tip}">'
+            f'{html.escape(conf.status)}</span>')
+
+
 def verdict_card_html(a: Analysis, test_model: bool = False) -> str:
+    from dicompipe.model.confidence import confidence_of, performance_text
+
     v = a.verdict
-    p = v.probabilities.get(v.label, 0.0)
-    colour = class_colour(v.label, a.predictions.labels.index(v.label)
-                          if v.label in a.predictions.labels else 0)
+    conf = confidence_of(a)
+    p = v.probabilities.get(v.class_label, 0.0)
+    colour = (class_colour(v.label, a.predictions.labels.index(v.label))
+              if v.label in a.predictions.labels else "#5b6775")
     lo, hi = v.uncertain_band
-    badge = (f'<span class="dp-badge unc" title="top probability inside the uncertain band '
-             f'{pct(lo)}–{pct(hi)}">uncertain</span>' if v.uncertain else
-             '<span class="dp-badge ok">confident</span>')
+    badge = badge_html(conf)
     if test_model or not a.model.get("trained", True):
         badge += '<span class="dp-badge test">untrained model</span>'
     m = a.model
     n_skip = sum(1 for s in a.batch.slices if not s.included)
+    ood = v.ood
+    n_out = len(ood.out_rows) if ood is not None and ood.available else 0
     meta = [f"{html.escape(a.organ.title())} CT ({html.escape(a.organ_reason)}) · "
-            f"{v.n_slices} slices analysed" + (f", {n_skip} skipped" if n_skip else ""),
-            f"Uncertain band {pct(lo)}–{pct(hi)} · {html.escape(v.rule)} · "
+            f"{v.n_slices} slices in the verdict" + (f", {n_skip} skipped" if n_skip else "")
+            + (f", {n_out} out of distribution" if n_out else ""),
+            f"Key slices: evidence for <b>{html.escape(v.evidence)}</b>",
+            f"Measured performance: {html.escape(performance_text(conf.performance))}",
+            "OOD check: " + html.escape(
+                (ood.note if ood is not None and not ood.available else None)
+                or ("not available" if ood is None else
+                    f"{n_out} of {len(ood.scores)} slices above {ood.slice_threshold:.3g}")),
+            f"Uncertain at or below {pct(hi)} · {html.escape(v.rule)} · "
             f"T = {v.temperature:.2f} · model {html.escape(str(m.get('name', '?')))} "
             f"{html.escape(str(m.get('version', '')))}"]
+    if conf.reasons:
+        meta.insert(1, "Why not confident: " + html.escape("; ".join(
+            r.split(": ", 1)[-1] for r in conf.reasons)))
+    prob = (f'Calibrated probability <b>{pct(p)}</b>' if v.assessable else
+            f'{html.escape(v.reason or "")} · the model\'s output ({html.escape(v.class_label)} '
+            f'{pct(p)}) is shown for transparency only')
     return (
         f'<div class="dp-card" data-testid="verdict-card">'
         f'<div class="dp-kicker">Volume-level result</div>'
         f'<div class="dp-label" style="color:{colour}">{html.escape(v.label.title())}{badge}</div>'
-        f'<div class="dp-prob">Calibrated probability <b>{pct(p)}</b></div>'
+        f'<div class="dp-prob">{prob}</div>'
         f'<div class="dp-meta">{"<br>".join(meta)}</div>'
         f'<div class="dp-disclaimer inline">{html.escape(RESEARCH_USE)}</div></div>')
 
@@ -248,7 +273,7 @@ def z_curve(a: Analysis, current: int, n_slices: int):
         x=x, y=y, color=colour,
         tooltip=[alt.Tooltip("slice:Q"), "class:N", alt.Tooltip("probability:Q", format=".0%")]
     ).add_params(pick)
-    verdict = a.verdict.label.title()
+    verdict = a.verdict.evidence.title()           # key slices show this class's evidence
     keys = alt.Chart(df[(df["key"]) & (df["class"] == verdict)]).mark_point(
         shape="diamond", size=150, filled=False, strokeWidth=2, color="#1f2a37").encode(
         x=x, y=y, tooltip=[alt.Tooltip("slice:Q", title="key slice")])
