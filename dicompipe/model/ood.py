@@ -98,8 +98,13 @@ class OodModel:
                              f"slice, got {x.shape[1]}.")
         m = self.class_means.astype(np.float64)
         u = self.components.astype(np.float64)
-        xp, mp = x @ u.T, m @ u.T                                          # (n, d), (K, d)
-        sq = (x * x).sum(1)[:, None] - 2 * x @ m.T + (m * m).sum(1)[None]   # |x - m_k|^2
+        d = len(u)
+        # einsum without optimize runs in this thread: for products this small BLAS's thread
+        # pool costs ~20x more CPU on a busy machine (its threads spin while waiting)
+        prod = np.einsum("nc,jc->nj", x, np.concatenate([u, m]), optimize=False)
+        xp, xm = prod[:, :d], prod[:, d:]                                  # (n, d), (n, K)
+        mp = np.einsum("kc,dc->kd", m, u, optimize=False)                  # (K, d)
+        sq = (x * x).sum(1)[:, None] - 2 * xm + (m * m).sum(1)[None]       # |x - m_k|^2
         best = None
         for k in range(len(m)):
             proj = xp - mp[k]

@@ -165,7 +165,7 @@ def verdict_card_html(a: Analysis, test_model: bool = False) -> str:
     p = v.probabilities.get(v.class_label, 0.0)
     colour = (class_colour(v.label, a.predictions.labels.index(v.label))
               if v.label in a.predictions.labels else "#5b6775")
-    lo, hi = v.uncertain_band
+    hi = v.uncertain_band[1]
     badge = badge_html(conf)
     if test_model or not a.model.get("trained", True):
         badge += '<span class="dp-badge test">untrained model</span>'
