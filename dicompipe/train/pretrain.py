@@ -218,8 +218,9 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             if tfile.exists() and int(tfile.read_text() or threads) != torch.get_num_threads():
                 torch.set_num_threads(int(tfile.read_text()))
             if state["step"] % 10 == 0:
-                log(f"{name} step {state['step']} size {size} ce {float(ce.detach()):.3f} loc {float(loc.detach()):.3f} "
-                    f"lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
+                # batch CE is noisy: the mean of the last 50 steps shows whether it learns
+                log(f"{name} step {state['step']} size {size} ce {float(ce.detach()):.3f} "
+                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
             if time.time() - last_eval > eval_every_min * 60:
                 state["phase_seconds"] = time.time() - t_phase0
                 check(size, name)
