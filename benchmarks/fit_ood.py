@@ -2,8 +2,9 @@
 
 Renders the bundle's training and validation parts (its stored ``docs/split.json``) exactly
 as inference renders them, takes the pooled layer4 features of the bundle's network, fits
-:func:`dicompipe.model.ood.fit_ood` on the training part (threshold = 95th percentile of the
-validation part) and writes it into the bundle with :func:`dicompipe.model.ood.save_ood`.
+:func:`dicompipe.model.ood.fit_ood` on the training part (threshold = ``--quantile`` of the
+validation part's scores), measures the false refusals on the untouched test part and writes
+the model into the bundle with :func:`dicompipe.model.ood.save_ood`.
 
 Run: ``python -m benchmarks.fit_ood BUNDLE DATA`` (e.g. ``dicompipe/bundles/lung-resnet50
 ../shared/data/iq-othnccd``).
@@ -38,6 +39,8 @@ def main(argv=None) -> dict:
     ap.add_argument("bundle")
     ap.add_argument("data")
     ap.add_argument("--workdir", default="training")
+    ap.add_argument("--quantile", type=float, default=0.97,
+                    help="threshold = this quantile of the validation scores (default %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     b = load_bundle(args.bundle, allow_untrained=True)
@@ -45,17 +48,21 @@ def main(argv=None) -> dict:
     items, labels = D.scan(args.data, b.organ)
     parts = json.loads((Path(b.path) / "docs" / "split.json").read_text())["parts"]
     part = np.array([parts.get(os.path.relpath(it.path, args.data)) or "" for it in items])
-    keep = np.isin(part, ["train", "val"])
+    keep = np.isin(part, ["train", "val", "test"])
     sub = [it for it, k in zip(items, keep) if k]
     images = D.build_cache(sub, spec, Path(args.workdir) / f"cache_ood_{b.name}_{b.sha256[:8]}.npz")
     net = b.network().eval()
     feats = pooled_features(net, images, spec)
     y = np.array([it.label for it in sub])
-    tr = part[keep] == "train"
-    ood = fit_ood(feats[tr], y[tr], val_features=feats[~tr])
+    tr, va, te = (part[keep] == p for p in ("train", "val", "test"))
+    ood = fit_ood(feats[tr], y[tr], val_features=feats[va], quantile=args.quantile)
+    # the test part took no part in the fit or the threshold: its refusals are the honest rate
+    ood.validation["test_n"] = int(te.sum())
+    ood.validation["test_false_refusal_rate"] = float(np.mean(ood.score(feats[te]) > ood.slice_threshold))
     save_ood(b.path, ood, fitted_on=f"{Path(args.data).name}: training part (fit, {int(tr.sum())} "
-                                    f"slices) and validation part (threshold, {int((~tr).sum())} "
-                                    "slices), rendered as inference renders them")
+                                    f"slices), validation part (threshold = {args.quantile:g} "
+                                    f"quantile, {int(va.sum())} slices), test part (checked, "
+                                    f"{int(te.sum())} slices), rendered as inference renders them")
     res = {"bundle": f"{b.name} {b.version}", "threshold": ood.slice_threshold, **ood.validation}
     print(json.dumps(res))
     return res

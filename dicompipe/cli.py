@@ -231,6 +231,9 @@ def _p_train(sub):
     p.add_argument("--version", default="2.0.0", help="with --pretrain: the bundle version")
     p.add_argument("--init", help="with --pretrain: start the backbone from these safetensors "
                                   "(e.g. another organ's lesion network)")
+    p.add_argument("--cam-weight", type=float, default=3.0,
+                   help="with --pretrain: weight of the location loss that ties the class map "
+                        "to the synthetic lesion (default %(default)s)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -259,10 +262,12 @@ def _cmd_train(args) -> int:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     state = run_lesion_training(args.data, args.organ, args.split_file, workdir, phases,
-                                threads=args.threads, lr=args.lr, init=args.init, log=log)
+                                threads=args.threads, lr=args.lr, init=args.init,
+                                cam_weight=args.cam_weight, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
-                          f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g}"
+                          f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
+                          f"--cam-weight {args.cam_weight:g}"
                           + (f" --init {Path(args.init).name}" if args.init else ""),
                 "phases": [list(p) for p in phases], "steps": state["step"],
                 "backbone_init": Path(args.init).name if args.init else "random (from scratch)",
