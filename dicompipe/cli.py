@@ -224,7 +224,8 @@ def _p_train(sub):
                         "fine-tuning on the real labels (see --phases); body-masked input")
     p.add_argument("--phases", default="pretrain:46:128,finetune:32:160",
                    help="with --pretrain: NAME:MINUTES:SIZE,... (pretrain = synthetic lesions "
-                        "only; finetune = half real labels, half synthetic); the last size is "
+                        "only; finetune = half real labels, half synthetic; finetune-l4 / "
+                        "finetune-head train only layer4 + head / the head); the last size is "
                         "the bundle's input size (default %(default)s)")
     p.add_argument("--split-file", help="with --pretrain: a docs/split.json (relative path -> "
                                         "train/val/test) to use, e.g. the 1.0.0 bundle's")

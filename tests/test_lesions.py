@@ -113,3 +113,19 @@ def test_lesion_training_runs_checkpoints_and_resumes(tmp_path):
     imgs, ys, ms = synth_batch(images, [L.lung_fields(i / 255.0) for i in images], np.arange(3),
                                "lung", 3, np.random.default_rng(0))
     assert list(ys) == [0, 1, 2] and not ms[0].any() and ms[1].any() and ms[2].any()
+
+
+def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
+    from safetensors.torch import load_file
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    args = (images, y, parts, np.arange(4), ["normal", "benign", "malignant"], spec_v2("lung", 32))
+    train_lesions(*args, tmp_path, organ="lung", phases=[("pretrain", 0.01, 32)], bs=4, threads=1,
+                  log=lambda m: None)
+    before = load_file(str(tmp_path / "phase0_pretrain.safetensors"))
+    train_lesions(*args, tmp_path, organ="lung", phases=[("pretrain", 0.01, 32), ("finetune-l4", 0.01, 32)],
+                  bs=4, threads=1, log=lambda m: None)
+    after = load_file(str(tmp_path / "phase1_finetune-l4.safetensors"))
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {"layer4", "fc"}          # BatchNorm statistics included

@@ -14,6 +14,8 @@ Phases (each on the clock, resumable from ``workdir`` after any interruption):
    are the *synthetic-only* model.
 2. ``finetune`` (optional): half of each batch real labelled training slices
    (class-balanced, cross-entropy only), half synthetic (both losses), lower learning rate.
+   ``finetune-l4`` trains only layer4 and the head (the earlier layers keep the lesion
+   filters the synthetic phase learned), ``finetune-head`` only the head.
 
 Example::
 
@@ -108,6 +110,21 @@ def synthetic_check(net, images, y, masks, spec, size) -> dict:
     return {"synthetic_auroc_lesion_vs_none": float(auc), "cam_peak_in_lesion": hits / max(1, n_les)}
 
 
+#: trainable parameter prefixes per fine-tuning variant (None: all)
+TRAINABLE = {"finetune-l4": ("layer4.", "fc."), "finetune-head": ("fc.",)}
+
+
+def set_trainable(net, phase: str) -> list[torch.nn.Module]:
+    """Freeze what ``phase`` keeps fixed; returns the frozen modules (kept in eval mode so
+    their BatchNorm statistics stay those of the earlier phase)."""
+    keep = TRAINABLE.get(phase)
+    for name, prm in net.named_parameters():
+        prm.requires_grad_(keep is None or name.startswith(keep))
+    if keep is None:
+        return []
+    return [m for name, m in net.named_children() if not any(k.startswith(name + ".") for k in keep)]
+
+
 def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np.ndarray,
                   labels: list[str], spec, workdir, *, organ: str,
                   phases=(("pretrain", 40.0, 128),), lr: float = 1e-3, bs: int = 32,
@@ -186,7 +203,13 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         t_phase0 = time.time() - state["phase_seconds"]
         last_eval = time.time()
         recent: list[float] = []
-        net.train()
+        frozen = set_trainable(net, name)
+
+        def train_mode():
+            net.train()
+            for m in frozen:
+                m.eval()
+        train_mode()
         while True:
             el = time.time() - t_phase0
             if el >= budget:
@@ -224,13 +247,14 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             if time.time() - last_eval > eval_every_min * 60:
                 state["phase_seconds"] = time.time() - t_phase0
                 check(size, name)
-                net.train()
+                train_mode()
                 save()
                 last_eval = time.time()
         state["phase_seconds"] = 0.0
         state["phase"] = pi + 1
         rec = check(size, name)
         save(tag=f"phase{pi}_{name}")
+        set_trainable(net, "all")
         net.train()
         log(f"phase {name} done: {json.dumps(rec)}")
     return state
