@@ -224,6 +224,8 @@ def campaign(cases: int, seed: int = 0, max_seconds: float = 10.0, only: int | N
                 failures.append({"case": i, "what": what, "error": f"slow: {dt:.1f} s"})
                 outcome = "slow"
             counts[outcome] += 1
+            if log and outcome in ("hang", "crash", "slow"):
+                log(f"FAILURE {json.dumps(failures[-1])}")
             shutil.rmtree(folder, ignore_errors=True)
             if log and (i + 1) % 1000 == 0:
                 log(f"{i + 1} cases, {dict(counts)}")

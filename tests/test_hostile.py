@@ -190,6 +190,19 @@ def test_huge_number_of_frames_in_compressed_file(tmp_path):
         io.discover(tmp_path / "j.dcm")
 
 
+def test_huge_number_of_frames_without_an_image_is_ignored(tmp_path):
+    """Found by the 20,000-case fuzz run: a header with NumberOfFrames 1e8 but no Rows made
+    discovery build one reference per frame (minutes of CPU)."""
+    from pydicom.data import get_testdata_file
+    ds = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+    ds.NumberOfFrames = 100_000_000
+    ds.save_as(tmp_path / "plan.dcm")
+    t0 = time.process_time()
+    with pytest.raises(NoSeriesFound):
+        io.select(io.discover(tmp_path))
+    assert time.process_time() - t0 < 5
+
+
 # --------------------------------------------------------------------------- 5. FIFOs
 def test_fifo_as_input_is_refused_without_opening(tmp_path):
     os.mkfifo(tmp_path / "x.dcm")

@@ -296,6 +296,8 @@ def _describe_header(path, ds, fm, ts, offset, length, keep, values, size=None):
         "n_frames": get("NumberOfFrames", _int, 1) or 1,
     }
     check_layout(base, size)
+    if not (base["rows"] and base["cols"]):
+        base["n_frames"] = 1    # no image: NumberOfFrames means nothing (and may be hostile)
     base["thickness"] = _positive(base["thickness"])
     if keep is not None:
         base["keep"] = keep
@@ -379,6 +381,9 @@ def check_layout(m: dict, file_size: int | None) -> None:
     if ts.is_encapsulated if ts.is_valid else False:
         if frames > max(1, file_size // 8):          # every compressed frame has an 8-byte item
             raise ValueError(f"NumberOfFrames {frames} is impossible in a file of {file_size} bytes")
+    elif (ts.is_deflated if ts.is_valid else False) and need > 1100 * file_size:
+        raise ValueError(f"{what} need {need} bytes, more than deflate can hold in "
+                         f"{file_size} bytes: corrupt or hostile file")
     elif not (ts.is_deflated if ts.is_valid else False) and need > file_size:
         raise ValueError(f"{what} need {need} bytes but the file holds {file_size}: "
                          "the header does not match the pixel data (corrupt or hostile file)")
