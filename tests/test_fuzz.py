@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks import fuzz
 
-CASES = 400
+CASES = 2000          # the bound: 2,000 cases in <= 3 min
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ def test_fuzz_input_stage():
     assert res["failures"] == [], res["failures"][:5]
     assert res["slowest_case_cpu_s"] < 10.0
     assert res["outcomes"].get("volume", 0) > 0          # some mutants are still loadable
-    assert res["cpu_s"] < 90                              # CPU time: robust on a busy machine
+    assert res["cpu_s"] < 180                             # CPU time: robust on a busy machine
 
 
 def test_fuzz_mutations_are_reproducible():

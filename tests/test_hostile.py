@@ -242,6 +242,20 @@ def test_png_over_pil_pixel_limit_is_skipped(tmp_path):
     assert found[0].n_instances == 3 and "1 non-DICOM file(s) skipped" in found.skipped_summary
 
 
+def test_png_with_a_corrupt_chunk_after_the_header_is_skipped(tmp_path):
+    """Found by the fuzz run: Pillow reads the header fine, then raises SyntaxError for a
+    broken chunk inside the pixel data while decoding."""
+    imgs = write_png_slices(tmp_path / "png", n=3)
+    png = imgs[1].read_bytes()
+    i = png.index(b"IDAT") - 4
+    n = struct.unpack(">I", png[i:i + 4])[0]
+    half = png[i + 8:i + 8 + n // 2]
+    idat = struct.pack(">I", len(half)) + b"IDAT" + half + struct.pack(">I", zlib.crc32(b"IDAT" + half))
+    imgs[1].write_bytes(png[:i] + idat + b"\x00\x00\x00\x04\x9e\xb9\xbc\x75abcdxxxx" + png[i + 12 + n:])
+    vol = io.load(io.select(io.discover(imgs[0].parent)))
+    assert vol.array.shape[0] == 2 and any("skipped unreadable image" in w for w in vol.warnings)
+
+
 def test_negative_thickness_without_position(tmp_path):
     def edit(ds, i):
         del ds.ImagePositionPatient

@@ -42,7 +42,8 @@ def _size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size                      # (width, height), header only
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+    # SyntaxError: Pillow's word for a corrupt PNG chunk (found by the fuzzer)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError):
         return None                             # not an image, damaged, or over PIL's pixel limit
 
 
@@ -104,7 +105,8 @@ def load_images(series: SeriesInfo, *, spacing=None, max_memory=None) -> Volume:
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     im = im.convert("RGBA").convert("RGB")
                 grey = np.asarray(im.convert("L"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError,
+                SyntaxError) as e:
             warnings.append(f"skipped unreadable image {ref.file}: {e}")
             continue
         if grey.shape != shape:
