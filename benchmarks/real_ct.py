@@ -297,12 +297,13 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
             "features": "mean, sd, p10/25/50/75/90, black share, mean |Laplacian|, body share"}
 
 
-def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20) -> dict:
+def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
+        organs=("lung", "pancreas")) -> dict:
     from dicompipe import model as model_stage
     out: dict = {}
-    bundles = {"lung": model_stage.load_bundle(lung or "lung-resnet50", organ="lung", allow_untrained=True),
-               "pancreas": model_stage.load_bundle(pancreas or "pancreas-resnet50", organ="pancreas",
-                                                   allow_untrained=True)}
+    given = {"lung": lung, "pancreas": pancreas}
+    bundles = {o: model_stage.load_bundle(given[o] or f"{o}-resnet50", organ=o, allow_untrained=True)
+               for o in organs}
     for organ, b in bundles.items():
         out[organ] = {"bundle": f"{b.name} {b.version}", "bundle_path": str(b.path),
                       "sha256": b.sha256, "series": {}}
@@ -326,7 +327,7 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20) ->
         if (data / KAGGLE[organ]).exists():
             out[organ]["domain_probe"] = domain_probe(organ, b, data)
     seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
-    if seg.exists() and lesion_trials:
+    if seg.exists() and lesion_trials and "pancreas" in bundles:
         out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
             bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials)
     return out
@@ -338,16 +339,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--pancreas", help="pancreas bundle folder (default: built-in)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--lesion-trials", type=int, default=20)
+    ap.add_argument("--organs", default="lung,pancreas", help="which bundles to measure")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--synthetic-only", nargs=4, action="append", default=[],
                     metavar=("ORGAN", "WEIGHTS", "SPLIT_JSON", "SIZE"),
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
-    res = run(args.lung, args.pancreas, args.data, args.lesion_trials)
+    res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")))
     for organ, w, split, size in args.synthetic_only:
         res.setdefault(organ, {})["synthetic_only"] = synthetic_only_scores(
             Path(w), organ, args.data, Path(split), int(size))
-    for organ in ("lung", "pancreas"):
+    for organ in res:
         md = json.loads((Path(res[organ].get("bundle_path", "")) / "configs" / "metadata.json").read_text()) \
             if res.get(organ, {}).get("bundle_path") else None
         if md:
