@@ -329,7 +329,7 @@ def test_the_app_says_the_place_in_the_queue(fake_library, roots, monkeypatch):
     hold, release = threading.Event(), threading.Event()
     other = _run_in_thread(lim, "someone-else", hold, [])
     _until(lambda: lim.counts() == (1, 0))
-    threading.Thread(target=lambda: (release.wait(20), hold.set()), daemon=True).start()
+    threading.Thread(target=lambda: (release.wait(600), hold.set()), daemon=True).start()
     at = _app()
     assert _folder(at, "case") == []
     at.button(key="run").click()
