@@ -190,9 +190,11 @@ def test_sign_in_with_a_token(fake_library, roots, capsys, monkeypatch):
     assert at.file_uploader(key="upload") is not None and at.tabs
     assert TOKEN not in _texts(at) and TOKEN not in capsys.readouterr().err
     assert TOKEN not in str(at.session_state.to_dict())   # not kept in the session
+    assert _folder(at, "case") == [] and "chosen" in at.session_state.keys()
     at.button(key="signout").click()
     at.run()
     assert "Sign in" in _texts(at) and not at.tabs
+    assert "chosen" not in at.session_state.keys()        # nothing left for the next user
 
 
 def _signed_in(user: str) -> object:

@@ -56,11 +56,10 @@ def _who() -> dict:
     return {"user": USER} if USER else {}
 
 
-def _queued(fn, *args) -> None:
+def _queued(note, fn, *args) -> None:
     """Run ``fn(*args)`` in this user's slot of the server's job queue, showing the place in
-    line while waiting; the slot is given back however ``fn`` ends (page closed included)."""
-    note = st.empty()
-
+    line in ``note`` (an ``st.empty``) while waiting; the slot is given back however ``fn``
+    ends (page closed included)."""
     def waiting(pos: int):
         running, _ = jobs.limiter().counts()
         note.info(f"Waiting for a free slot: position {pos} in the queue ({running} "
@@ -591,8 +590,9 @@ with st.sidebar:
 
 tab_a, tab_h = st.tabs(["Analysis", "Case history"])
 with tab_a:
+    queue_note = st.empty()                      # always here, so the layout does not shift
     if run and chosen is not None and not need_organ:
-        _queued(_run, organ, include_phi, all_slices)
+        _queued(queue_note, _run, organ, include_phi, all_slices)
     if ss.get("run_error"):
         st.error(ss.run_error)
     res = ss.get("result")

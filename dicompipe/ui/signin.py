@@ -40,11 +40,11 @@ def gate(settings: access.Settings) -> str | None:
         if not user:
             st.error("Your sign-in gave no e-mail or user id; ask the administrator.")
             st.stop()
-        _signed_in(user, st.logout)
+        _signed_in(user, lambda: (ss.clear(), st.logout()))
         return user
     user = ss.get("_user")
     if user:
-        _signed_in(user, lambda: ss.pop("_user", None))
+        _signed_in(user, ss.clear)           # nothing of this user's stays for the next one
         return user
     _page(lambda: _token_form(settings))
     st.stop()
