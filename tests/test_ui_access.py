@@ -105,6 +105,13 @@ def test_without_a_root_only_uploads_are_offered(fake_library, clean_env):
     assert at.file_uploader(key="upload") is not None
 
 
+def test_insecure_mode_says_so_on_every_page(fake_library, clean_env):
+    clean_env.setenv(access.INSECURE_ENV, "1")
+    at = _app()
+    assert [e.value for e in at.error] == [access.INSECURE_BANNER]
+    assert at.file_uploader(key="upload") is not None    # no sign-in asked
+
+
 # --------------------------------------------------------------------------- refusing to start
 @pytest.fixture
 def no_server(monkeypatch):
@@ -170,6 +177,9 @@ def test_token_file_and_bad_settings(clean_env, no_server, tmp_path, capsys):
 # --------------------------------------------------------------------------- sign-in
 def test_sign_in_with_a_token(fake_library, roots, capsys, monkeypatch):
     monkeypatch.setenv(access.TOKEN_ENV, TOKEN)
+    asked = []
+    monkeypatch.setattr(services, "history_rows",
+                        lambda since=None, organ=None, user=None: asked.append(user) or [])
     at = _app()
     assert "Sign in" in _texts(at)
     assert not at.file_uploader and not at.sidebar.radio  # nothing else before signing in
@@ -190,6 +200,7 @@ def test_sign_in_with_a_token(fake_library, roots, capsys, monkeypatch):
     assert at.file_uploader(key="upload") is not None and at.tabs
     assert TOKEN not in _texts(at) and TOKEN not in capsys.readouterr().err
     assert TOKEN not in str(at.session_state.to_dict())   # not kept in the session
+    assert asked and set(asked) == {"alice"}              # the history asked for alice's only
     assert _folder(at, "case") == [] and "chosen" in at.session_state.keys()
     at.button(key="signout").click()
     at.run()
