@@ -318,7 +318,21 @@ def _cmd_history(args) -> int:
 def _p_ui(sub):
     p = sub.add_parser("ui", help="start the web app (needs dicompipe[ui])")
     p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--host", default="localhost")
+    p.add_argument("--host", default="localhost",
+                   help="address to listen on; anything but localhost needs sign-in "
+                        "(DICOMPIPE_UI_TOKEN, --token-file or --oidc) or --insecure-no-auth")
+    p.add_argument("--data-root", action="append", metavar="DIR",
+                   help="a server folder users may analyse (repeatable); without one the "
+                        "app offers uploads only")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="access tokens: 'user:token' lines, or one shared token "
+                        "(or set DICOMPIPE_UI_TOKEN; never give a token on the command line)")
+    p.add_argument("--oidc", action="store_true",
+                   help="sign in with Streamlit's built-in OIDC ([auth] in .streamlit/secrets.toml)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve a non-loopback address with no sign-in (trusted networks only)")
+    p.add_argument("--max-jobs", type=int, default=None, metavar="N",
+                   help="analyses running at once, all users together (default 2)")
     p.set_defaults(func=_cmd_ui)
 
 

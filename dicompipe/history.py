@@ -47,14 +47,14 @@ from dicompipe.errors import HistoryError
 from dicompipe.phi import Redactor
 from dicompipe.types import Analysis
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENV = "DICOMPIPE_HISTORY"
 STATUSES = ("done", "failed")
 
 COLUMNS = ("id", "recorded", "analysed", "status", "reason", "input_path", "input_hash",
            "study_uid", "series_uid", "patient", "patient_id", "patient_name", "organ",
            "label", "uncertain", "probabilities", "model_name", "model_version",
-           "model_sha256", "report_dir", "n_slices", "warnings")
+           "model_sha256", "report_dir", "n_slices", "warnings", "user_id")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,11 +73,19 @@ CREATE TABLE IF NOT EXISTS analyses (
     probabilities TEXT,              -- JSON {label: calibrated probability}
     model_name TEXT, model_version TEXT, model_sha256 TEXT,
     report_dir TEXT, n_slices INTEGER,
-    warnings TEXT                    -- JSON list
+    warnings TEXT,                   -- JSON list
+    user_id TEXT                     -- who ran it (signed-in web app user), NULL otherwise
 );
 CREATE INDEX IF NOT EXISTS analyses_patient ON analyses(patient);
 CREATE INDEX IF NOT EXISTS analyses_recorded ON analyses(recorded);
+CREATE INDEX IF NOT EXISTS analyses_user ON analyses(user_id);
 """
+
+#: schema version -> statements that bring a database of that version to the next one
+_MIGRATIONS = {
+    1: ["ALTER TABLE analyses ADD COLUMN user_id TEXT",
+        "CREATE INDEX IF NOT EXISTS analyses_user ON analyses(user_id)"],
+}
 
 
 # --------------------------------------------------------------------------- location
@@ -188,12 +196,17 @@ def _init(con: sqlite3.Connection, path: Path) -> None:
         return
     con.execute("BEGIN IMMEDIATE")
     try:
-        if con.execute("PRAGMA user_version").fetchone()[0] == 0:   # not done by another process
+        now = con.execute("PRAGMA user_version").fetchone()[0]    # another process may be done
+        if now == 0:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 con.execute(stmt)
             con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('pseudonym_key', ?)",
                         (secrets.token_hex(32),))
-            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:                                                       # an older database
+            for v in range(now, SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[v]:
+                    con.execute(stmt)
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         con.execute("COMMIT")
     except BaseException:
         _rollback(con)
@@ -266,10 +279,11 @@ def check(db: str | Path | None = None, input_path=None) -> Path:
 
 
 def record(analysis: Analysis, *, report_dir: str | Path | None, db: str | Path | None = None,
-           status: str = "done", reason: str | None = None) -> int:
+           status: str = "done", reason: str | None = None, user: str | None = None) -> int:
     """Record one analysis (one transaction); return the new record id.
 
     ``status``: "done", or "failed" with ``reason`` (e.g. the report could not be written).
+    ``user``: the signed-in web-app user who ran it (``list_records(user=...)`` finds it).
     Raises :class:`HistoryError` for a database that is unreadable, not a history, or
     inside the analysed input.
     """
@@ -294,7 +308,8 @@ def record(analysis: Analysis, *, report_dir: str | Path | None, db: str | Path 
         probabilities=json.dumps({k: round(float(v), 6) for k, v in vd.probabilities.items()}),
         model_name=m.get("name"), model_version=m.get("version"), model_sha256=m.get("sha256"),
         report_dir=str(Path(report_dir).resolve()) if report_dir else None,
-        n_slices=vd.n_slices, warnings=json.dumps([scrub(w) for w in analysis.warnings]))
+        n_slices=vd.n_slices, warnings=json.dumps([scrub(w) for w in analysis.warnings]),
+        user_id=user)
     with _connect(path) as (con, p):
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -340,10 +355,14 @@ def _since(since) -> str | None:
 
 def list_records(db: str | Path | None = None, *, patient: str | None = None, since=None,
                  organ: str | None = None, status: str | None = None,
-                 limit: int | None = None) -> list[dict]:
+                 limit: int | None = None, user: str | None = None) -> list[dict]:
     """Records, newest first. ``patient`` matches the pseudonym or a stored raw patient ID;
-    ``since``: a date (YYYY-MM-DD) or datetime, compared with the recording time (UTC)."""
+    ``since``: a date (YYYY-MM-DD) or datetime, compared with the recording time (UTC);
+    ``user``: only the cases this web-app user ran (``list_records(user="alice")``)."""
     where, args = [], []
+    if user:
+        where.append("user_id = ?")
+        args.append(user)
     if patient:
         where.append("(patient = ? OR patient_id = ?)")
         args += [patient, patient]

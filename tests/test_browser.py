@@ -1,9 +1,10 @@
 """The web app end to end in a real browser: Debian's Chromium driven by Playwright.
 
 Starts ``dicompipe ui`` on a free localhost port (a subprocess, the real pipeline with a
-tiny untrained test bundle), uploads PNG/JPG slices, waits for the verdict, moves the slice
-slider, downloads the TXT report, opens the case history, and saves screenshots under
-``test-artifacts/`` (gitignored).
+tiny untrained test bundle) with an access token and a data root, signs in with the token,
+uploads PNG/JPG slices, waits for the verdict, moves the slice slider, downloads the TXT
+report, opens the case history, is refused a server folder outside the data root, and
+saves screenshots under ``test-artifacts/`` (gitignored).
 
 Needs: ``/usr/bin/chromium`` (``apt-get install chromium``), the ``browser`` extra
 (``pip install playwright``; no ``playwright install``: the system browser is used) and the
@@ -31,6 +32,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-dev-shm-usage"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+TOKEN = "browser-test-token-0123456789"
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
@@ -73,13 +75,18 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     bundle = tmp / "bundle"               # read by the app only when Analyse is pressed
     port = _free_port()
+    data = tmp / "data"                   # the only folder users may give
+    (data / "case").mkdir(parents=True)
+    (tmp / "elsewhere").mkdir()           # exists, outside the root
     env = dict(os.environ, DICOMPIPE_UI_MODEL=str(bundle), DICOMPIPE_UI_ALLOW_UNTRAINED="1",
+               DICOMPIPE_UI_TOKEN=TOKEN,
                DICOMPIPE_HISTORY=str(tmp / "history.sqlite"), DICOMPIPE_UI_OUT=str(tmp / "runs"),
                OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     log = open(tmp / "server.log", "w")
+    env.pop("DICOMPIPE_UI_TOKEN_FILE", None)
     proc = subprocess.Popen([sys.executable, "-m", "dicompipe.cli", "ui", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp)
+                             "--port", str(port), "--data-root", str(data)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=tmp)
     try:
         make_bundle(bundle, organ="lung", favour="malignant", bias=3.0)   # while it starts
         url = f"http://127.0.0.1:{port}"
@@ -105,6 +112,27 @@ def server(tmp_path_factory):
         shutil.copy(tmp / "server.log", ARTIFACTS / "server.log")
 
 
+def _sign_in(page, url: str, screenshot: bool = False):
+    """Open the app and sign in as alice with the server's token (a wrong one first)."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Start with a CT")).to_have_count(0)     # nothing before sign-in
+    page.get_by_label("User name").fill("alice")
+    page.get_by_label("Access token").fill("wrong-token-wrong-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Unknown user name or access token.")).to_be_visible(timeout=120_000)
+    page.get_by_label("User name").fill("alice")
+    page.get_by_label("Access token").fill(TOKEN)
+    if screenshot:
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "ui-signin.png"))
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Signed in as")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text(TOKEN)).to_have_count(0)
+
+
 def test_upload_verdict_slider_download_history(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -115,7 +143,7 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
             page.set_default_timeout(120_000)
-            page.goto(server["url"])
+            _sign_in(page, server["url"], screenshot=True)
             expect(page.get_by_text("Start with a CT")).to_be_visible(timeout=120_000)
 
             # upload the slices, choose the organ, analyse
@@ -172,6 +200,37 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "ui-history.png"))
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "ui-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_folder_outside_the_data_root_is_refused(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(120_000)
+            _sign_in(page, server["url"])
+            page.get_by_text("Folder on server").click()
+            box = page.get_by_role("textbox", name="Folder or file on the server")
+            expect(box).to_be_visible(timeout=120_000)
+            outside = server["tmp"] / "data" / ".." / "elsewhere"      # exists, outside the root
+            box.fill(str(outside))
+            box.press("Enter")
+            refusal = page.get_by_text("is not a folder or file inside the allowed data folders")
+            expect(refusal).to_be_visible(timeout=120_000)
+            expect(page.get_by_role("button", name="Analyse", exact=True)).to_be_disabled()
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(ARTIFACTS / "ui-folder-refused.png"))
+            box.fill(str(server["tmp"] / "data" / "case"))                # inside: accepted
+            box.press("Enter")
+            expect(refusal).to_have_count(0, timeout=120_000)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "ui-failure-folder.png"), full_page=True)
             raise
         finally:
             browser.close()

@@ -84,6 +84,50 @@ def test_wal_mode_and_schema_version(tmp_history):
     con.close()
 
 
+#: the schema dicompipe wrote before the web app recorded its users (version 1)
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE analyses (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, recorded TEXT NOT NULL, analysed TEXT,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')), reason TEXT,
+    input_path TEXT NOT NULL, input_hash TEXT, study_uid TEXT, series_uid TEXT, patient TEXT,
+    patient_id TEXT, patient_name TEXT, organ TEXT, label TEXT, uncertain INTEGER,
+    probabilities TEXT, model_name TEXT, model_version TEXT, model_sha256 TEXT,
+    report_dir TEXT, n_slices INTEGER, warnings TEXT);
+INSERT INTO meta VALUES ('pseudonym_key', '00112233445566778899aabbccddeeff');
+INSERT INTO analyses (recorded, status, input_path, label, probabilities, warnings)
+    VALUES ('2026-01-02T03:04:05+00:00', 'done', 'I-old', 'normal', '{"normal": 0.9}', '[]');
+PRAGMA user_version = 1;
+"""
+
+
+def test_version_1_database_is_migrated_and_keeps_its_cases(tmp_path):
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(_V1_SCHEMA)
+    con.close()
+    (old,) = history.list_records(db)                   # readable as before, no user
+    assert old["input_path"] == "I-old" and old["user_id"] is None
+    rid = history.record(make_analysis(), report_dir=None, db=db, user="alice")
+    assert history.get(rid, db)["user_id"] == "alice"
+    assert [r["id"] for r in history.list_records(db, user="alice")] == [rid]
+    assert len(history.list_records(db)) == 2           # no user given: every case
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 2
+    assert "analyses_user" in {r[0] for r in con.execute(
+        "SELECT name FROM sqlite_master WHERE type='index'")}
+    con.close()
+
+
+def test_users_see_only_their_own_cases(tmp_history):
+    a, b = (history.record(make_analysis(), report_dir=None, user=u) for u in ("alice", "bob"))
+    history.record(make_analysis(), report_dir=None)    # the CLI: no user
+    assert [r["id"] for r in history.list_records(user="alice")] == [a]
+    assert [r["id"] for r in history.list_records(user="bob")] == [b]
+    assert history.list_records(user="carol") == []
+    assert len(history.list_records()) == 3
+
+
 def test_corrupt_database_is_named_and_never_replaced(tmp_path):
     db = tmp_path / "history.sqlite"
     junk = b"this is not sqlite at all " * 200

@@ -30,6 +30,10 @@ def fake_library(tmp_path, monkeypatch):
     """Replace the app's library calls; returns a dict recording what was called."""
     calls: dict = {"analyze": [], "history": [], "reports": []}
     analysis = make_analysis()
+    monkeypatch.setenv("DICOMPIPE_UI_DATA_ROOTS", str(tmp_path))   # server folders allowed here
+    for k in ("DICOMPIPE_UI_TOKEN", "DICOMPIPE_UI_TOKEN_FILE", "DICOMPIPE_UI_AUTH",
+              "DICOMPIPE_UI_INSECURE"):
+        monkeypatch.delenv(k, raising=False)
 
     def discover(path):
         p = Path(path)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from dicompipe.errors import DicompipeError
+from dicompipe.ui import access
 
 APP_PATH = Path(__file__).resolve().parent / "app.py"
 
@@ -39,8 +40,11 @@ THEME = {
 
 
 def streamlit_command(port: int = 8501, host: str = "localhost",
-                      max_upload_mb: int = MAX_UPLOAD_MB) -> list[str]:
-    """The ``streamlit run`` command line for the app (headless, no telemetry, themed)."""
+                      max_upload_mb: int = MAX_UPLOAD_MB, error_details: str = "type") -> list[str]:
+    """The ``streamlit run`` command line for the app (headless, no telemetry, themed).
+
+    ``error_details``: what an unexpected error shows in the page ("type", or "none").
+    """
     flags = {
         "server.port": port,
         "server.address": host,
@@ -50,12 +54,48 @@ def streamlit_command(port: int = 8501, host: str = "localhost",
         "server.runOnSave": "false",
         "browser.gatherUsageStats": "false",
         "client.toolbarMode": "minimal",
-        "client.showErrorDetails": "type",
+        "client.showErrorDetails": error_details,
         **THEME,
     }
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH)]
     cmd += [f"--{k}={v}" for k, v in flags.items()]
     return cmd
+
+
+def configure(args, host: str, env=None):
+    """Check the team settings of ``dicompipe ui`` (roots, sign-in) and put them into
+    ``env`` (``os.environ``) for the app; returns ``(Settings, warnings)``.
+
+    Raises :class:`DicompipeError` when the app would serve others without sign-in.
+    Example: ``configure(Namespace(data_root=["/data/ct"]), "0.0.0.0")`` raises without
+    ``$DICOMPIPE_UI_TOKEN``.
+    """
+    env = os.environ if env is None else env
+    roots = access.parse_roots(getattr(args, "data_root", None) or ())
+    if roots:
+        env[access.ROOTS_ENV] = os.pathsep.join(map(str, roots))
+    else:
+        env.pop(access.ROOTS_ENV, None)
+    token_file = getattr(args, "token_file", None)
+    if token_file:
+        env[access.TOKEN_FILE_ENV] = str(Path(token_file).expanduser().resolve())
+    env.pop(access.AUTH_ENV, None)
+    if getattr(args, "oidc", False):
+        problem = access.oidc_problem()
+        if problem:
+            raise DicompipeError(f"--oidc: Streamlit's sign-in cannot be used: {problem}.")
+        env[access.AUTH_ENV] = "oidc"
+    env.pop(access.INSECURE_ENV, None)
+    if getattr(args, "insecure_no_auth", False) and not access.is_loopback(host):
+        env[access.INSECURE_ENV] = "1"
+    if getattr(args, "max_jobs", None):
+        from dicompipe.ui.queue import MAX_JOBS_ENV
+        env[MAX_JOBS_ENV] = str(max(1, int(args.max_jobs)))
+    settings = access.from_env(env)
+    warnings = access.check_launch(host, settings)
+    if env.get(access.TOKEN_FILE_ENV) and (w := access.token_file_warning(env[access.TOKEN_FILE_ENV])):
+        warnings.append(w)
+    return settings, warnings
 
 
 def launch(args) -> int:
@@ -69,7 +109,14 @@ def launch(args) -> int:
             "pip install 'dicompipe[ui]' (or pip install streamlit), then run dicompipe ui again.")
     port = int(getattr(args, "port", 8501) or 8501)
     host = getattr(args, "host", "localhost") or "localhost"
-    cmd = streamlit_command(port=port, host=host)
+    settings, warnings = configure(args, host)        # may refuse to start
+    cmd = streamlit_command(port=port, host=host,
+                            error_details="none" if settings.hide_paths else "type")
+    for w in warnings:
+        if w == access.INSECURE_BANNER:                   # loud: framed
+            print("!" * 78, f"dicompipe ui: {w}", "!" * 78, sep="\n", file=sys.stderr)
+        else:
+            print(f"dicompipe ui: WARNING: {w}", file=sys.stderr)
     print(f"dicompipe ui: serving on http://{host}:{port}  (Ctrl+C to stop)", file=sys.stderr)
     sys.stderr.flush()
     if os.name == "posix":

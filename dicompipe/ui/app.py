@@ -17,6 +17,8 @@ import streamlit as st
 from dicompipe.errors import DicompipeError
 from dicompipe.types import RESEARCH_USE
 from dicompipe.ui import inputs, services, views
+from dicompipe.ui import access, signin
+from dicompipe.ui import queue as jobs
 
 log = logging.getLogger("dicompipe.ui")
 
@@ -34,10 +36,40 @@ ss = st.session_state
 # --------------------------------------------------------------------------- helpers
 def _error_text(e: BaseException) -> str:
     if isinstance(e, DicompipeError):
-        return str(e)
+        return _shown(str(e))
     log.exception("unexpected error in the app")
+    if SETTINGS.hide_paths:                      # the message itself may name server paths
+        return (f"Something went wrong ({type(e).__name__}). The server log has the details; "
+                "please report it with the input type you used.")
     return (f"Something went wrong ({type(e).__name__}: {e}). The server log has the details; "
             "please report it with the input type you used.")
+
+
+def _shown(text) -> str:
+    """``text`` as the page may show it: server paths outside the data roots cut when the
+    app serves a team (:func:`dicompipe.ui.access.scrub`)."""
+    return access.scrub(str(text), SETTINGS.roots) if SETTINGS.hide_paths else str(text)
+
+
+def _who() -> dict:
+    """``{"user": id}`` for the library calls when someone is signed in, else ``{}``."""
+    return {"user": USER} if USER else {}
+
+
+def _queued(note, fn, *args) -> None:
+    """Run ``fn(*args)`` in this user's slot of the server's job queue, showing the place in
+    line in ``note`` (an ``st.empty``) while waiting; the slot is given back however ``fn``
+    ends (page closed included)."""
+    def waiting(pos: int):
+        running, _ = jobs.limiter().counts()
+        note.info(f"Waiting for a free slot: position {pos} in the queue ({running} "
+                  "analysis(es) running on this server).", icon=":material/hourglass_top:")
+    try:
+        with jobs.limiter().slot(USER or ss.setdefault("_sid", uuid.uuid4().hex), on_wait=waiting):
+            note.empty()
+            fn(*args)
+    except jobs.Busy as e:
+        ss.run_error = str(e)
 
 
 @st.cache_resource(show_spinner="Loading the model (once per server process)…")
@@ -114,10 +146,19 @@ def _stage_input(source: str):
         _drop_input()
         ss.input_sig = sig
         ss.input_path, ss.input_label = folder, folder
+        try:
+            ss.input_path = str(access.resolve_in_roots(folder, SETTINGS.roots))
+        except access.AccessDenied as e:
+            ss.input_error = str(e)
+            return
     try:
         ss.candidates, ss.chosen = services.discover(ss.input_path)
     except Exception as e:  # noqa: BLE001 - shown as one message
         ss.input_error = _error_text(e)
+    if source != "upload" and access.escaping_files(ss.get("candidates") or (), SETTINGS.roots):
+        ss.pop("candidates", None)
+        ss.pop("chosen", None)
+        ss.input_error = str(access.refused(folder, SETTINGS.roots))   # a link leaving the roots
 
 
 def _drop_input():
@@ -175,15 +216,15 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
         progress("report", 0.95, "TXT, JSON and annotated images")
         run_dir, report_error = None, None
         try:
-            run_dir = services.write_reports(a, include_phi)
+            run_dir = services.write_reports(a, include_phi, **_who())
         except Exception as e:  # noqa: BLE001
             report_error = _error_text(e)
         history_error = None
         try:
             if report_error:
-                services.record_history(a, None, status="failed", reason=report_error)
+                services.record_history(a, None, status="failed", reason=report_error, **_who())
             else:
-                services.record_history(a, run_dir)
+                services.record_history(a, run_dir, **_who())
         except Exception as e:  # noqa: BLE001
             history_error = _error_text(e)
         bar.progress(1.0, text="Done")
@@ -194,7 +235,7 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
         try:
             dl = services.downloads(run_dir)
         except OSError as e:
-            report_error = f"Cannot read the report folder {run_dir}: {e}"
+            report_error = _shown(f"Cannot read the report folder {run_dir}: {e}")
     ss.result = {"a": a, "run_dir": run_dir, "dl": dl, "report_error": report_error,
                  "history_error": history_error, "id": uuid.uuid4().hex[:8],
                  "seconds": time.perf_counter() - t0,
@@ -370,7 +411,7 @@ def _downloads(res, include_phi: bool):
     a = res["a"]
     bits = []
     if res.get("run_dir"):
-        bits.append(f"Saved in {res['run_dir']}")
+        bits.append(f"Saved in {_shown(res['run_dir'])}")
     bits.append("patient identifiers included" if a.include_phi
                 else "patient identifiers left out (turn on “Show patient identifiers” and "
                      "analyse again to include them)")
@@ -441,7 +482,8 @@ def _history_tab(include_phi: bool):
     since = rng[0] if isinstance(rng, (tuple, list)) and rng else None
     until = rng[1] if isinstance(rng, (tuple, list)) and len(rng) == 2 else None
     try:
-        rows = services.history_rows(since=since, organ=None if organ == "any" else organ)
+        rows = services.history_rows(since=since, organ=None if organ == "any" else organ,
+                                     **_who())
     except Exception as e:  # noqa: BLE001
         st.error(f"The case history cannot be read: {_error_text(e)}")
         return
@@ -479,10 +521,10 @@ def _history_tab(include_phi: bool):
         st.info(f"Case {row.get('id')} failed: {row.get('reason') or 'no reason recorded'}")
     if txt is None or not txt.is_file():
         st.info(f"Case {row.get('id')} has no report on disk"
-                + (f" (looked in {rd})." if rd else "."))
+                + (f" (looked in {_shown(rd)})." if rd else "."))
         return
     data = txt.read_bytes()
-    st.markdown(f"**Report of case {row.get('id')}** · {rd}")
+    st.markdown(f"**Report of case {row.get('id')}** · {_shown(rd)}")
     st.download_button("Download this report (TXT)", data,
                        file_name=f"report-{row.get('id', '')}.txt", mime="text/plain",
                        on_click="ignore", key="h_dl", icon=":material/download:")
@@ -490,11 +532,20 @@ def _history_tab(include_phi: bool):
 
 
 # --------------------------------------------------------------------------- page
+try:
+    SETTINGS = access.from_env()
+except DicompipeError:
+    log.exception("the sign-in / data-root settings cannot be read")
+    st.error("This server's access settings cannot be read; the server log has the details.")
+    st.stop()
+USER = signin.gate(SETTINGS)                     # the sign-in page stops here
+
 with st.sidebar:
     st.markdown('<p class="dp-brand">dicompipe</p><p class="dp-sub">CT analysis with Grad-CAM · '
                 'research use only</p>', unsafe_allow_html=True)
-    source = st.radio("Input", ["upload", "folder"], horizontal=True, key="source",
-                      format_func={"upload": "Upload", "folder": "Folder on server"}.get)
+    source = (st.radio("Input", ["upload", "folder"], horizontal=True, key="source",
+                       format_func={"upload": "Upload", "folder": "Folder on server"}.get)
+              if SETTINGS.roots else "upload")   # no data root: uploads only
     if source == "upload":
         st.file_uploader("DICOM files, one zip of a DICOM folder, or PNG/JPG slices",
                          accept_multiple_files=True, key="upload",
@@ -502,9 +553,10 @@ with st.sidebar:
                               "kept in a private temporary folder and removed after the analysis.")
     else:
         st.text_input("Folder or file on the server", key="folder",
-                      placeholder="/data/exports/case-001",
+                      placeholder=str(SETTINGS.roots[0] / "case-001"),
                       help="A DICOM folder (any layout), a zip, a DICOMDIR, PNG/JPG slices or NIfTI. "
-                           "Read only; nothing is written there.")
+                           "Read only; nothing is written there. Allowed folders: "
+                           + ", ".join(map(str, SETTINGS.roots)))
     _stage_input(source)
     if ss.get("input_error"):
         st.error(ss.input_error)
@@ -538,8 +590,9 @@ with st.sidebar:
 
 tab_a, tab_h = st.tabs(["Analysis", "Case history"])
 with tab_a:
+    queue_note = st.empty()                      # always here, so the layout does not shift
     if run and chosen is not None and not need_organ:
-        _run(organ, include_phi, all_slices)
+        _queued(queue_note, _run, organ, include_phi, all_slices)
     if ss.get("run_error"):
         st.error(ss.run_error)
     res = ss.get("result")

@@ -49,6 +49,15 @@ def reports_root() -> Path:
     return Path(os.environ.get("DICOMPIPE_UI_OUT") or data_dir() / "ui-runs").expanduser()
 
 
+def user_reports_root(user: str | None = None) -> Path:
+    """Where ``user``'s run folders go: ``reports_root()/users/<user>`` (the root without one).
+
+    Example: ``user_reports_root("alice") -> .../ui-runs/users/alice``.
+    """
+    from dicompipe.ui.access import user_folder
+    return reports_root() / "users" / user_folder(user) if user else reports_root()
+
+
 # --------------------------------------------------------------------------- input
 def discover(path) -> tuple[list[SeriesInfo], SeriesInfo]:
     """``io.discover`` + ``io.select``: every candidate and the chosen one (with ``.reason``)."""
@@ -91,11 +100,13 @@ def analyze(path, *, organ: str, series: str | None, include_phi: bool, select_s
         raise
 
 
-def write_reports(analysis: Analysis, include_phi: bool, out: Path | None = None) -> Path:
-    """``report.write`` (TXT, PNG, JSON) into a new run folder under :func:`reports_root`."""
+def write_reports(analysis: Analysis, include_phi: bool, out: Path | None = None,
+                  user: str | None = None) -> Path:
+    """``report.write`` (TXT, PNG, JSON) into a new run folder under :func:`reports_root`
+    (``<root>/users/<user>/`` for a signed-in user)."""
     from dicompipe import report
 
-    out = Path(out or reports_root())
+    out = Path(out or user_reports_root(user))
     out.mkdir(parents=True, exist_ok=True)
     return Path(report.write(analysis, out, formats=["txt", "png", "json"],
                              include_phi=include_phi))
@@ -134,10 +145,13 @@ def _zip(files: list[Path], root: Path) -> bytes:
 
 
 # --------------------------------------------------------------------------- history
-def history_rows(since: _dt.date | None = None, organ: str | None = None) -> list[dict]:
-    """Recorded cases, newest first (:func:`dicompipe.history.list_records`)."""
+def history_rows(since: _dt.date | None = None, organ: str | None = None,
+                 user: str | None = None) -> list[dict]:
+    """Recorded cases, newest first (:func:`dicompipe.history.list_records`); only
+    ``user``'s cases when one is given."""
     from dicompipe import history
-    return history.list_records(since=since.isoformat() if since else None, organ=organ or None)
+    return history.list_records(since=since.isoformat() if since else None, organ=organ or None,
+                                user=user)
 
 
 # --------------------------------------------------------------------------- viewer
