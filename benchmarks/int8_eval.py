@@ -126,7 +126,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     import torch
 
     from dicompipe.model import onnx_backend as ob
-    from dicompipe.model.calibration import softmax
+    from dicompipe.types import softmax
     from dicompipe.model.metrics import macro_auroc
 
     t0 = time.perf_counter()
@@ -166,20 +166,20 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     yt = y[te]
     out = {}
     for name, lg in (("onnx-fp32", lg32), ("onnx-int8", lg8), *extra.items()):
-        p = softmax(lg / T)
+        p = softmax(lg / T, np.float64)
         out[name] = {"balanced_accuracy": round(balanced_accuracy(yt, p.argmax(1), k), 4),
                      "macro_auroc": round(macro_auroc(yt, p), 4)}
     if torch_check:
         from dicompipe.model.backends import TorchBackend
         tb = TorchBackend(bundle, "cpu")
         lgt = np.concatenate([tb(x)[0] for x in inputs(images, spec, te)])
-        pt = softmax(lgt / T)
+        pt = softmax(lgt / T, np.float64)
         out["torch-fp32"] = {"balanced_accuracy": round(balanced_accuracy(yt, pt.argmax(1), k), 4),
                              "macro_auroc": round(macro_auroc(yt, pt), 4)}
         res["onnx_vs_torch"] = {"identical_predicted_classes": bool((lgt.argmax(1) == lg32.argmax(1)).all()),
                                 "max_abs_logit_diff": float(np.abs(lgt - lg32).max())}
     res["metrics"] = out
-    p32, p8 = softmax(lg32 / T), softmax(lg8 / T)
+    p32, p8 = softmax(lg32 / T, np.float64), softmax(lg8 / T, np.float64)
     d_ba = out["onnx-fp32"]["balanced_accuracy"] - out["onnx-int8"]["balanced_accuracy"]
     d_au = out["onnx-fp32"]["macro_auroc"] - out["onnx-int8"]["macro_auroc"]
     res["int8_vs_fp32"] = {

@@ -210,7 +210,7 @@ def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Pat
     from safetensors.torch import load_file
 
     from dicompipe.model import data as D
-    from dicompipe.model.calibration import softmax
+    from dicompipe.types import softmax
     from dicompipe.model.metrics import auroc
     from dicompipe.model.network import resnet50
     from dicompipe.model.train import predict_logits
@@ -229,7 +229,7 @@ def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Pat
     net = resnet50(len(labels))
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)
-    p = softmax(predict_logits(net, images, spec))[:, pos]
+    p = softmax(predict_logits(net, images, spec), np.float64)[:, pos]
     return {"weights": weights.name, "n_test": int(keep.sum()),
             f"auroc_{labels[pos]}_vs_normal": round(float(auroc((y[keep] == pos).astype(int), p[keep])), 4)}
 

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicompipe", description=__doc__.split("\n")[0],
                                      epilog=RESEARCH_USE)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    from dicompipe import __version__
+    from dicompipe._version import __version__
     parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui):

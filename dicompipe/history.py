@@ -392,7 +392,7 @@ def export_csv(dest=None, db: str | Path | None = None, **filters) -> int:
     elif hasattr(dest, "write"):
         dest.write(text)
     else:
-        from dicompipe.report.files import write_text
+        from dicompipe.util import write_text
         try:
             write_text(Path(dest), text)
         except OSError as e:

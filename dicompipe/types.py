@@ -1,4 +1,4 @@
-"""The small dataclasses that cross stage boundaries (see DESIGN.md, "Data flow").
+"""The small dataclasses that cross stage boundaries (see docs/architecture.md, "Data flow").
 
 Every stage takes and returns these; no stage reaches into another stage's internals.
 Geometry convention: LPS (DICOM patient coordinates), arrays indexed (z, y, x), and the
@@ -21,6 +21,20 @@ from typing import Any
 import numpy as np
 
 RESEARCH_USE = "RESEARCH USE ONLY - not for clinical diagnosis or treatment decisions."
+
+
+def softmax(logits, dtype=np.float32) -> np.ndarray:
+    """Numerically stable softmax over the last axis (float64 inside, ``dtype`` out): the
+    one definition of :attr:`SlicePredictions.probabilities` (training metrics ask for
+    float64).
+
+    >>> softmax(np.array([[0.0, 0.0]]))
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
 # --------------------------------------------------------------------------- input
@@ -236,7 +250,7 @@ class SlicePredictions:
 
     ``features``: layer4 activations (n, 2048, h, w) float32 — kept so Grad-CAM costs no
     second pass. ``head_weight``/``head_bias``: the linear head (K, 2048)/(K,).
-    ``probabilities`` are the uncalibrated softmax of ``logits``.
+    ``probabilities`` are the uncalibrated :func:`softmax` of ``logits``.
     """
 
     labels: list[str]
@@ -401,7 +415,6 @@ class Analysis:
         out of the aggregate (``excluded_reason``)."""
         labels = self.predictions.labels
         temp = self.verdict.temperature or 1.0
-        from dicompipe.model.aggregate import softmax  # calibrated slice probabilities
         cal = softmax(self.predictions.logits / temp) if len(self.predictions.logits) else None
         ood = self.verdict.ood if self.verdict.ood is not None and self.verdict.ood.available else None
         out_rows = set(ood.out_rows) if ood else set()

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from dicompipe.model import data as D
-from dicompipe.model.calibration import fit_temperature, softmax
+from dicompipe.model.calibration import fit_temperature
+from dicompipe.types import softmax
 from dicompipe.model.metrics import auroc, classification_metrics, ece
 from dicompipe.preprocess.render import render
 from dicompipe.types import PreprocessSpec
@@ -75,8 +76,8 @@ def test_metrics_and_temperature():
     # over-confident by a factor 1.5
     T = fit_temperature(z * 3.0, y)
     assert 1.35 < T < 1.65
-    assert ece(y, softmax(z * 3.0 / T)) < ece(y, softmax(z * 3.0))
-    m = classification_metrics(y, softmax(z), ["a", "b", "c"], n_boot=50)
+    assert ece(y, softmax(z * 3.0 / T, np.float64)) < ece(y, softmax(z * 3.0, np.float64))
+    m = classification_metrics(y, softmax(z, np.float64), ["a", "b", "c"], n_boot=50)
     assert m["macro_auroc_ci95"][0] <= m["macro_auroc"] <= m["macro_auroc_ci95"][1]
     assert {"sensitivity_a", "specificity_c", "balanced_accuracy", "ece"} <= set(m)
 

@@ -326,18 +326,19 @@ def test_zip_bombs_and_links_refused(tmp_path, monkeypatch):
     with pytest.raises(UnsupportedInput, match="(?i)unsafe"):
         inputs.stage_uploads([("evil.zip", _zip_bytes({"../x.dcm": b"0"}))])
     assert set(Path(inputs.tempfile.gettempdir()).glob("dicompipe-ui-*")) == before  # no leftovers
-    # the local fallback (used only without the io stage's extractor) is as strict
+    # the app's extractor is the io stage's, with the app's bounds
     with pytest.raises(UnsupportedInput, match="expands to"):
-        inputs._extract_zip(_write(tmp_path / "b.zip", _zip_bytes({"x": b"0" * 5000})), tmp_path / "o")
+        inputs.extract_zip(_write(tmp_path / "b.zip", _zip_bytes({"x": b"0" * 5000})), tmp_path / "o")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         info = zipfile.ZipInfo("link")
         info.external_attr = (0o120777 << 16)
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(UnsupportedInput, match="link"):
-        inputs._extract_zip(_write(tmp_path / "l.zip", buf.getvalue()), tmp_path / "o2")
-    with pytest.raises(UnsupportedInput, match="not a readable zip"):
-        inputs._extract_zip(_write(tmp_path / "n.zip", b"PK\x03\x04garbage"), tmp_path / "o3")
+        inputs.extract_zip(_write(tmp_path / "l.zip", buf.getvalue()), tmp_path / "o2")
+    with pytest.raises(UnsupportedInput, match="as a zip archive"):
+        inputs.extract_zip(_write(tmp_path / "n.zip", b"PK\x03\x04garbage"), tmp_path / "o3")
+    assert not list(tmp_path.glob("dicompipe-zip-*"))                 # nothing left behind
 
 
 def _write(p: Path, data: bytes) -> Path:

@@ -31,13 +31,14 @@ from dicompipe.errors import UnreadableSeries
 from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
 from dicompipe.io.limits import BYTES_PER_VOXEL, check_budget
 from dicompipe.types import InstanceRef, SeriesInfo, Volume
+from dicompipe.util import cpu_count
 
 #: relative deviation of one step from the mean step still treated as uniform spacing
 UNIFORM_TOL = 0.01
 
 
 def _workers(workers: int | None) -> int:
-    return max(1, workers or min(4, os.cpu_count() or 1))
+    return max(1, workers or min(4, cpu_count()))
 
 
 def _stored_dtype(m: dict) -> np.dtype:
@@ -215,9 +216,9 @@ def read_hu(refs: list[InstanceRef], workers: int | None = None) -> tuple[sitk.I
     def put(i, a):
         s, b = refs[i].meta.get("slope", 1.0), refs[i].meta.get("intercept", 0.0)
         if s == 1.0 and float(np.float32(b)) == b and a.dtype.itemsize <= 2:
-            np.add(a, np.float32(b), out=out[i], casting="unsafe")     # exact for 8/16-bit values
+            np.add(a, np.float32(b), out=out[i], casting="unsafe")  # noqa: F821 (bound above; del-ed after use)
         else:
-            out[i] = a * float(s) + float(b)                          # float64, rounded once
+            out[i] = a * float(s) + float(b)  # noqa: F821  float64, rounded once
     failed = _read_each(refs, put, workers)
     del out
     return img, failed

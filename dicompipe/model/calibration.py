@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, float)
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+from dicompipe.types import softmax
 
 
 def nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
-    p = softmax(np.asarray(logits) / t)
+    p = softmax(np.asarray(logits) / t, np.float64)
     return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), np.asarray(y)], 1e-12, 1))))
 
 
@@ -83,7 +78,7 @@ def ece_by_kind(data: dict, temperature: float, bins: int = 15) -> dict:
         if d is None or len(d[1]) == 0:
             out[kind] = "not measured: no validation data of this kind"
         else:
-            out[kind] = ece(np.asarray(d[1]), softmax(np.asarray(d[0]) / temperature), bins)
+            out[kind] = ece(np.asarray(d[1]), softmax(np.asarray(d[0]) / temperature, np.float64), bins)
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.model import splits as S
-from dicompipe.model.calibration import softmax
+from dicompipe.types import softmax
 from dicompipe.model.metrics import classification_metrics, reliability, roc_curve
 
 
@@ -164,7 +164,7 @@ def evaluate(data, bundle, out, label_map=None, n_boot: int = 1000, workdir="tra
     logits = np.zeros((len(items), len(labels)))
     logits[need] = predict_logits(net, images[need], spec)
     secs = time.time() - t0
-    pu, pc = softmax(logits), softmax(logits / T)
+    pu, pc = softmax(logits, np.float64), softmax(logits / T, np.float64)
     res = {"bundle": md["name"], "version": md.get("version"), "data": Path(data).name,
            "temperature": T, "split": info, "split_check": split_check,
            "inference_seconds": round(secs, 1), "inference_images": int(need.sum()),

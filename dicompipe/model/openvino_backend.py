@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.model.onnx_backend import export, physical_cores, quantize
+from dicompipe.model.onnx_backend import export, quantize
+from dicompipe.util import physical_cores
 
 import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from dicompipe.model import data as D
 from dicompipe.model import splits as S
-from dicompipe.model.calibration import calibrate, softmax
+from dicompipe.model.calibration import calibrate
+from dicompipe.types import softmax
 from dicompipe.model.metrics import classification_metrics, macro_auroc
 from dicompipe.model.network import resnet50
 from dicompipe.types import PreprocessSpec
@@ -251,7 +252,7 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
         steps_done = s + 1 if steps_per_epoch else 0
         train_s = time.time() - t0
         lv = predict_logits(net, xv, spec)
-        pv = softmax(lv)
+        pv = softmax(lv, np.float64)
         auc = macro_auroc(yv, pv)
         vloss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(yv).long()))
         bacc = classification_metrics(yv, pv, labels, n_boot=0)["balanced_accuracy"]
@@ -315,8 +316,8 @@ def main(args) -> int:
     va = np.array([p == "val" for p in parts])
     lv = predict_logits(net, images[va], spec)
     T, cal_method = calibrate(lv, y[va])
-    val = classification_metrics(y[va], softmax(lv / T), labels, n_boot=200,
-                                 probs_uncal=softmax(lv))
+    val = classification_metrics(y[va], softmax(lv / T, np.float64), labels, n_boot=200,
+                                 probs_uncal=softmax(lv, np.float64))
     log(f"temperature {T:.3f}; val (calibrated) " + json.dumps(
         {k: v for k, v in val.items() if not isinstance(v, (list, dict))}))
     md = {

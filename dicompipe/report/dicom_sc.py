@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 from dicompipe.errors import ReportError
 from dicompipe.report import figures
 from dicompipe.report.dicom_source import SourceContext, patient_study, source_context
-from dicompipe.report.files import atomic_path
+from dicompipe.util import atomic_path
 from dicompipe.types import Analysis
 
 SC_SERIES_NUMBER = 9902
@@ -48,7 +48,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
     ``images``: already rendered key-slice figures as RGB arrays by rank (1-based), e.g.
     the ones written as key_NN.png, so they are not drawn twice.
     """
-    from dicompipe import __version__
+    from dicompipe._version import __version__
 
     ctx = ctx or source_context(analysis)
     series_uid = generate_uid()

@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 
 from dicompipe.errors import ReportError
 from dicompipe.report.dicom_source import SourceContext, source_context
-from dicompipe.report.files import atomic_path
+from dicompipe.util import atomic_path
 from dicompipe.types import Analysis
 
 PRIVATE_SCHEME = "99DICOMPIPE"
@@ -71,7 +71,7 @@ def _private_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
 def build(analysis: Analysis, ctx: SourceContext | None = None, *,
           series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
     """The SR object (not yet written). ``ctx`` defaults to :func:`source_context`."""
-    from dicompipe import __version__
+    from dicompipe._version import __version__
 
     ctx = ctx or source_context(analysis)
     vd, model = analysis.verdict, analysis.model or {}

@@ -29,7 +29,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dicompipe.report.files import atomic_path
+from dicompipe.util import atomic_path
 from dicompipe.types import RESEARCH_USE, Analysis, KeySlice
 
 CAM_CMAP = "turbo"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dicompipe.model import data as D
-from dicompipe.model.calibration import softmax
+from dicompipe.types import softmax
 from dicompipe.model.metrics import macro_auroc
 from dicompipe.model.network import forward_with_features, resnet50
 from dicompipe.train import lesions as L
@@ -91,7 +91,7 @@ def synthetic_check(net, images, y, masks, spec, size) -> dict:
     for a in range(0, len(images), 32):
         x = D.to_input(torch.from_numpy(images[a:a + 32]), spec, size)
         logits, feat = forward_with_features(net, x)
-        probs.append(softmax(logits.float().numpy()))
+        probs.append(softmax(logits.float().numpy(), np.float64))
         cells = cell_logits(net, feat).relu()
         up = F.interpolate(cells, size=images.shape[-2:], mode="bilinear", align_corners=False)
         for j in range(len(x)):
@@ -173,7 +173,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                **synthetic_check(net, sv_img, sv_y, sv_m, spec, size)}
         if phase.startswith("finetune") and len(real_va):
             from dicompipe.model.train import predict_logits
-            p = softmax(predict_logits(net, images[real_va], spec, size=size))
+            p = softmax(predict_logits(net, images[real_va], spec, size=size), np.float64)
             rec["real_val_macro_auroc"] = float(macro_auroc(y[real_va], p))
         log("CHECK " + json.dumps(rec))
         state["history"].append(rec)

@@ -99,7 +99,8 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     from safetensors.torch import load_file
 
     from dicompipe.model.bundle import save_bundle
-    from dicompipe.model.calibration import calibrate, softmax
+    from dicompipe.model.calibration import calibrate
+    from dicompipe.types import softmax
     from dicompipe.model.metrics import classification_metrics
     from dicompipe.model.network import resnet50
     from dicompipe.model.train import CITATION, predict_logits
@@ -120,10 +121,10 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     T, how = calibrate(lv + bias, y[va])
     with torch.no_grad():
         net.fc.bias += torch.as_tensor(bias, dtype=net.fc.bias.dtype)
-    val = classification_metrics(y[va], softmax((lv + bias) / T), labels, n_boot=200,
-                                 probs_uncal=softmax(lv + bias))
-    test = classification_metrics(y[te], softmax((lt + bias) / T), labels, n_boot=n_boot,
-                                  probs_uncal=softmax(lt + bias))
+    val = classification_metrics(y[va], softmax((lv + bias) / T, np.float64), labels, n_boot=200,
+                                 probs_uncal=softmax(lv + bias, np.float64))
+    test = classification_metrics(y[te], softmax((lt + bias) / T, np.float64), labels, n_boot=n_boot,
+                                  probs_uncal=softmax(lt + bias, np.float64))
     md = {
         "name": f"{organ}-resnet50", "version": version, "task": "classification", "organ": organ,
         "labels": labels, "positive_labels": D.POSITIVE[organ],
