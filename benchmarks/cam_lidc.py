@@ -160,12 +160,12 @@ def main(argv=None) -> dict | None:
 
     from dicompipe import explain, io, preprocess
     from dicompipe.model import predict
-    from dicompipe.pipeline import load_config
+    from dicompipe import organs
 
     work = Path(tempfile.mkdtemp(prefix="cam-lidc-"))
     bundle, weights = get_bundle(args.bundle, work)
     vol = io.load(io.select(io.discover(args.data / "series")))
-    sel = load_config("lung").get("slice_selection", {})
+    sel = organs.get("lung").selection.rules()
     batch = preprocess.prepare(vol, bundle.spec, organ="lung", selection=sel)
     preds = predict(bundle, batch, backend="torch", device="cpu")
     cams = explain.gradcam(preds)

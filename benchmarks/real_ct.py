@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from dicompipe import organs
 from benchmarks.cam_lidc import lps_points, nodule_masks, parse_lidc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,6 @@ DATA = ROOT.parent / "shared" / "data"
 SERIES = {"lung-pet-ct-dx-a0001": ("lung-pet-ct-dx-a0001/series", "lung"),
           "lidc-idri-0001": ("lidc-idri-0001/series", "lung"),
           "abdomen-ct-dicom": ("abdomen-ct-dicom/series", "pancreas")}
-POSITIVE = {"lung": "malignant", "pancreas": "tumour"}
 
 
 def hu_body(hu: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def body_shares(a) -> dict:
     hu = sitk.GetArrayViewFromImage(a.batch.grid)
     out = {}
     ev = getattr(a.verdict, "evidence_label", None) or a.verdict.label
-    pos = POSITIVE[a.organ]
+    pos = organs.get(a.organ).training.positive[0]
     for name, label in (("evidence", ev), ("positive", pos)):
         if label not in a.cams.labels:
             continue
@@ -222,7 +222,7 @@ def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Pat
     parts = json.loads(split_file.read_text())["parts"]
     te = np.array([parts.get(os.path.relpath(it.path, root)) == "test" for it in items])
     y = np.array([it.label for it in items])[te]
-    pos = labels.index(D.POSITIVE[organ][0])
+    pos = labels.index(D.positive_of(organ)[0])
     keep = (y == 0) | (y == pos)
     images = D.build_cache([it for it, t in zip(items, te) if t], spec,
                            ROOT / "training" / f"cache_v2_{organ}_{size}_test.npz", log=None)

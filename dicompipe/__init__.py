@@ -24,6 +24,12 @@ def analyze(*args, **kwargs) -> Analysis:
     return _analyze(*args, **kwargs)
 
 
+def run_case(*args, **kwargs):
+    """Analyse, write the reports, record the case; see :func:`dicompipe.pipeline.run_case`."""
+    from dicompipe.pipeline import run_case as _run_case
+    return _run_case(*args, **kwargs)
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib

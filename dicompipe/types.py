@@ -469,6 +469,28 @@ class Analysis:
         return d if self.include_phi else redact_dict(self, d)
 
 
+@dataclass
+class CaseResult:
+    """What :func:`dicompipe.pipeline.run_case` did with one case: the analysis, the report
+    folder (None when it could not be written) and the history record id (None when not
+    recorded), with the error of each step that failed. ``errors`` lists them in order.
+    """
+
+    analysis: Analysis
+    run_dir: Path | None = None
+    record_id: int | None = None
+    report_error: BaseException | None = None
+    history_error: BaseException | None = None
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return [e for e in (self.report_error, self.history_error) if e is not None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
 def redact_dict(analysis: "Analysis", d: dict) -> dict:
     """``d`` (from ``analysis.to_dict()``) without patient identifiers: descriptions
     withheld, the input path and source files pseudonymised (:mod:`dicompipe.phi`)."""

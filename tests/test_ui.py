@@ -1,8 +1,10 @@
 """The Streamlit app driven by Streamlit's AppTest (no browser, no model).
 
-The library calls the app makes (``dicompipe.ui.services``) are replaced by fakes that
-return a hand-built Analysis (tests/analysis_factory.py), so these flows test the app:
-upload -> series -> analyse -> verdict/viewer/downloads, history, bad uploads.
+The library calls the app makes are replaced by fakes that return a hand-built Analysis
+(tests/analysis_factory.py): discovery in ``dicompipe.ui.services``, and behind the app's one
+door for a case, ``pipeline.run_case``, the stages it runs (``pipeline.analyze``,
+``report.write``, ``history.check``/``record``), so these flows test the app and its path
+through run_case: upload -> series -> analyse -> verdict/viewer/downloads, history, bad uploads.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from analysis_factory import make_analysis  # noqa: E402
 from dicompipe.errors import NoSeriesFound, UnsupportedInput  # noqa: E402
+from dicompipe import history, pipeline, report  # noqa: E402
 from dicompipe.ui import inputs, services  # noqa: E402
 
 APP = str(Path(services.__file__).with_name("app.py"))
@@ -28,7 +31,7 @@ APP = str(Path(services.__file__).with_name("app.py"))
 @pytest.fixture
 def fake_library(tmp_path, monkeypatch):
     """Replace the app's library calls; returns a dict recording what was called."""
-    calls: dict = {"analyze": [], "history": [], "reports": []}
+    calls: dict = {"analyze": [], "history": [], "reports": [], "checked": []}
     analysis = make_analysis()
 
     def discover(path):
@@ -38,7 +41,8 @@ def fake_library(tmp_path, monkeypatch):
             raise NoSeriesFound(f"No usable CT series in {path}: the folder is empty.")
         return [analysis.series], analysis.series
 
-    def analyze(path, *, organ, series, include_phi, select_slices, progress, model=None):
+    def analyze(path, *, organ, series, include_phi, select_slices, progress, model=None,
+                allow_untrained=False):
         assert Path(path).exists(), "the upload must still be on disk while analysing"
         calls["analyze"].append(dict(path=path, organ=organ, series=series,
                                      include_phi=include_phi, select_slices=select_slices))
@@ -48,7 +52,8 @@ def fake_library(tmp_path, monkeypatch):
         analysis.include_phi = include_phi
         return analysis
 
-    def write_reports(a, include_phi, out=None):
+    def write_reports(a, out, *, formats, cam_slices, include_phi, deidentify):
+        assert list(formats) == ["txt", "png", "json"] and include_phi == a.include_phi
         d = tmp_path / "runs" / "run-001"
         d.mkdir(parents=True, exist_ok=True)
         (d / "report.txt").write_text("dicompipe report\nverdict: " + a.verdict.label + "\n")
@@ -57,8 +62,9 @@ def fake_library(tmp_path, monkeypatch):
         calls["reports"].append(d)
         return d
 
-    def record_history(a, run_dir, **kw):
-        calls["history"].append((a.verdict.label, run_dir, kw))
+    def record_history(a, *, report_dir, **kw):
+        calls["history"].append((a.verdict.label, report_dir, kw))
+        return len(calls["history"])
 
     def history_rows(since=None, organ=None):
         today = _dt.datetime.now(_dt.timezone.utc)
@@ -75,9 +81,10 @@ def fake_library(tmp_path, monkeypatch):
         return [r for r in rows if organ is None or r["organ"] == organ]
 
     monkeypatch.setattr(services, "discover", discover)
-    monkeypatch.setattr(services, "analyze", analyze)
-    monkeypatch.setattr(services, "write_reports", write_reports)
-    monkeypatch.setattr(services, "record_history", record_history)
+    monkeypatch.setattr(pipeline, "analyze", analyze)
+    monkeypatch.setattr(report, "write", write_reports)
+    monkeypatch.setattr(history, "check", lambda db=None, input_path=None: calls["checked"].append(db))
+    monkeypatch.setattr(history, "record", record_history)
     monkeypatch.setattr(services, "history_rows", history_rows)
     monkeypatch.setattr(services, "load_bundle", lambda organ: None)
     calls["analysis"] = analysis
@@ -158,7 +165,9 @@ def test_upload_to_result(fake_library):
     first_key = [s.z for s in a.batch.slices].index(a.verdict.key_slices[0].z) + 1
     assert slider.value == first_key
     assert "key slice" in text and "Grad-CAM for" in text       # caption and colour bar
-    # the history got the case with its report folder, and the upload is gone from disk
+    # the history was checked first, then got the case with its report folder (through
+    # pipeline.run_case), and the upload is gone from disk
+    assert fake_library["checked"] == [None]
     assert fake_library["history"] and fake_library["history"][0][1] == fake_library["reports"][0]
     assert not Path(call["path"]).exists()
     # analysing again (e.g. after choosing another organ) stages the upload afresh
@@ -272,7 +281,7 @@ def test_bad_upload_is_one_clear_message(fake_library):
 def test_analysis_error_is_one_clear_message(fake_library, monkeypatch, tmp_path):
     def boom(*a, **k):
         raise UnsupportedInput("Cannot choose the organ automatically: pass lung or pancreas.")
-    monkeypatch.setattr(services, "analyze", boom)
+    monkeypatch.setattr(pipeline, "analyze", boom)
     at = _analysed(tmp_path)
     assert not at.exception, at.exception
     assert [e.value for e in at.error] == [
@@ -280,7 +289,7 @@ def test_analysis_error_is_one_clear_message(fake_library, monkeypatch, tmp_path
 
     def crash(*a, **k):
         raise RuntimeError("kaboom")
-    monkeypatch.setattr(services, "analyze", crash)
+    monkeypatch.setattr(pipeline, "analyze", crash)
     at.button(key="run").click()
     at.run()
     assert not at.exception, at.exception

@@ -26,12 +26,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicompipe import organs
 from dicompipe.errors import DicompipeError
 from dicompipe.preprocess.render import render
 from dicompipe.types import PreprocessSpec
 
-LABELS = {"lung": ["normal", "benign", "malignant"], "pancreas": ["normal", "tumour"]}
-POSITIVE = {"lung": ["malignant"], "pancreas": ["tumour"]}
+
+
+def labels_of(organ: str) -> list[str]:
+    """The organ's class labels, negative first (organ registry, ``training.labels``)."""
+    return list(organs.get(organ).training.labels)
+
+
+def positive_of(organ: str) -> list[str]:
+    """The organ's positive labels (organ registry, ``training.positive``)."""
+    return list(organs.get(organ).training.positive)
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 # folder name (lower case) -> label; IQ-OTH/NCCD spells benign "Bengin"
@@ -76,7 +85,7 @@ def _number(name: str) -> int | None:
 
 def scan(data, organ: str, label_map: dict[str, str] | None = None) -> tuple[list[Item], list[str]]:
     """Labelled items under ``data`` (folder tree or CSV). Returns (items, labels)."""
-    labels = LABELS[organ]
+    labels = labels_of(organ)
     lm = label_map or DEFAULT_LABEL_MAP
     data = Path(data)
     items: list[Item] = []

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicompipe import organs
 from dicompipe.model import data as D
 from dicompipe.model import splits as S
 from dicompipe.model.calibration import calibrate
@@ -34,19 +35,20 @@ from dicompipe.model.metrics import classification_metrics, macro_auroc
 from dicompipe.model.network import resnet50
 from dicompipe.types import PreprocessSpec
 
-# HU window (level, width) under which a DICOM series looks like the training JPGs, measured
-# by matching tissue levels (see the bundles' docs/README.md): IQ-OTH/NCCD lungs black, fat
-# ~160, muscle ~215 of 255 -> (-200, 700) on LIDC-IDRI-0001; Kaggle pancreas fat ~115,
-# soft tissue ~145, lung ~0-20 -> (-40, 1640) on the abdomen series (quantile fit, rmse 8
-# grey levels). One grey window replicated to 3 channels, like the 1-channel training images.
-DEFAULT_WINDOWS = {"lung": [(-200.0, 700.0)], "pancreas": [(-40.0, 1640.0)]}
+# The HU window (level, width) under which a DICOM series looks like the training JPGs
+# (organ registry, training.windows), measured by matching tissue levels (see the bundles'
+# docs/README.md): IQ-OTH/NCCD lungs black, fat ~160, muscle ~215 of 255 -> (-200, 700) on
+# LIDC-IDRI-0001; Kaggle pancreas fat ~115, soft tissue ~145, lung ~0-20 -> (-40, 1640) on the
+# abdomen series (quantile fit, rmse 8 grey levels). One grey window replicated to 3 channels,
+# like the 1-channel training images.
+
+
+def default_windows(organ: str) -> list[tuple[float, float]]:
+    """The organ's HU windows for DICOM input of a 1.x bundle (organ registry)."""
+    return [(float(lv), float(w)) for lv, w in organs.get(organ).training.windows]
+
+
 FRACTIONS = (0.65, 0.15, 0.20)
-CITATION = {
-    "lung": "Alyasriy H., Al-Huseiny M. (2020). The IQ-OTH/NCCD lung cancer dataset. "
-            "Mendeley Data, doi:10.17632/bhmdr45bh2",
-    "pancreas": "Kaggle jayaprakashpondy/pancreatic-ct-images (Pancreatic CT Images), "
-                "public mirror",
-}
 
 
 # --------------------------------------------------------------------------- split
@@ -139,7 +141,7 @@ def make_split(organ: str, items: list[D.Item], images: np.ndarray, seed: int = 
 
 
 def load_data(data, organ, label_map=None, spec=None, workdir="training", log=print, size=224):
-    spec = spec or PreprocessSpec(windows=DEFAULT_WINDOWS[organ], size=size)
+    spec = spec or PreprocessSpec(windows=default_windows(organ), size=size)
     items, labels = D.scan(data, organ, label_map)
     import hashlib
     tag = f"{organ}_{hashlib.sha1(str(Path(data).resolve()).encode()).hexdigest()[:8]}"
@@ -306,7 +308,7 @@ def main(args) -> int:
     t0 = time.time()
     best, state = train(images, y, parts, labels, spec, sizes, workdir, seed=seed,
                         lr=float(getattr(args, "lr", None) or 2e-3),
-                        flip=(organ == "lung"), resume=bool(getattr(args, "resume", False)),
+                        flip=organs.get(organ).training.flip, resume=bool(getattr(args, "resume", False)),
                         log=log, patience=getattr(args, "patience", None),
                         threads=int(getattr(args, "threads", None) or 2),
                         budget_s=budget * 60 if budget else None,
@@ -322,14 +324,14 @@ def main(args) -> int:
         {k: v for k, v in val.items() if not isinstance(v, (list, dict))}))
     md = {
         "name": f"{organ}-resnet50", "version": "1.0.0", "task": "classification", "organ": organ,
-        "labels": labels, "positive_labels": D.POSITIVE[organ],
+        "labels": labels, "positive_labels": D.positive_of(organ),
         "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2},
         "preprocessing": spec.to_dict(),
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
         "calibration": {"temperature": T, "method": cal_method},
         "trained": True,
         "training": {"data": Path(args.data).name,   # the folder's name: no machine paths
-                     "citation": CITATION.get(organ, ""),
+                     "citation": organs.get(organ).training.citation,
                      "split": {**split_info, "counts": S.summary(parts, y, labels)},
                      "epochs": state["epoch"], "best_epoch": state["best_epoch"],
                      "sizes": sizes if not budget else
