@@ -18,9 +18,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "_work"          # scratch (gitignored): synthetic studies, bundles
@@ -48,7 +48,7 @@ class Timing:
     def hi(self) -> float:
         return max(self.samples) if self.samples else float("nan")
 
-    def rate(self, n: float = 1.0) -> "Rate":
+    def rate(self, n: float = 1.0) -> Rate:
         """Items per second (n items per call): median and range."""
         return Rate(n / self.median, n / self.hi, n / self.lo)
 

@@ -13,7 +13,8 @@ Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shar
    predicted-class agreement (torch vs ONNX fp32 must be identical) and max |logit| error.
 5. Gate: int8 ships only if balanced accuracy drops <= 0.5 points AND macro AUROC drops
    <= 0.005 — for ONNX Runtime and, when installed, OpenVINO on the same QDQ file (both
-   use the shipped calibration). OpenVINO fp32 and bf16 are scored against the same gate. Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
+   use the shipped calibration). OpenVINO fp32 and bf16 are scored against the same gate.
+   Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
    numbers), which ``OnnxBackend(bundle, precision="int8")`` / ``--precision int8`` needs;
    not shipped = that file is removed and the numbers are still written.
 
@@ -126,8 +127,8 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     import torch
 
     from dicompipe.model import onnx_backend as ob
-    from dicompipe.types import softmax
     from dicompipe.model.metrics import macro_auroc
+    from dicompipe.types import softmax
 
     t0 = time.perf_counter()
     items, y, images, parts, info = split_for(bundle, data, workdir, log)

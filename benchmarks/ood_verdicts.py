@@ -67,7 +67,8 @@ def compare(before: dict, after: dict) -> str:
              "|---|---|---|---|"]
     for name, b in before["inputs"].items():
         a = after["inputs"].get(name, {})
-        fmt = lambda r: f"{r['verdict']}" + (f" {r['p_top']:.2f}" if r.get("p_top") is not None else "") + f" · {r['badge']}"
+        fmt = lambda r: (f"{r['verdict']}" + (f" {r['p_top']:.2f}" if r.get("p_top") is not None else "")
+                         + f" · {r['badge']}")
         lines.append(f"| {name} | {fmt(b)} | {fmt(a) if a else '-'} | "
                      f"{a.get('ood_median_score')}, {a.get('ood_out_slices')} |")
     return "\n".join(lines)

@@ -30,8 +30,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from dicompipe import organs
 from benchmarks.cam_lidc import lps_points, nodule_masks, parse_lidc
+from dicompipe import organs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -206,16 +206,17 @@ KAGGLE = {"lung": "iq-othnccd", "pancreas": "pancreas-ct-kaggle"}
 def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Path, size: int) -> dict:
     """A synthetic-only network (never trained on real labels) on the real leak-free test
     part: AUROC of P(positive) (lung: malignant vs normal; pancreas: tumour vs normal)."""
+    import os
+
     import torch
     from safetensors.torch import load_file
 
     from dicompipe.model import data as D
-    from dicompipe.types import softmax
     from dicompipe.model.metrics import auroc
     from dicompipe.model.network import resnet50
     from dicompipe.model.train import predict_logits
     from dicompipe.train.run import spec_v2
-    import os
+    from dicompipe.types import softmax
     root = data / KAGGLE[organ]
     spec = spec_v2(organ, size)
     items, labels = D.scan(root, organ)
@@ -282,7 +283,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
         feats.append(pixel_features(render(a, spec, windowed)[0] * spec.std + spec.mean))
         kind.append(0)
     n_dicom = 0
-    for name, (rel, own) in SERIES.items():
+    for _name, (rel, own) in SERIES.items():
         if own != organ or not (data / rel).exists():
             continue
         vol = io.load(io.select(io.discover(data / rel)))
@@ -306,7 +307,7 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20) ->
     for organ, b in bundles.items():
         out[organ] = {"bundle": f"{b.name} {b.version}", "bundle_path": str(b.path),
                       "sha256": b.sha256, "series": {}}
-    for name, (rel, own_organ) in SERIES.items():
+    for name, (rel, _own_organ) in SERIES.items():
         path = data / rel
         if not path.exists():
             continue

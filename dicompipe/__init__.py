@@ -8,10 +8,16 @@ Example::
 """
 from dicompipe._version import __version__  # noqa: F401
 from dicompipe.errors import (  # noqa: F401
-    DicompipeError, HistoryError, ModelError, NoSeriesFound, PreprocessError, ReportError,
-    UnreadableSeries, UnsupportedInput,
+    DicompipeError,
+    HistoryError,
+    ModelError,
+    NoSeriesFound,
+    PreprocessError,
+    ReportError,
+    UnreadableSeries,
+    UnsupportedInput,
 )
-from dicompipe.types import RESEARCH_USE, Analysis, Volume, SeriesInfo  # noqa: F401
+from dicompipe.types import RESEARCH_USE, Analysis, SeriesInfo, Volume  # noqa: F401
 
 #: public subpackages reached as attributes (``dicompipe.io.discover``), imported on first use
 #: so that ``import dicompipe`` stays light (no pydicom, SimpleITK or torch)

@@ -99,7 +99,8 @@ def _p_analyze(sub):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference backend (auto: on CPU OpenVINO fp32, else ONNX Runtime fp32, "
-                        "else torch, whichever is installed; *-int8: only for bundles that ship a validated int8 calibration; "
+                        "else torch, whichever is installed; *-int8: only for bundles that ship a "
+                        "validated int8 calibration; "
                         "openvino*: pip install dicompipe[openvino]; openvino-bf16: CPUs with "
                         "native bfloat16, reduced precision)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -40,8 +40,8 @@ import secrets
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from dicompipe.errors import HistoryError
 from dicompipe.phi import Redactor

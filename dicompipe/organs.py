@@ -225,7 +225,7 @@ def _parse(name: str, d: dict, where: Path) -> Organ:
         raise DicompipeError(f"{where}: {e}") from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builtin(name: str) -> Organ:
     path = CONFIG_DIR / f"{name}.yaml"
     return _parse(name, _read(path), path)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +47,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     (default: 75 % of the available memory; see :mod:`dicompipe.io.limits`).
     Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
     """
-    from dicompipe import explain, model as model_stage, preprocess
+    from dicompipe import explain, preprocess
+    from dicompipe import model as model_stage
 
     say = progress or (lambda *a: None)
     timings: dict[str, float] = {}
@@ -99,7 +100,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         progress=(lambda f: say("predict", 0.4 + 0.4 * f, "Classifying slices")) if progress else None)
     batch.wait_rows()
     lap("predict")
-    from dicompipe.model import calibration, confidence, ood as ood_stage
+    from dicompipe.model import calibration, confidence
+    from dicompipe.model import ood as ood_stage
     ood = ood_stage.check(bundle.ood(), preds.features)
     lap("ood")
     verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, **cfg.aggregation.overrides())

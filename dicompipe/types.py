@@ -182,7 +182,7 @@ class PreprocessSpec:
     equalize: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         d = dict(d)
         if "windows" in d:
             d["windows"] = [tuple(map(float, w)) for w in d["windows"]]
@@ -491,7 +491,7 @@ class CaseResult:
         return not self.errors
 
 
-def redact_dict(analysis: "Analysis", d: dict) -> dict:
+def redact_dict(analysis: Analysis, d: dict) -> dict:
     """``d`` (from ``analysis.to_dict()``) without patient identifiers: descriptions
     withheld, the input path and source files pseudonymised (:mod:`dicompipe.phi`)."""
     from dicompipe.phi import INPUT, Redactor

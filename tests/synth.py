@@ -25,15 +25,20 @@ from __future__ import annotations
 import hashlib
 import random
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 DEFAULT_HU_TRUTH = "sphere of 60 HU (radius 35% of the field) in -800 HU air-like background, plus a z ramp"
@@ -365,7 +370,7 @@ def write_enhanced_ct(path, shape=(5, 12, 14), spacing=(0.7, 0.8, 2.0),
     shared.PixelMeasuresSequence = DicomSequence([pm])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     frames, per = [], []
-    for f, k in enumerate(order):
+    for _f, k in enumerate(order):
         s, b = rescale[k] if rescale is not None else (1.0, -1024.0)
         frames.append(np.rint((hu_arr[k] - b) / s).astype(np.int16))
         fg = Dataset()

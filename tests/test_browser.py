@@ -127,7 +127,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             organ.click()
             page.keyboard.type("Lung")
             page.keyboard.press("Enter")
-            expect(page.get_by_text("carry no headers: choose lung")).to_have_count(0, timeout=120_000)   # slow on a busy CPU
+            expect(page.get_by_text("carry no headers: choose lung")).to_have_count(
+                0, timeout=120_000)   # slow on a busy CPU
             page.get_by_role("button", name="Analyse", exact=True).click()
 
             card = page.locator("[data-testid='verdict-card']")

@@ -2,11 +2,10 @@
 where data do not allow, and report.txt saying what the temperature was fitted on."""
 import numpy as np
 import pytest
-
-from dicompipe.model.calibration import (INPUT_KINDS, calibration_entry, ece_by_kind,
-                                         input_kind)
-from dicompipe.report import text
 from analysis_factory import make_analysis
+
+from dicompipe.model.calibration import INPUT_KINDS, calibration_entry, ece_by_kind, input_kind
+from dicompipe.report import text
 
 
 def test_ece_by_kind_and_entry():

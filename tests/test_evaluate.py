@@ -3,11 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from test_train import make_tree
 
 from dicompipe.model import splits as S
 from dicompipe.model.evaluate import evaluate, knn_probe
-
-from test_train import make_tree
 
 
 def test_knn_probe_sees_leakage():

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 from skimage.transform import resize as sk_resize
+from test_inverse import OBLIQUE, blob, make_batch, make_volume
 
 from dicompipe.errors import ModelError
 from dicompipe.explain import autograd_cam, class_maps, gradcam, normalise_like_grad_cam
 from dicompipe.model.network import forward_with_features, resnet50
 from dicompipe.types import PreprocessSpec, SlicePredictions
-
-from test_inverse import OBLIQUE, blob, make_batch, make_volume
-
 
 SIZE = 160      # the standard ResNet50; 160 (layer4 5x5) instead of 224 (7x7) keeps CPU tests fast
 

@@ -9,13 +9,12 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+from synth import write_ct_series
+from tiny_bundle import make_bundle
 
 import dicompipe
 from dicompipe import report
 from dicompipe.types import PreprocessSpec
-
-from synth import write_ct_series
-from tiny_bundle import make_bundle
 
 
 @pytest.fixture(scope="module")

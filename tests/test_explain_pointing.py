@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_inverse import OBLIQUE, make_batch, make_volume
 from torch import nn
 
 from dicompipe.errors import ModelError
-from dicompipe.explain import (deletion_insertion, gradcam, randomisation_check,
-                               upsample, volume_faithfulness)
+from dicompipe.explain import deletion_insertion, gradcam, randomisation_check, upsample, volume_faithfulness
 from dicompipe.explain.faithfulness import spearman
 from dicompipe.preprocess.render import square_pad
 from dicompipe.types import PreprocessSpec, SlicePredictions
-
-from test_inverse import OBLIQUE, make_batch, make_volume
 
 LABELS = ["normal", "lesion"]
 H, W = 40, 48                  # phantom slice (rows < columns: the batch pads it to 48x48)

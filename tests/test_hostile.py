@@ -10,21 +10,19 @@ import time
 import warnings
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from synth import write_ct_series, write_nifti, write_png_slices
 
 from dicompipe import history, io
-from dicompipe.errors import (DicompipeError, HistoryError, NoSeriesFound, UnreadableSeries,
-                              UnsupportedInput)
+from dicompipe.errors import HistoryError, NoSeriesFound, UnreadableSeries, UnsupportedInput
 from dicompipe.io import dicom as dicom_mod
 from dicompipe.io.archive import extract_zip
 from dicompipe.io.limits import parse_size
 from dicompipe.io.loader import _decode_file
 from dicompipe.report import files as report_files
-from synth import write_ct_series, write_nifti, write_png_slices
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +57,8 @@ def _series(tmp_path, name="ct", n=6, **kw):
 def test_short_pixel_data_is_refused_not_read(tmp_path, monkeypatch, fast):
     monkeypatch.setattr(dicom_mod, "_FAST_HEADERS", fast)
     files = _edit(_series(tmp_path), lambda ds, i: setattr(ds, "PixelData", ds.PixelData[:100]))
-    with pytest.raises(NoSeriesFound, match=r"Pixel Data holds 100 bytes but 16 x 20 x 1 frame\(s\) x 16 bits need 640"):
+    with pytest.raises(NoSeriesFound,
+                       match=r"Pixel Data holds 100 bytes but 16 x 20 x 1 frame\(s\) x 16 bits need 640"):
         io.discover(files[0].parent)
 
 
@@ -275,7 +274,6 @@ def test_zip_declaring_more_than_the_limit_refused_before_extraction(tmp_path):
 
 
 def test_zip_out_of_space_says_so(tmp_path, monkeypatch):
-    import errno
     import shutil as _shutil
     files = _series(tmp_path)
     from synth import make_zip
@@ -385,6 +383,7 @@ def test_thin_series_still_wins_when_both_are_complete(tmp_path):
 
 def test_2d_nifti_is_refused_like_a_single_dicom_slice(tmp_path):
     import nibabel as nib
+
     from dicompipe.pipeline import _check_volume
     nib.save(nib.Nifti1Image(np.full((32, 32), -700, np.int16), np.eye(4)), tmp_path / "one.nii.gz")
     vol = io.load(io.discover(tmp_path / "one.nii.gz")[0])

@@ -11,13 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from synth import write_ct_series
 
 from dicompipe import io
 from dicompipe.preprocess import prepare, to_volume
 from dicompipe.report.nifti import write_nifti
 from dicompipe.types import PreprocessSpec
-
-from synth import write_ct_series
 
 CENTRE = np.array([4.0, -3.0, 41.0])         # LPS mm
 RADIUS = 5.0

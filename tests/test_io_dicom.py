@@ -6,10 +6,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                         ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless)
-
 import synth
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+
 from dicompipe import io
 from dicompipe.errors import NoSeriesFound, UnreadableSeries, UnsupportedInput
 

@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import synth
 from pydicom.data import get_testdata_file
 
-import synth
 from dicompipe import io
 from dicompipe.cli import main
 from dicompipe.errors import NoSeriesFound, UnsupportedInput

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import synth
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
-import synth
 from dicompipe.io import dicom as D
 from dicompipe.io.headerscan import scan_header
 

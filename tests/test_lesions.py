@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_body import chest_hu
 
 from dicompipe.preprocess.render import render
 from dicompipe.train import lesions as L
 from dicompipe.train.pretrain import cell_logits, location_loss, synth_batch, train_lesions
 from dicompipe.train.run import fit_prior_bias, spec_v2
-from test_body import chest_hu
 
 
 def rendered_chest(n: int = 256) -> np.ndarray:

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_bundle import make_bundle, make_net
 
 from dicompipe.errors import ModelError
 from dicompipe.model import Bundle, load_bundle, resnet50, resnet50_from_torchvision, save_bundle
 from dicompipe.model.bundle import METADATA_FILE, WEIGHTS_FILE, read_weights
 from dicompipe.types import PreprocessSpec
-from tiny_bundle import make_bundle, make_net
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,7 @@ def test_onnx_inference_from_a_cached_export_does_not_import_monai(lung_path):
     pytest.importorskip("onnxruntime")
     import subprocess
     import sys
+
     from dicompipe.model.onnx_backend import export
     export(load_bundle(lung_path, allow_untrained=True))     # the cache the user run finds
     code = ("import sys, numpy as np\n"

@@ -3,6 +3,7 @@ temperature, uncertain band, key slices)."""
 import numpy as np
 import pytest
 import torch
+from tiny_bundle import chest_phantom, make_bundle, make_volume
 
 from dicompipe.errors import ModelError
 from dicompipe.model import aggregate, get_backend, load_bundle, predict, softmax
@@ -10,7 +11,6 @@ from dicompipe.model.aggregate import negative_index
 from dicompipe.model.network import forward_with_features
 from dicompipe.preprocess import prepare
 from dicompipe.types import PreprocessSpec, SlicePredictions
-from tiny_bundle import chest_phantom, make_bundle, make_volume
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from tiny_bundle import make_bundle
 
 from dicompipe.errors import ModelError
 from dicompipe.model import load_bundle
-from dicompipe.model.ood import (METHOD, NOT_AVAILABLE, OOD_FILE, check, fit_ood, pooled,
-                                 save_ood)
-from tiny_bundle import make_bundle
+from dicompipe.model.ood import METHOD, NOT_AVAILABLE, OOD_FILE, check, fit_ood, pooled, save_ood
 
 C, K, RANK = 256, 3, 12
 

@@ -40,6 +40,7 @@ def test_one_display_window_for_report_and_app():
     """The app's default window for an organ is the report's (pancreas was 50/350 vs 40/400)."""
     views = pytest.importorskip("dicompipe.ui.views")
     from analysis_factory import make_analysis
+
     from dicompipe.report.figures import display_window
     for name in organs.names():
         a = make_analysis(organ=name, n_z=4, lesion_z=(2,), k=2)

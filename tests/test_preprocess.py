@@ -3,12 +3,12 @@ slice selection with reasons, tensors identical to render(), windowed input, nei
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from tiny_bundle import chest_phantom, make_volume
 
 from dicompipe.errors import PreprocessError
 from dicompipe.preprocess import prepare
 from dicompipe.preprocess.render import render, square_pad
 from dicompipe.types import PreprocessSpec
-from tiny_bundle import chest_phantom, make_volume
 
 # an oblique-ish direction (columns = LPS directions of x, y, z), to catch axis mix-ups
 DIRECTION = (1, 0, 0, 0, 0, -1, 0, 1, 0)          # a coronal acquisition

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from analysis_factory import NODULE, make_analysis
 from PIL import Image
 
-from analysis_factory import NODULE, make_analysis
 from dicompipe import report
 from dicompipe.errors import ReportError
 from dicompipe.report import figures, text

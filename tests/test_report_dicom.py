@@ -11,11 +11,11 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-
 from analysis_factory import make_analysis
+from synth import tree_hash
+
 from dicompipe import report
 from dicompipe.report import dicom_sr
-from synth import tree_hash
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

@@ -4,8 +4,8 @@ and the web app take). The analysis is a hand-built one (no model); reports and 
 from __future__ import annotations
 
 import pytest
-
 from analysis_factory import make_analysis
+
 from dicompipe import history, pipeline
 from dicompipe.errors import HistoryError, ReportError
 

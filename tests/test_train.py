@@ -9,10 +9,9 @@ from PIL import Image
 
 from dicompipe.model import data as D
 from dicompipe.model.calibration import fit_temperature
-from dicompipe.types import softmax
 from dicompipe.model.metrics import auroc, classification_metrics, ece
 from dicompipe.preprocess.render import render
-from dicompipe.types import PreprocessSpec
+from dicompipe.types import PreprocessSpec, softmax
 
 
 def make_tree(root, n=10, wide_malignant=True):

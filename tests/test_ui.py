@@ -8,8 +8,8 @@ through run_case: upload -> series -> analyse -> verdict/viewer/downloads, histo
 """
 from __future__ import annotations
 
-import io
 import datetime as _dt
+import io
 import json
 import stat
 import zipfile
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 st = pytest.importorskip("streamlit", reason="the web app needs the [ui] extra (streamlit)")
+from analysis_factory import make_analysis  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from analysis_factory import make_analysis  # noqa: E402
-from dicompipe.errors import NoSeriesFound, UnsupportedInput  # noqa: E402
 from dicompipe import history, pipeline, report  # noqa: E402
+from dicompipe.errors import NoSeriesFound, UnsupportedInput  # noqa: E402
 from dicompipe.ui import inputs, services  # noqa: E402
 
 APP = str(Path(services.__file__).with_name("app.py"))

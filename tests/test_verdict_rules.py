@@ -3,13 +3,12 @@ verdict for the deciding class (every aggregation rule), OOD slices left out of 
 aggregate, "not assessable" volumes, and the confidence status tied to the model card."""
 import numpy as np
 import pytest
+from tiny_bundle import chest_phantom, make_volume
 
 from dicompipe.model import aggregate, softmax
-from dicompipe.model.confidence import (VALIDATION_BAR, assess, confidence_of, performance,
-                                        performance_text)
+from dicompipe.model.confidence import VALIDATION_BAR, assess, confidence_of, performance, performance_text
 from dicompipe.preprocess import prepare
 from dicompipe.types import NOT_ASSESSABLE, OodCheck, PreprocessSpec, SlicePredictions
-from tiny_bundle import chest_phantom, make_volume
 
 LUNG = ("normal", "benign", "malignant")
 

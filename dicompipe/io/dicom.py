@@ -16,14 +16,14 @@ import math
 import os
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicompipe.io.headerscan import scan_header
 from dicompipe.types import InstanceRef, SeriesInfo
@@ -45,7 +45,7 @@ class Skipped:
         self.unreadable: list[tuple[str, str]] = []      # (file, why)
         self.dicomdir: list[str] = []
 
-    def merge(self, other: "Skipped") -> None:
+    def merge(self, other: Skipped) -> None:
         self.not_dicom += other.not_dicom
         self.unreadable += other.unreadable
         self.dicomdir += other.dicomdir
@@ -614,10 +614,10 @@ def group_series(found: list[tuple[list[InstanceRef], dict]], source: str) -> li
         for r, facts in members:
             parts[_split_key(r, facts, orient[id(r)])].append((r, facts))
         groups = []
-        for pkey, pm in parts.items():
+        for _pkey, pm in parts.items():
             groups.extend(_split_acquisitions(pm))
         groups.sort(key=lambda g: (-len(g), g[0][0].file))
-        for i, g in enumerate(groups):
+        for _i, g in enumerate(groups):
             info = _describe(g, source, split=len(groups) > 1)
             if skey[0] == "nouid":
                 info.warnings.append(

@@ -22,8 +22,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import SimpleITK as sitk
 import pydicom
+import SimpleITK as sitk
 from pydicom.pixels import pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 

@@ -41,7 +41,12 @@ import numpy as np
 
 from dicompipe.errors import ModelError
 from dicompipe.types import (  # noqa: F401  (softmax: public here too)
-    NOT_ASSESSABLE, KeySlice, OodCheck, SlicePredictions, Verdict, softmax,
+    NOT_ASSESSABLE,
+    KeySlice,
+    OodCheck,
+    SlicePredictions,
+    Verdict,
+    softmax,
 )
 
 RULES = ("topk_mean", "max", "mean", "noisy_or")

@@ -32,7 +32,6 @@ from dicompipe.preprocess.render import render
 from dicompipe.types import PreprocessSpec
 
 
-
 def labels_of(organ: str) -> list[str]:
     """The organ's class labels, negative first (organ registry, ``training.labels``)."""
     return list(organs.get(organ).training.labels)
@@ -188,7 +187,8 @@ class Augment:
     """Batch augmentation on cached uint8 slices (all in torch, cheap next to the network).
 
     Geometry: rotation +-``rot`` degrees, isotropic scale, translation, optional left-right
-    (``flip``) and up-down (``vflip``) flips, in one ``grid_sample`` that also resamples to the training size. Intensity (the
+    (``flip``) and up-down (``vflip``) flips, in one ``grid_sample`` that also resamples to the
+    training size. Intensity (the
     display-window spread between scanners/exports, in [0, 1] display space): contrast
     (window width) and brightness (level) jitter, gamma, Gaussian noise, occasional blur.
     """

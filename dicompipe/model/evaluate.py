@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.model import splits as S
-from dicompipe.types import softmax
 from dicompipe.model.metrics import classification_metrics, reliability, roc_curve
+from dicompipe.types import softmax
 
 
 def _figures(out: Path, y, probs, probs_uncal, labels, title: str, prefix: str = ""):
@@ -85,6 +85,7 @@ def knn_probe(images, y, parts, size: int = 32) -> dict:
     """1-NN (cosine on size x size thumbnails) trained on "train", scored on "test"."""
     import torch
     import torch.nn.functional as F
+
     from dicompipe.model.metrics import confusion
     t = torch.from_numpy(images.astype(np.float32))[:, None]
     v = F.interpolate(t, size=(size, size), mode="area")[:, 0].reshape(len(images), -1).numpy()
@@ -118,6 +119,7 @@ def evaluate(data, bundle, out, label_map=None, n_boot: int = 1000, workdir="tra
              log=print) -> dict:
     """Evaluate a loaded-or-named bundle on DATA; writes files under ``out``; returns metrics."""
     import torch
+
     from dicompipe.model.bundle import load_bundle
     from dicompipe.model.data import parse_label_map
     from dicompipe.model.train import load_data, make_split, predict_logits

@@ -52,7 +52,7 @@ CALIBRATION_FILE = "models/int8_calibration.json"
 INPUT, OUTPUTS = "x", ("logits", "layer4")
 
 
-def session_options(threads: int | None = None) -> "ort.SessionOptions":
+def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options tuned for CPU inference of one CNN: one intra-op thread per physical core
     (``$DICOMPIPE_THREADS`` overrides), sequential execution, every graph optimisation, and
     no busy-wait spinning between ops: ResNet50 ops are long enough that spinning buys
@@ -234,10 +234,10 @@ def quantize_static_file(src: Path, dst: Path, reader=None, calibration_cache: P
     ``reader``: a CalibrationDataReader; or ``calibration_cache``: an existing ranges JSON
     (then no data are needed); with both, the ranges computed from ``reader`` are written there.
     """
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
     import inspect
     import logging
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calibration_cache and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         raise ModelError(f"int8 from stored calibration ranges needs a newer onnxruntime (this is "

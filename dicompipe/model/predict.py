@@ -11,9 +11,8 @@ Example::
 """
 from __future__ import annotations
 
-import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

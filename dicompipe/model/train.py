@@ -30,10 +30,9 @@ from dicompipe import organs
 from dicompipe.model import data as D
 from dicompipe.model import splits as S
 from dicompipe.model.calibration import calibrate
-from dicompipe.types import softmax
 from dicompipe.model.metrics import classification_metrics, macro_auroc
 from dicompipe.model.network import resnet50
-from dicompipe.types import PreprocessSpec
+from dicompipe.types import PreprocessSpec, softmax
 
 # The HU window (level, width) under which a DICOM series looks like the training JPGs
 # (organ registry, training.windows), measured by matching tissue levels (see the bundles'
@@ -258,7 +257,8 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
         auc = macro_auroc(yv, pv)
         vloss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(yv).long()))
         bacc = classification_metrics(yv, pv, labels, n_boot=0)["balanced_accuracy"]
-        rec = {"epoch": ep + 1, "size": size, "train_loss": tot / max(1, steps_done), "steps": steps_done, "val_loss": vloss,
+        rec = {"epoch": ep + 1, "size": size, "train_loss": tot / max(1, steps_done), "steps": steps_done,
+               "val_loss": vloss,
                "val_macro_auroc": auc, "val_balanced_accuracy": bacc, "train_seconds": train_s,
                "seconds": time.time() - t0}
         state["history"].append(rec)
@@ -278,7 +278,8 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
 
 
 def _hardware() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads, "
+            f"torch {torch.__version__}")
 
 
 def main(args) -> int:
@@ -302,7 +303,8 @@ def main(args) -> int:
     parts, split_info = make_split(organ, items, images, seed)
     log("split " + json.dumps({"info": split_info, "counts": S.summary(parts, y, labels)}))
     (workdir / "split.json").write_text(json.dumps(
-        {"info": split_info, "parts": {os.path.relpath(it.path, args.data): p for it, p in zip(items, parts)}}, indent=0))
+        {"info": split_info,
+         "parts": {os.path.relpath(it.path, args.data): p for it, p in zip(items, parts)}}, indent=0))
     sizes = parse_sizes(getattr(args, "sizes", None) or f"128x{max(1, (args.epochs or 10) - 2)},224x2")
     budget = getattr(args, "budget_minutes", None)
     t0 = time.time()
@@ -338,9 +340,10 @@ def main(args) -> int:
                      f"time budget {budget} min: {getattr(args, 'low_size', None) or 112} px for 70%, then {spec.size}",
                      "seconds": round(time.time() - t0 + 0.0, 1),
                      "train_seconds_total": round(state["seconds"], 1),
-                     "hardware": _hardware(), "optimizer": (f"AdamW lr {float(getattr(args, 'lr', None) or 2e-3):g} wd 0.05, "
-                                   "label smoothing 0.1, zero-init residual gammas, " + ("warm-up 8% then cosine decay on the clock"
-                                                            if budget else "one-cycle")),
+                     "hardware": _hardware(),
+                     "optimizer": (f"AdamW lr {float(getattr(args, 'lr', None) or 2e-3):g} wd 0.05, "
+                                   "label smoothing 0.1, zero-init residual gammas, "
+                                   + ("warm-up 8% then cosine decay on the clock" if budget else "one-cycle")),
                      "batch_size": 32, "sampling": "class-balanced", "history": state["history"]},
         "metrics": {"validation_calibrated": val},
         "intended_use": "Research use only: not for clinical diagnosis or treatment decisions.",

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from dicompipe import organs
 
+
 def _body(slice_hu: np.ndarray, body_hu: float) -> np.ndarray:
     """Body mask: tissue above ``body_hu`` with enclosed air (lungs, bowel gas) filled in."""
     return ndimage.binary_fill_holes(slice_hu > body_hu)

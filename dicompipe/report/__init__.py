@@ -20,8 +20,8 @@ Example::
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dicompipe.errors import DicompipeError, ReportError
 from dicompipe.report import files as _files

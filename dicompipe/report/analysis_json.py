@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from dicompipe.util import write_text
 from dicompipe.types import Analysis
+from dicompipe.util import write_text
 
 
 def _finite(o):

@@ -26,8 +26,8 @@ from dicompipe import organs
 from dicompipe.errors import ReportError
 from dicompipe.report import figures
 from dicompipe.report.dicom_source import SourceContext, patient_study, source_context
-from dicompipe.util import atomic_path
 from dicompipe.types import Analysis
+from dicompipe.util import atomic_path
 
 SC_SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "NOT FOR CLINICAL USE - dicompipe Grad-CAM key slices"

@@ -32,8 +32,8 @@ from pydicom.uid import generate_uid
 from dicompipe import organs
 from dicompipe.errors import ReportError
 from dicompipe.report.dicom_source import SourceContext, source_context
-from dicompipe.util import atomic_path
 from dicompipe.types import Analysis
+from dicompipe.util import atomic_path
 
 PRIVATE_SCHEME = "99DICOMPIPE"
 SR_SERIES_NUMBER = 9901

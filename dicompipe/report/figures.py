@@ -29,9 +29,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dicompipe.util import atomic_path
 from dicompipe import organs
 from dicompipe.types import RESEARCH_USE, Analysis, KeySlice
+from dicompipe.util import atomic_path
 
 CAM_CMAP = "turbo"
 HOT = 0.5                 # outline level, fraction of the volume-wide CAM maximum

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from dicompipe.model import data as D
-from dicompipe.types import softmax
 from dicompipe.model.metrics import macro_auroc
 from dicompipe.model.network import forward_with_features, resnet50
 from dicompipe.train import lesions as L
+from dicompipe.types import softmax
 
 
 def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, organ: str,
@@ -220,7 +220,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             if state["step"] % 10 == 0:
                 # batch CE is noisy: the mean of the last 50 steps shows whether it learns
                 log(f"{name} step {state['step']} size {size} ce {float(ce.detach()):.3f} "
-                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
+                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
             if time.time() - last_eval > eval_every_min * 60:
                 state["phase_seconds"] = time.time() - t_phase0
                 check(size, name)

@@ -101,10 +101,10 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
 
     from dicompipe.model.bundle import save_bundle
     from dicompipe.model.calibration import calibrate
-    from dicompipe.types import softmax
     from dicompipe.model.metrics import classification_metrics
     from dicompipe.model.network import resnet50
     from dicompipe.model.train import predict_logits
+    from dicompipe.types import softmax
 
     spec = spec_v2(organ, size)
     items, labels = D.scan(data, organ)

@@ -392,8 +392,9 @@ def _details(res, include_phi: bool):
 # --------------------------------------------------------------------------- history
 def _history_frame(rows: list[dict], include_phi: bool):
     """The history records as a readable table (the raw record stays in ``rows``)."""
-    import pandas as pd
     from pathlib import PurePath
+
+    import pandas as pd
 
     out = []
     for r in rows:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tempfile
-import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from dicompipe.errors import UnsupportedInput
 from dicompipe.io.archive import extract_zip as io_extract

@@ -20,8 +20,9 @@ import datetime as _dt
 import io as _io
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
