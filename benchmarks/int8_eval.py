@@ -3,7 +3,7 @@
 Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shared/data/iq-othnccd]``):
 
 1. Rebuild the bundle's leak-free split exactly as training/evaluation do
-   (``dicompipe.model.train.load_data`` + ``make_split``, and the bundle's stored
+   (``dicompipe.train.train.load_data`` + ``make_split``, and the bundle's stored
    ``docs/split.json`` when present, as ``dicompipe evaluate`` does).
 2. Calibrate: ``--calib`` (default 300) slices from the TRAIN part only, stratified by class,
    rendered with the bundle's preprocessing (the same ``to_input`` as training) — never test.
@@ -47,7 +47,7 @@ def balanced_accuracy(y, pred, k: int) -> float:
 
 def split_for(bundle, data, workdir="training", log=print):
     """(items, y, images_u8, parts) of the bundle's leak-free split of ``data``."""
-    from dicompipe.model.train import load_data, make_split
+    from dicompipe.train.train import load_data, make_split
 
     md = bundle.metadata
     items, lab_names, images, _ = load_data(data, md["organ"], None, spec=bundle.spec,
@@ -72,7 +72,7 @@ def inputs(images_u8, spec, idx, bs=32):
     """Model inputs for rows ``idx``, the training renderer (``data.to_input``), in batches."""
     import torch
 
-    from dicompipe.model.data import to_input
+    from dicompipe.train.data import to_input
     for a in range(0, len(idx), bs):
         u8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx[a:a + bs]]))
         yield to_input(u8, spec, spec.size).contiguous().numpy()
@@ -108,7 +108,7 @@ def stratified(y, parts, part, n, seed=0):
 
 def paired_bootstrap(y, p_ref, p_new, k, n_boot=1000, seed=0):
     """95% intervals of (new - ref) for balanced accuracy and macro AUROC, same resamples."""
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
     rng = np.random.default_rng(seed)
     d_ba, d_au = [], []
     for _ in range(n_boot):
@@ -127,7 +127,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     import torch
 
     from dicompipe.model import onnx_backend as ob
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
     from dicompipe.types import softmax
 
     t0 = time.perf_counter()

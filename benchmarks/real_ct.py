@@ -92,7 +92,7 @@ def verdict_summary(a) -> dict:
 
 def lung_tumour_check(a, boxes_file: Path) -> dict:
     """Per-slice AUROC and CAM peak vs the Lung-PET-CT-Dx tumour boxes."""
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
     boxes = json.loads(boxes_file.read_text())["boxes"]
     bz = [b["lps_min_mm"][2] for b in boxes]
     grid = a.batch.grid
@@ -211,11 +211,11 @@ def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Pat
     import torch
     from safetensors.torch import load_file
 
-    from dicompipe.model import data as D
-    from dicompipe.model.metrics import auroc
     from dicompipe.model.network import resnet50
-    from dicompipe.model.train import predict_logits
+    from dicompipe.train import data as D
+    from dicompipe.train.metrics import auroc
     from dicompipe.train.run import spec_v2
+    from dicompipe.train.train import predict_logits
     from dicompipe.types import softmax
     root = data / KAGGLE[organ]
     spec = spec_v2(organ, size)
@@ -248,7 +248,7 @@ def pixel_features(g: np.ndarray) -> np.ndarray:
 def cv_logistic_auroc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """AUROC of a 5-fold cross-validated logistic regression (numpy, standardised features,
     class-weighted, L2): can these features tell the two kinds apart?"""
-    from dicompipe.model.metrics import auroc
+    from dicompipe.train.metrics import auroc
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     score = np.zeros(len(y))
@@ -272,7 +272,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
     """8-bit training slices vs the shared DICOM series, both rendered by ``bundle``'s spec:
     AUROC of a probe on grey-level statistics alone (0.5 = indistinguishable)."""
     from dicompipe import io, preprocess
-    from dicompipe.model import data as D
+    from dicompipe.train import data as D
     spec = bundle.spec
     items, _ = D.scan(data / KAGGLE[organ], organ)
     pick = np.random.default_rng(0).choice(len(items), min(n_images, len(items)), replace=False)

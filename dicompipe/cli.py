@@ -240,8 +240,12 @@ def _p_train(sub):
 
 def _cmd_train(args) -> int:
     if not args.pretrain:
-        from dicompipe.model.train import main as train_main
-        return train_main(args)
+        from dicompipe.train.train import train_bundle
+        train_bundle(args.data, args.organ, args.out, epochs=args.epochs, sizes=args.sizes,
+                     budget_minutes=args.budget_minutes, low_size=args.low_size, lr=args.lr,
+                     resume=args.resume, label_map=args.label_map, seed=args.seed,
+                     threads=args.threads, workdir=args.workdir)
+        return 0
     import time
     from pathlib import Path
 
@@ -290,8 +294,13 @@ def _p_evaluate(sub):
 
 
 def _cmd_evaluate(args) -> int:
-    from dicompipe.model.evaluate import main as evaluate_main
-    return evaluate_main(args)
+    from pathlib import Path
+
+    from dicompipe.train.evaluate import evaluate
+    evaluate(args.data, args.model, args.out, label_map=args.label_map, n_boot=args.n_boot or 1000,
+             workdir=args.workdir or "training")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
 
 
 def _p_history(sub):

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from analysis_factory import make_analysis
 
-from dicompipe.model.calibration import INPUT_KINDS, calibration_entry, ece_by_kind, input_kind
+from dicompipe.model.calibration import INPUT_KINDS, input_kind
 from dicompipe.report import text
+from dicompipe.train.calibration import calibration_entry, ece_by_kind
 
 
 def test_ece_by_kind_and_entry():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_train import make_tree
 
-from dicompipe.model import splits as S
-from dicompipe.model.evaluate import evaluate, knn_probe
+from dicompipe.train import splits as S
+from dicompipe.train.evaluate import evaluate, knn_probe
 
 
 def test_knn_probe_sees_leakage():

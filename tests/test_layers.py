@@ -109,6 +109,12 @@ def test_io_is_the_first_stage():
     assert not g["io"] & (STAGES | {"history"}), sorted(g["io"])
 
 
+def test_inference_never_imports_training():
+    g = graph()
+    users = sorted(c for c, deps in g.items() if "train" in deps)
+    assert users == ["cli"], f"only the CLI may reach the training package: {users}"
+
+
 def test_core_imports_nothing_upward():
     g = graph()
     for leaf in ("errors", "_version", "util", "phi"):

@@ -1,7 +1,7 @@
 """Leak-free splits, duplicate handling and hashing (model stage, issue 6). No real data."""
 import numpy as np
 
-from dicompipe.model import splits as S
+from dicompipe.train import splits as S
 
 
 def _blobs(n, seed=0, size=32):

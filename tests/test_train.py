@@ -1,5 +1,4 @@
 """Training on a tiny synthetic class-folder tree (model stage, issue 6). Seconds, no real data."""
-import argparse
 import json
 
 import numpy as np
@@ -7,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dicompipe.model import data as D
-from dicompipe.model.calibration import fit_temperature
-from dicompipe.model.metrics import auroc, classification_metrics, ece
 from dicompipe.preprocess.render import render
+from dicompipe.train import data as D
+from dicompipe.train.calibration import fit_temperature
+from dicompipe.train.metrics import auroc, classification_metrics, ece
 from dicompipe.types import PreprocessSpec, softmax
 
 
@@ -82,15 +81,12 @@ def test_metrics_and_temperature():
 
 
 @pytest.mark.slow
-def test_train_main_writes_a_loadable_bundle(tmp_path):
-    from dicompipe.model import train
+def test_train_bundle_writes_a_loadable_bundle(tmp_path):
     from dicompipe.model.bundle import load_bundle
+    from dicompipe.train.train import train_bundle
     make_tree(tmp_path / "d", n=10)
-    args = argparse.Namespace(data=str(tmp_path / "d"), organ="lung", out=str(tmp_path / "b"),
-                              sizes="32x1", epochs=None, resume=False, label_map=None, seed=0,
-                              lr=None, patience=None, workdir=str(tmp_path / "w" / "lung"),
-                              budget_minutes=None, threads=1, size=32)
-    assert train.main(args) == 0
+    kw = dict(sizes="32x1", seed=0, workdir=tmp_path / "w" / "lung", threads=1, size=32)
+    assert train_bundle(tmp_path / "d", "lung", tmp_path / "b", **kw) == tmp_path / "b"
     b = load_bundle(tmp_path / "b", organ="lung")
     md = b.metadata
     assert md["trained"] and md["labels"] == ["normal", "benign", "malignant"]
@@ -100,5 +96,4 @@ def test_train_main_writes_a_loadable_bundle(tmp_path):
     split = json.loads((tmp_path / "b" / "docs" / "split.json").read_text())["parts"]
     assert set(split.values()) <= {"train", "val", "test", None}
     # resume: nothing left to do, the same bundle comes out
-    args.resume = True
-    assert train.main(args) == 0
+    assert train_bundle(tmp_path / "d", "lung", tmp_path / "b", resume=True, **kw) == tmp_path / "b"

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicompipe.model import data as D
-from dicompipe.model.metrics import macro_auroc
 from dicompipe.model.network import forward_with_features, resnet50
+from dicompipe.train import data as D
 from dicompipe.train import lesions as L
+from dicompipe.train.metrics import macro_auroc
 from dicompipe.types import softmax
 
 
@@ -172,7 +172,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         rec = {"step": state["step"], "phase": phase, "size": size,
                **synthetic_check(net, sv_img, sv_y, sv_m, spec, size)}
         if phase.startswith("finetune") and len(real_va):
-            from dicompipe.model.train import predict_logits
+            from dicompipe.train.train import predict_logits
             p = softmax(predict_logits(net, images[real_va], spec, size=size), np.float64)
             rec["real_val_macro_auroc"] = float(macro_auroc(y[real_va], p))
         log("CHECK " + json.dumps(rec))

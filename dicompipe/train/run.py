@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe import organs
-from dicompipe.model import data as D
+from dicompipe.train import data as D
 from dicompipe.types import PreprocessSpec
 
 CACHE_SIZE = 256
@@ -100,10 +100,10 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     from safetensors.torch import load_file
 
     from dicompipe.model.bundle import save_bundle
-    from dicompipe.model.calibration import calibrate
-    from dicompipe.model.metrics import classification_metrics
     from dicompipe.model.network import resnet50
-    from dicompipe.model.train import predict_logits
+    from dicompipe.train.calibration import calibrate
+    from dicompipe.train.metrics import classification_metrics
+    from dicompipe.train.train import predict_logits
     from dicompipe.types import softmax
 
     spec = spec_v2(organ, size)

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from dicompipe import organs
-from dicompipe.model import data as D
-from dicompipe.model import splits as S
-from dicompipe.model.calibration import calibrate
-from dicompipe.model.metrics import classification_metrics, macro_auroc
 from dicompipe.model.network import resnet50
+from dicompipe.train import data as D
+from dicompipe.train import splits as S
+from dicompipe.train.calibration import calibrate
+from dicompipe.train.metrics import classification_metrics, macro_auroc
 from dicompipe.types import PreprocessSpec, softmax
 
 # The HU window (level, width) under which a DICOM series looks like the training JPGs
@@ -282,10 +282,24 @@ def _hardware() -> str:
             f"torch {torch.__version__}")
 
 
-def main(args) -> int:
+def train_bundle(data: str | Path, organ: str, out: str | Path, *, epochs: int | None = None,
+                 sizes: str | None = None, budget_minutes: float | None = None,
+                 low_size: int = 112, lr: float = 2e-3, resume: bool = False,
+                 label_map: str | None = None, seed: int = 0, threads: int = 2,
+                 workdir: str | Path | None = None, size: int = 224,
+                 patience: int | None = None) -> Path:
+    """Train a 1.x ResNet50 bundle for ``organ`` on ``data`` and write it to ``out``; returns
+    the bundle folder (``dicompipe train`` without ``--pretrain``).
+
+    ``sizes``: image size per epoch ("128x8,224x2"; default from ``epochs``, 10: 8 at 128 px,
+    2 at 224 px); ``budget_minutes``: train on the clock instead (``low_size`` px for the
+    first 70 %); ``workdir``: checkpoints, cache and log (default ``training/<organ>``).
+
+    >>> train_bundle("IQ-OTH_NCCD/", "lung", "my-lung", sizes="128x8,224x2")
+    PosixPath('my-lung')
+    """
     from dicompipe.model.bundle import save_bundle
-    organ = args.organ
-    workdir = Path(getattr(args, "workdir", None) or Path("training") / organ)
+    workdir = Path(workdir or Path("training") / organ)
     workdir.mkdir(parents=True, exist_ok=True)
     logf = open(workdir / "train.log", "a")
 
@@ -295,26 +309,25 @@ def main(args) -> int:
         logf.write(line + "\n")
         logf.flush()
 
-    lm = D.parse_label_map(getattr(args, "label_map", None))
-    items, labels, images, spec = load_data(args.data, organ, lm, workdir=workdir.parent, log=log,
-                                           size=int(getattr(args, "size", None) or 224))
+    lm = D.parse_label_map(label_map)
+    items, labels, images, spec = load_data(data, organ, lm, workdir=workdir.parent, log=log,
+                                           size=int(size or 224))
     y = np.array([it.label for it in items])
-    seed = int(getattr(args, "seed", 0) or 0)
+    seed = int(seed or 0)
     parts, split_info = make_split(organ, items, images, seed)
     log("split " + json.dumps({"info": split_info, "counts": S.summary(parts, y, labels)}))
     (workdir / "split.json").write_text(json.dumps(
         {"info": split_info,
-         "parts": {os.path.relpath(it.path, args.data): p for it, p in zip(items, parts)}}, indent=0))
-    sizes = parse_sizes(getattr(args, "sizes", None) or f"128x{max(1, (args.epochs or 10) - 2)},224x2")
-    budget = getattr(args, "budget_minutes", None)
+         "parts": {os.path.relpath(it.path, data): p for it, p in zip(items, parts)}}, indent=0))
+    size_list = parse_sizes(sizes or f"128x{max(1, (epochs or 10) - 2)},224x2")
+    budget = budget_minutes
+    lr = float(lr or 2e-3)
+    low_size = int(low_size or 112)
     t0 = time.time()
-    best, state = train(images, y, parts, labels, spec, sizes, workdir, seed=seed,
-                        lr=float(getattr(args, "lr", None) or 2e-3),
-                        flip=organs.get(organ).training.flip, resume=bool(getattr(args, "resume", False)),
-                        log=log, patience=getattr(args, "patience", None),
-                        threads=int(getattr(args, "threads", None) or 2),
-                        budget_s=budget * 60 if budget else None,
-                        low_size=int(getattr(args, "low_size", None) or 112))
+    best, state = train(images, y, parts, labels, spec, size_list, workdir, seed=seed, lr=lr,
+                        flip=organs.get(organ).training.flip, resume=bool(resume),
+                        log=log, patience=patience, threads=int(threads or 2),
+                        budget_s=budget * 60 if budget else None, low_size=low_size)
     net = resnet50(len(labels))
     net.load_state_dict(best)
     va = np.array([p == "val" for p in parts])
@@ -332,23 +345,23 @@ def main(args) -> int:
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
         "calibration": {"temperature": T, "method": cal_method},
         "trained": True,
-        "training": {"data": Path(args.data).name,   # the folder's name: no machine paths
+        "training": {"data": Path(data).name,   # the folder's name: no machine paths
                      "citation": organs.get(organ).training.citation,
                      "split": {**split_info, "counts": S.summary(parts, y, labels)},
                      "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-                     "sizes": sizes if not budget else
-                     f"time budget {budget} min: {getattr(args, 'low_size', None) or 112} px for 70%, then {spec.size}",
+                     "sizes": size_list if not budget else
+                     f"time budget {budget} min: {low_size} px for 70%, then {spec.size}",
                      "seconds": round(time.time() - t0 + 0.0, 1),
                      "train_seconds_total": round(state["seconds"], 1),
                      "hardware": _hardware(),
-                     "optimizer": (f"AdamW lr {float(getattr(args, 'lr', None) or 2e-3):g} wd 0.05, "
+                     "optimizer": (f"AdamW lr {lr:g} wd 0.05, "
                                    "label smoothing 0.1, zero-init residual gammas, "
                                    + ("warm-up 8% then cosine decay on the clock" if budget else "one-cycle")),
                      "batch_size": 32, "sampling": "class-balanced", "history": state["history"]},
         "metrics": {"validation_calibrated": val},
         "intended_use": "Research use only: not for clinical diagnosis or treatment decisions.",
     }
-    out = save_bundle(args.out, net, md, dtype="float16")
-    (Path(out) / "docs" / "split.json").write_text((workdir / "split.json").read_text())
-    log(f"bundle written: {out}")
-    return 0
+    written = save_bundle(out, net, md, dtype="float16")
+    (Path(written) / "docs" / "split.json").write_text((workdir / "split.json").read_text())
+    log(f"bundle written: {written}")
+    return Path(written)

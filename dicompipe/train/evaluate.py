@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dicompipe.model import splits as S
-from dicompipe.model.metrics import classification_metrics, reliability, roc_curve
+from dicompipe.train import splits as S
+from dicompipe.train.metrics import classification_metrics, reliability, roc_curve
 from dicompipe.types import softmax
 
 
@@ -34,7 +34,7 @@ def _figures(out: Path, y, probs, probs_uncal, labels, title: str, prefix: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dicompipe.model.metrics import confusion
+    from dicompipe.train.metrics import confusion
     k = len(labels)
     cm = confusion(y, probs.argmax(1), k)
     fig, ax = plt.subplots(figsize=(4 + k * 0.4, 3.6 + k * 0.3))
@@ -86,7 +86,7 @@ def knn_probe(images, y, parts, size: int = 32) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dicompipe.model.metrics import confusion
+    from dicompipe.train.metrics import confusion
     t = torch.from_numpy(images.astype(np.float32))[:, None]
     v = F.interpolate(t, size=(size, size), mode="area")[:, 0].reshape(len(images), -1).numpy()
     v = v - v.mean(1, keepdims=True)
@@ -121,8 +121,8 @@ def evaluate(data, bundle, out, label_map=None, n_boot: int = 1000, workdir="tra
     import torch
 
     from dicompipe.model.bundle import load_bundle
-    from dicompipe.model.data import parse_label_map
-    from dicompipe.model.train import load_data, make_split, predict_logits
+    from dicompipe.train.data import parse_label_map
+    from dicompipe.train.train import load_data, make_split, predict_logits
     from dicompipe.types import PreprocessSpec
 
     b = load_bundle(bundle) if isinstance(bundle, (str, Path)) else bundle
@@ -199,14 +199,6 @@ def evaluate(data, bundle, out, label_map=None, n_boot: int = 1000, workdir="tra
                     "knn": [res["naive_split"]["knn_probe_leak_free"],
                             res["naive_split"]["knn_probe_naive"]]}, indent=1))
     return res
-
-
-def main(args) -> int:
-    evaluate(args.data, args.model, args.out, label_map=getattr(args, "label_map", None),
-             n_boot=int(getattr(args, "n_boot", None) or 1000),
-             workdir=getattr(args, "workdir", None) or "training")
-    print(f"metrics: {Path(args.out) / 'metrics.json'}")
-    return 0
 
 
 # --------------------------------------------------------------------------- model card
