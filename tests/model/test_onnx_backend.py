@@ -15,7 +15,7 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
 from tiny_bundle import make_bundle  # noqa: E402
 
 from dicompipe.errors import ModelError  # noqa: E402

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from dicompipe import io
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def check_against_sitk(path: Path):

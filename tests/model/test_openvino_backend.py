@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
 from tiny_bundle import make_bundle  # noqa: E402
 
 from dicompipe.errors import ModelError  # noqa: E402
