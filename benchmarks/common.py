@@ -114,11 +114,8 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
     """A hostname-free description of this machine; ``id`` names the results file."""
-    try:
-        from dicompipe.model.onnx_backend import physical_cores
-        cores = physical_cores()
-    except ImportError:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from dicompipe.util import physical_cores
+    cores = physical_cores()
     flags = _cpu_flags()
     isa = next((name for name, flag in [("amx", "amx_tile"), ("avx512", "avx512f"),
                                          ("avx2", "avx2"), ("neon", "asimd")] if flag in flags),

@@ -145,11 +145,8 @@ def throughput(bundle, batch_sizes=(1, 8, 32), size: int | None = None, repeats:
     s = size or spec.size
     gflop = RESNET50_GFLOP_224 * (s / 224.0) ** 2
     threads = torch.get_num_threads()
-    try:
-        from dicompipe.model.onnx_backend import physical_cores
-        torch.set_num_threads(physical_cores())
-    except ImportError:
-        pass
+    from dicompipe.util import physical_cores
+    torch.set_num_threads(physical_cores())
     runs, notes = backends(bundle, which)
     rng = np.random.default_rng(0)
     rows = []

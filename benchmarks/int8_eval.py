@@ -129,6 +129,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     from dicompipe.model import onnx_backend as ob
     from dicompipe.train.metrics import macro_auroc
     from dicompipe.types import softmax
+    from dicompipe.util import physical_cores
 
     t0 = time.perf_counter()
     items, y, images, parts, info = split_for(bundle, data, workdir, log)
@@ -150,7 +151,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
 
         def logits(run):
             return np.concatenate([run(x)[0] for x in inputs(images, spec, te)])
-        torch.set_num_threads(ob.physical_cores())
+        torch.set_num_threads(physical_cores())
         t = time.perf_counter()
         lg32 = logits(fp32)
         t32 = time.perf_counter() - t
