@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,11 +428,12 @@ class Analysis:
                 "sop_instance_uids": [i.sop_instance_uid for i in s.sources],
                 "files": [i.file for i in s.sources],
             }
-            if s.included and cal is not None:
-                r["probabilities"] = {l: float(p) for l, p in zip(labels, cal[s.row])}
-                if ood and s.row < len(ood.scores):
-                    r["ood_score"] = float(ood.scores[s.row])
-                    r["excluded_reason"] = "out of distribution" if s.row in out_rows else None
+            row = s.row
+            if s.included and cal is not None and row is not None:
+                r["probabilities"] = {l: float(p) for l, p in zip(labels, cal[row])}
+                if ood and row < len(ood.scores):
+                    r["ood_score"] = float(ood.scores[row])
+                    r["excluded_reason"] = "out of distribution" if row in out_rows else None
             rows.append(r)
         return rows
 
@@ -502,7 +504,7 @@ def redact_dict(analysis: Analysis, d: dict) -> dict:
     return Redactor.for_analysis(analysis).walk(d)
 
 
-def _plain(obj, skip: set[str] = frozenset()) -> dict:
+def _plain(obj, skip: AbstractSet[str] = frozenset()) -> dict:
     """Dataclass -> JSON-ready dict (numpy scalars/arrays and tuples made plain)."""
     out = {}
     for f in dataclasses.fields(obj):

@@ -18,6 +18,7 @@ import struct
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -108,7 +109,7 @@ def _int(v, default=None):
         return default
 
 
-def _pixel_element(fp, ts: UID) -> tuple[int | None, int | None]:
+def _pixel_element(fp, ts: str) -> tuple[int | None, int | None]:
     """(value offset, value length) of Pixel Data at the file position after a
     ``stop_before_pixels`` read, for native little-endian files; (None, None) otherwise."""
     start = fp.tell()
@@ -468,7 +469,8 @@ def _enhanced_refs(ds, path: Path, sop_uid, inst_no, base) -> list[InstanceRef]:
         if pm is not None and pm.get("SliceThickness") is not None:
             meta["thickness"] = _num(pm.get("SliceThickness"))
         pos = _floats(pp.get("ImagePositionPatient"), 3) if pp else None
-        refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f, position=pos, meta=meta))
+        refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f,
+                                position=cast("tuple[float, float, float] | None", pos), meta=meta))
     return refs
 
 

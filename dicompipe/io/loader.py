@@ -298,6 +298,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
                  f"series {series.key} ({len(refs)} slices of {m0.get('rows')} x {m0.get('cols')}, "
                  f"first {refs[0].file})", max_memory)
     try:
+        img: sitk.Image | None
         img, failed = read_hu(refs, workers)
     except ValueError as e:                              # e.g. BitsAllocated 1 or 12
         raise UnreadableSeries(f"Series {series.key} ({refs[0].file}): unsupported pixel layout "
@@ -325,6 +326,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
         iop = m0["iop"]
         row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
         row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+        assert g is not None                    # geometric: stack_geometry ran
         n, axis = normal_of(iop), g["axis"]
         origin = np.asarray(refs[0].position, float)
     else:
@@ -446,7 +448,7 @@ def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row, max_memory=
     fill = float(sitk.GetArrayViewFromImage(img).min())
     out = sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
                         tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)
-    out_slices = []
+    out_slices: list[list[InstanceRef]] = []
     for z in range(size[2]):
         centre = out.TransformContinuousIndexToPhysicalPoint(
             ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0, float(z)))
