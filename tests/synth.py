@@ -512,3 +512,24 @@ def tree_hash(path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
             for p in files}
+
+
+def chest_hu(n: int = 256, table: bool = True, fov: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU slice, true body mask, table mask): an elliptic chest (muscle wall, fat, two
+    lungs, a soft-tissue mediastinum, noise) on a thick scanner table, in a FOV circle."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:n, :n] / n
+    body = ((xx - 0.5) / 0.38) ** 2 + ((yy - 0.45) / 0.28) ** 2 < 1
+    hu = np.full((n, n), -1000.0)
+    hu[body] = -100.0                                                    # fat
+    wall = ((xx - 0.5) / 0.35) ** 2 + ((yy - 0.45) / 0.25) ** 2 < 1
+    hu[wall] = 50.0                                                      # muscle
+    for cx in (0.33, 0.67):
+        hu[((xx - cx) / 0.13) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1] = -850.0   # lungs
+    hu += rng.normal(0, 15, hu.shape)
+    tab = (yy > 0.78) & (yy < 0.86) & (np.abs(xx - 0.5) < 0.4)
+    if table:
+        hu[tab] = 200.0
+    if fov:
+        hu[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 > 0.49 ** 2] = -3024.0
+    return hu.astype(np.float32), body, tab

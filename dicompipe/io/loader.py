@@ -341,6 +341,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
         step = float((t[-1] - t[0]) / (len(t) - 1))
         if np.max(np.abs(steps - step)) > max(UNIFORM_TOL * step, POSITION_TOL_MM):
             if arr is None:
+                assert img is not None               # arr is None only while img holds the slices
                 arr = sitk.GetArrayFromImage(img)
                 img = None
             arr, slices, step, msg = _regularise(arr, refs, t, max_gap, series)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from geometry import OBLIQUE, blob, make_batch, make_volume
 from skimage.transform import resize as sk_resize
-from test_inverse import OBLIQUE, blob, make_batch, make_volume
 
 from dicompipe.errors import ModelError
 from dicompipe.explain import autograd_cam, class_maps, gradcam, normalise_like_grad_cam

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_inverse import OBLIQUE, make_batch, make_volume
+from geometry import OBLIQUE, make_batch, make_volume
 from torch import nn
 
 from dicompipe.errors import ModelError

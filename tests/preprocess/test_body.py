@@ -4,31 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from synth import chest_hu
 
 from dicompipe.preprocess.body import body_box, body_mask, to_u8
 from dicompipe.preprocess.render import equalize, render
 from dicompipe.train.run import LUNG_TRANSFER, spec_v2
-
-
-def chest_hu(n: int = 256, table: bool = True, fov: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(HU slice, true body mask, table mask): an elliptic chest (muscle wall, fat, two
-    lungs, a soft-tissue mediastinum, noise) on a thick scanner table, in a FOV circle."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:n, :n] / n
-    body = ((xx - 0.5) / 0.38) ** 2 + ((yy - 0.45) / 0.28) ** 2 < 1
-    hu = np.full((n, n), -1000.0)
-    hu[body] = -100.0                                                    # fat
-    wall = ((xx - 0.5) / 0.35) ** 2 + ((yy - 0.45) / 0.25) ** 2 < 1
-    hu[wall] = 50.0                                                      # muscle
-    for cx in (0.33, 0.67):
-        hu[((xx - cx) / 0.13) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1] = -850.0   # lungs
-    hu += rng.normal(0, 15, hu.shape)
-    tab = (yy > 0.78) & (yy < 0.86) & (np.abs(xx - 0.5) < 0.4)
-    if table:
-        hu[tab] = 200.0
-    if fov:
-        hu[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 > 0.49 ** 2] = -3024.0
-    return hu.astype(np.float32), body, tab
 
 
 def test_to_u8_floor_and_window():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_body import chest_hu
+from synth import chest_hu
 
 from dicompipe.preprocess.render import render
 from dicompipe.train import lesions as L
