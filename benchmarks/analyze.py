@@ -66,12 +66,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from synth import write_ct_series
+    from tiny_bundle import chest_phantom, make_bundle
 
     import dicompipe
     from dicompipe.model import load_bundle
     from dicompipe.types import PreprocessSpec
-    from synth import write_ct_series
-    from tiny_bundle import chest_phantom, make_bundle
 
     tmp = Path(tempfile.mkdtemp(prefix="dicompipe-bench-"))
     t = time.perf_counter()

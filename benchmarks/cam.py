@@ -27,7 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dicompipe import explain, model as model_stage, preprocess
+from dicompipe import explain, preprocess
+from dicompipe import model as model_stage
 from dicompipe.model.network import resnet50
 from dicompipe.types import InstanceRef, PreprocessSpec, SeriesInfo, Volume
 

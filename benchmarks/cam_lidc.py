@@ -113,6 +113,7 @@ def overlay_png(path: Path, volume, cam: sitk.Image, scale: float, masks, peak, 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from dicompipe.preprocess.render import window
 
     ct = volume.array
@@ -120,9 +121,9 @@ def overlay_png(path: Path, volume, cam: sitk.Image, scale: float, masks, peak, 
     union = np.any([m["mask"] for m in masks], axis=0) if masks else np.zeros(ct.shape, bool)
     sp = volume.image.GetSpacing()
     zc, yc, xc = centre_idx
-    panels = [("axial at CAM peak z=%d" % peak[0], ct[peak[0]], c[peak[0]], union[peak[0]], peak[1:], 1.0),
-              ("axial at nodule z=%d" % zc, ct[zc], c[zc], union[zc], (yc, xc), 1.0),
-              ("coronal through nodule y=%d" % yc, ct[:, yc, :], c[:, yc, :], union[:, yc, :],
+    panels = [(f"axial at CAM peak z={peak[0]:d}", ct[peak[0]], c[peak[0]], union[peak[0]], peak[1:], 1.0),
+              (f"axial at nodule z={zc:d}", ct[zc], c[zc], union[zc], (yc, xc), 1.0),
+              (f"coronal through nodule y={yc:d}", ct[:, yc, :], c[:, yc, :], union[:, yc, :],
                (peak[0], peak[2]) if peak[1] == yc else None, sp[2] / sp[0])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
     for ax, (name, im, cm, mk, mark, aspect) in zip(axes, panels):
@@ -158,14 +159,13 @@ def main(argv=None) -> dict | None:
         print(f"skip: {args.data} not found (LIDC-IDRI-0001 lives in ../shared/data)")
         return None
 
-    from dicompipe import explain, io, preprocess
+    from dicompipe import explain, io, organs, preprocess
     from dicompipe.model import predict
-    from dicompipe.pipeline import load_config
 
     work = Path(tempfile.mkdtemp(prefix="cam-lidc-"))
     bundle, weights = get_bundle(args.bundle, work)
     vol = io.load(io.select(io.discover(args.data / "series")))
-    sel = load_config("lung").get("slice_selection", {})
+    sel = organs.get("lung").selection.rules()
     batch = preprocess.prepare(vol, bundle.spec, organ="lung", selection=sel)
     preds = predict(bundle, batch, backend="torch", device="cpu")
     cams = explain.gradcam(preds)
@@ -222,6 +222,7 @@ def main(argv=None) -> dict | None:
     args.out.mkdir(parents=True, exist_ok=True)
     # the NIfTI pair a run folder holds: same affine, and the peak lands at the same RAS point
     import nibabel as nib
+
     from dicompipe.report.nifti import write_nifti
     ct_nii = nib.load(write_nifti(vol.image, args.nifti_dir / "ct.nii.gz", dtype=np.int16))
     cam_nii = nib.load(write_nifti(cam, args.nifti_dir / f"cam_{label}.nii.gz",

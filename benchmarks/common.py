@@ -18,9 +18,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "_work"          # scratch (gitignored): synthetic studies, bundles
@@ -48,7 +48,7 @@ class Timing:
     def hi(self) -> float:
         return max(self.samples) if self.samples else float("nan")
 
-    def rate(self, n: float = 1.0) -> "Rate":
+    def rate(self, n: float = 1.0) -> Rate:
         """Items per second (n items per call): median and range."""
         return Rate(n / self.median, n / self.hi, n / self.lo)
 
@@ -114,11 +114,8 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
     """A hostname-free description of this machine; ``id`` names the results file."""
-    try:
-        from dicompipe.model.onnx_backend import physical_cores
-        cores = physical_cores()
-    except ImportError:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from dicompipe.util import physical_cores
+    cores = physical_cores()
     flags = _cpu_flags()
     isa = next((name for name, flag in [("amx", "amx_tile"), ("avx512", "avx512f"),
                                          ("avx2", "avx2"), ("neon", "asimd")] if flag in flags),

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicompipe.model import data as D
 from dicompipe.model.bundle import load_bundle
 from dicompipe.model.network import forward_with_features
 from dicompipe.model.ood import fit_ood, save_ood
+from dicompipe.train import data as D
 
 
 @torch.no_grad()

@@ -163,7 +163,9 @@ def cases(tmp: Path) -> dict:
             ds.SliceThickness = -2.5
         _lidc(d, 1, edit=edit)
         return ["series", str(d)], ("python", "-c",
-                                    "import sys, dicompipe as d; v = d.io.load(d.io.select(d.io.discover(sys.argv[1]))); print(v.image.GetSpacing())",
+                                    "import sys, dicompipe as d; "
+                                    "v = d.io.load(d.io.select(d.io.discover(sys.argv[1]))); "
+                                    "print(v.image.GetSpacing())",
                                     str(d))
 
     def c_zip_bomb(d):

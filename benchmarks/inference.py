@@ -145,11 +145,8 @@ def throughput(bundle, batch_sizes=(1, 8, 32), size: int | None = None, repeats:
     s = size or spec.size
     gflop = RESNET50_GFLOP_224 * (s / 224.0) ** 2
     threads = torch.get_num_threads()
-    try:
-        from dicompipe.model.onnx_backend import physical_cores
-        torch.set_num_threads(physical_cores())
-    except ImportError:
-        pass
+    from dicompipe.util import physical_cores
+    torch.set_num_threads(physical_cores())
     runs, notes = backends(bundle, which)
     rng = np.random.default_rng(0)
     rows = []
@@ -157,7 +154,7 @@ def throughput(bundle, batch_sizes=(1, 8, 32), size: int | None = None, repeats:
         for bs in batch_sizes:
             x = rng.normal(0, 1, (bs, spec.channels, s, s)).astype(np.float32)
             calls = max(1, images_per_sample // bs)
-            fns = {k: (lambda f=f: [f(x) for _ in range(calls)]) for k, f in runs.items()}
+            fns = {k: (lambda f=f, x=x, calls=calls: [f(x) for _ in range(calls)]) for k, f in runs.items()}
             for name, t in interleaved(fns, repeats=repeats, warmup=1).items():
                 r = t.rate(bs * calls)
                 rows.append({"backend": name, "batch": bs, "slices_per_s": r.to_dict(),

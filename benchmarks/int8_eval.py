@@ -3,7 +3,7 @@
 Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shared/data/iq-othnccd]``):
 
 1. Rebuild the bundle's leak-free split exactly as training/evaluation do
-   (``dicompipe.model.train.load_data`` + ``make_split``, and the bundle's stored
+   (``dicompipe.train.train.load_data`` + ``make_split``, and the bundle's stored
    ``docs/split.json`` when present, as ``dicompipe evaluate`` does).
 2. Calibrate: ``--calib`` (default 300) slices from the TRAIN part only, stratified by class,
    rendered with the bundle's preprocessing (the same ``to_input`` as training) — never test.
@@ -13,7 +13,8 @@ Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shar
    predicted-class agreement (torch vs ONNX fp32 must be identical) and max |logit| error.
 5. Gate: int8 ships only if balanced accuracy drops <= 0.5 points AND macro AUROC drops
    <= 0.005 — for ONNX Runtime and, when installed, OpenVINO on the same QDQ file (both
-   use the shipped calibration). OpenVINO fp32 and bf16 are scored against the same gate. Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
+   use the shipped calibration). OpenVINO fp32 and bf16 are scored against the same gate.
+   Shipped = ``BUNDLE/models/int8_calibration.json`` (ranges + sha256 + the
    numbers), which ``OnnxBackend(bundle, precision="int8")`` / ``--precision int8`` needs;
    not shipped = that file is removed and the numbers are still written.
 
@@ -46,7 +47,7 @@ def balanced_accuracy(y, pred, k: int) -> float:
 
 def split_for(bundle, data, workdir="training", log=print):
     """(items, y, images_u8, parts) of the bundle's leak-free split of ``data``."""
-    from dicompipe.model.train import load_data, make_split
+    from dicompipe.train.train import load_data, make_split
 
     md = bundle.metadata
     items, lab_names, images, _ = load_data(data, md["organ"], None, spec=bundle.spec,
@@ -71,7 +72,7 @@ def inputs(images_u8, spec, idx, bs=32):
     """Model inputs for rows ``idx``, the training renderer (``data.to_input``), in batches."""
     import torch
 
-    from dicompipe.model.data import to_input
+    from dicompipe.train.data import to_input
     for a in range(0, len(idx), bs):
         u8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx[a:a + bs]]))
         yield to_input(u8, spec, spec.size).contiguous().numpy()
@@ -107,7 +108,7 @@ def stratified(y, parts, part, n, seed=0):
 
 def paired_bootstrap(y, p_ref, p_new, k, n_boot=1000, seed=0):
     """95% intervals of (new - ref) for balanced accuracy and macro AUROC, same resamples."""
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
     rng = np.random.default_rng(seed)
     d_ba, d_au = [], []
     for _ in range(n_boot):
@@ -126,8 +127,9 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     import torch
 
     from dicompipe.model import onnx_backend as ob
-    from dicompipe.model.calibration import softmax
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
+    from dicompipe.types import softmax
+    from dicompipe.util import physical_cores
 
     t0 = time.perf_counter()
     items, y, images, parts, info = split_for(bundle, data, workdir, log)
@@ -149,7 +151,7 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
 
         def logits(run):
             return np.concatenate([run(x)[0] for x in inputs(images, spec, te)])
-        torch.set_num_threads(ob.physical_cores())
+        torch.set_num_threads(physical_cores())
         t = time.perf_counter()
         lg32 = logits(fp32)
         t32 = time.perf_counter() - t
@@ -166,20 +168,20 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     yt = y[te]
     out = {}
     for name, lg in (("onnx-fp32", lg32), ("onnx-int8", lg8), *extra.items()):
-        p = softmax(lg / T)
+        p = softmax(lg / T, np.float64)
         out[name] = {"balanced_accuracy": round(balanced_accuracy(yt, p.argmax(1), k), 4),
                      "macro_auroc": round(macro_auroc(yt, p), 4)}
     if torch_check:
         from dicompipe.model.backends import TorchBackend
         tb = TorchBackend(bundle, "cpu")
         lgt = np.concatenate([tb(x)[0] for x in inputs(images, spec, te)])
-        pt = softmax(lgt / T)
+        pt = softmax(lgt / T, np.float64)
         out["torch-fp32"] = {"balanced_accuracy": round(balanced_accuracy(yt, pt.argmax(1), k), 4),
                              "macro_auroc": round(macro_auroc(yt, pt), 4)}
         res["onnx_vs_torch"] = {"identical_predicted_classes": bool((lgt.argmax(1) == lg32.argmax(1)).all()),
                                 "max_abs_logit_diff": float(np.abs(lgt - lg32).max())}
     res["metrics"] = out
-    p32, p8 = softmax(lg32 / T), softmax(lg8 / T)
+    p32, p8 = softmax(lg32 / T, np.float64), softmax(lg8 / T, np.float64)
     d_ba = out["onnx-fp32"]["balanced_accuracy"] - out["onnx-int8"]["balanced_accuracy"]
     d_au = out["onnx-fp32"]["macro_auroc"] - out["onnx-int8"]["macro_auroc"]
     res["int8_vs_fp32"] = {

@@ -5,7 +5,8 @@ Each measurement runs in a fresh child process (so peak RSS is that of one load,
 page cache is warm for both readers alike); the two readers alternate, and the best of
 ``--repeat`` runs of each is compared (wall clock; the CPU time of all threads is printed
 too, as a measure of work that other jobs on a busy machine disturb less). Timed: for
-dicompipe, ``io.discover`` + ``io.select`` + ``io.load`` (float32 HU); for SimpleITK, ``ImageSeriesReader.Execute`` on the file list
+dicompipe, ``io.discover`` + ``io.select`` + ``io.load`` (float32 HU); for SimpleITK,
+``ImageSeriesReader.Execute`` on the file list
 already sorted (``sitk``) and, for reference, with GDCM's own discovery and sorting
 (``GetGDCMSeriesFileNames`` + ``Execute``, ``sitk+gdcm-sort``).
 

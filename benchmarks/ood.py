@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.cam import get_bundle, synthetic_volume
-from dicompipe import model as model_stage, preprocess
+from dicompipe import model as model_stage
+from dicompipe import preprocess
 from dicompipe.model.ood import check, fit_ood
 
 

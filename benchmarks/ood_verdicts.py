@@ -100,7 +100,8 @@ def compare(before: dict, after: dict) -> str:
              "|---|---|---|---|"]
     for name in dict.fromkeys([*before["inputs"], *after["inputs"]]):
         b, a = before["inputs"].get(name, {}), after["inputs"].get(name, {})
-        fmt = lambda r: f"{r['verdict']}" + (f" {r['p_top']:.2f}" if r.get("p_top") is not None else "") + f" · {r['badge']}"
+        fmt = lambda r: (f"{r['verdict']}" + (f" {r['p_top']:.2f}" if r.get("p_top") is not None else "")
+                         + f" · {r['badge']}")
         lines.append(f"| {name} | {fmt(b) if b else '-'} | {fmt(a) if a else '-'} | "
                      f"{a.get('ood_median_score')}, {a.get('ood_out_slices')} |")
     return "\n".join(lines)

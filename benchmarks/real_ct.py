@@ -31,13 +31,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from benchmarks.cam_lidc import lps_points, nodule_masks, parse_lidc
+from dicompipe import organs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 SERIES = {"lung-pet-ct-dx-a0001": ("lung-pet-ct-dx-a0001/series", "lung"),
           "lidc-idri-0001": ("lidc-idri-0001/series", "lung"),
           "abdomen-ct-dicom": ("abdomen-ct-dicom/series", "pancreas")}
-POSITIVE = {"lung": "malignant", "pancreas": "tumour"}
 
 
 def hu_body(hu: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def body_shares(a) -> dict:
     hu = sitk.GetArrayViewFromImage(a.batch.grid)
     out = {}
     ev = getattr(a.verdict, "evidence_label", None) or a.verdict.label
-    pos = POSITIVE[a.organ]
+    pos = organs.get(a.organ).training.positive[0]
     for name, label in (("evidence", ev), ("positive", pos)):
         if label not in a.cams.labels:
             continue
@@ -92,7 +92,7 @@ def verdict_summary(a) -> dict:
 
 def lung_tumour_check(a, boxes_file: Path) -> dict:
     """Per-slice AUROC and CAM peak vs the Lung-PET-CT-Dx tumour boxes."""
-    from dicompipe.model.metrics import macro_auroc
+    from dicompipe.train.metrics import macro_auroc
     boxes = json.loads(boxes_file.read_text())["boxes"]
     bz = [b["lps_min_mm"][2] for b in boxes]
     grid = a.batch.grid
@@ -206,30 +206,31 @@ KAGGLE = {"lung": "iq-othnccd", "pancreas": "pancreas-ct-kaggle"}
 def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Path, size: int) -> dict:
     """A synthetic-only network (never trained on real labels) on the real leak-free test
     part: AUROC of P(positive) (lung: malignant vs normal; pancreas: tumour vs normal)."""
+    import os
+
     import torch
     from safetensors.torch import load_file
 
-    from dicompipe.model import data as D
-    from dicompipe.model.calibration import softmax
-    from dicompipe.model.metrics import auroc
     from dicompipe.model.network import resnet50
-    from dicompipe.model.train import predict_logits
+    from dicompipe.train import data as D
+    from dicompipe.train.metrics import auroc
     from dicompipe.train.run import spec_v2
-    import os
+    from dicompipe.train.train import predict_logits
+    from dicompipe.types import softmax
     root = data / KAGGLE[organ]
     spec = spec_v2(organ, size)
     items, labels = D.scan(root, organ)
     parts = json.loads(split_file.read_text())["parts"]
     te = np.array([parts.get(os.path.relpath(it.path, root)) == "test" for it in items])
     y = np.array([it.label for it in items])[te]
-    pos = labels.index(D.POSITIVE[organ][0])
+    pos = labels.index(D.positive_of(organ)[0])
     keep = (y == 0) | (y == pos)
     images = D.build_cache([it for it, t in zip(items, te) if t], spec,
                            ROOT / "training" / f"cache_v2_{organ}_{size}_test.npz", log=None)
     net = resnet50(len(labels))
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)
-    p = softmax(predict_logits(net, images, spec))[:, pos]
+    p = softmax(predict_logits(net, images, spec), np.float64)[:, pos]
     return {"weights": weights.name, "n_test": int(keep.sum()),
             f"auroc_{labels[pos]}_vs_normal": round(float(auroc((y[keep] == pos).astype(int), p[keep])), 4)}
 
@@ -247,7 +248,7 @@ def pixel_features(g: np.ndarray) -> np.ndarray:
 def cv_logistic_auroc(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """AUROC of a 5-fold cross-validated logistic regression (numpy, standardised features,
     class-weighted, L2): can these features tell the two kinds apart?"""
-    from dicompipe.model.metrics import auroc
+    from dicompipe.train.metrics import auroc
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     score = np.zeros(len(y))
@@ -271,7 +272,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
     """8-bit training slices vs the shared DICOM series, both rendered by ``bundle``'s spec:
     AUROC of a probe on grey-level statistics alone (0.5 = indistinguishable)."""
     from dicompipe import io, preprocess
-    from dicompipe.model import data as D
+    from dicompipe.train import data as D
     spec = bundle.spec
     items, _ = D.scan(data / KAGGLE[organ], organ)
     pick = np.random.default_rng(0).choice(len(items), min(n_images, len(items)), replace=False)
@@ -282,7 +283,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
         feats.append(pixel_features(render(a, spec, windowed)[0] * spec.std + spec.mean))
         kind.append(0)
     n_dicom = 0
-    for name, (rel, own) in SERIES.items():
+    for _name, (rel, own) in SERIES.items():
         if own != organ or not (data / rel).exists():
             continue
         vol = io.load(io.select(io.discover(data / rel)))
@@ -307,7 +308,7 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
     for organ, b in bundles.items():
         out[organ] = {"bundle": f"{b.name} {b.version}", "bundle_path": str(b.path),
                       "sha256": b.sha256, "series": {}}
-    for name, (rel, own_organ) in SERIES.items():
+    for name, (rel, _own_organ) in SERIES.items():
         path = data / rel
         if not path.exists():
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dicompipe import organs
 from dicompipe.errors import DicompipeError
 from dicompipe.types import RESEARCH_USE
 
@@ -90,7 +91,7 @@ def _p_analyze(sub):
                                    "with Grad-CAM and write reports into a new folder under --out. "
                                    + RESEARCH_USE)
     p.add_argument("input", help="the CT to analyse")
-    p.add_argument("--organ", choices=["lung", "pancreas", "auto"], default="auto",
+    p.add_argument("--organ", choices=[*organs.names(), "auto"], default="auto",
                    help="organ model to use (auto: from headers, else from lung-air content)")
     p.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
     p.add_argument("--series", help="force a series by SeriesInstanceUID, series number or key")
@@ -98,7 +99,8 @@ def _p_analyze(sub):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference backend (auto: on CPU OpenVINO fp32, else ONNX Runtime fp32, "
-                        "else torch, whichever is installed; *-int8: only for bundles that ship a validated int8 calibration; "
+                        "else torch, whichever is installed; *-int8: only for bundles that ship a "
+                        "validated int8 calibration; "
                         "openvino*: pip install dicompipe[openvino]; openvino-bf16: CPUs with "
                         "native bfloat16, reduced precision)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -122,43 +124,38 @@ def _p_analyze(sub):
                         "memory); larger inputs are refused before loading")
     p.add_argument("--history", help="case-history database file (default: user data dir)")
     p.add_argument("--no-history", action="store_true", help="do not record the case")
-    p.add_argument("--config", help="pipeline config YAML (default: configs/<organ>.yaml)")
+    p.add_argument("--config", help="organ settings YAML over the built-in "
+                                     "dicompipe/configs/<organ>.yaml (only what it sets)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
 
 
 def _cmd_analyze(args) -> int:
-    from dicompipe import history, report
     from dicompipe.io.limits import parse_size
-    from dicompipe.pipeline import analyze
+    from dicompipe.pipeline import run_case
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
-    formats = report.parse_formats(args.format)
-    if not args.no_history:                 # a bad database fails before any work is done
-        history.check(args.history, input_path=args.input)
     bar = None if args.quiet else _ProgressBar()
     try:
-        a = analyze(args.input, organ=args.organ, model=args.model, series=args.series,
-                    device=args.device, backend=args.backend, cam=args.cam,
-                    select_slices=not args.all_slices, config=args.config,
-                    batch_size=args.batch_size, include_phi=args.include_phi,
-                    progress=bar, max_memory=max_memory)
+        res = run_case(args.input, organ=args.organ, out=args.out, formats=args.format,
+                       history=False if args.no_history else args.history, progress=bar,
+                       cam_slices=args.cam_slices, include_phi=args.include_phi,
+                       deidentify=args.deidentify, model=args.model, series=args.series,
+                       device=args.device, backend=args.backend, cam=args.cam,
+                       select_slices=not args.all_slices, config=args.config,
+                       batch_size=args.batch_size, max_memory=max_memory)
     finally:
         if bar:
             bar.close()
-    try:
-        run_dir = report.write(a, args.out, formats=formats, cam_slices=args.cam_slices,
-                               include_phi=args.include_phi, deidentify=args.deidentify)
-    except DicompipeError as e:
-        if not args.no_history:
-            history.record(a, report_dir=None, db=args.history, status="failed", reason=str(e))
-        raise
-    if not args.no_history:
-        try:
-            history.record(a, report_dir=run_dir, db=args.history)
-        except DicompipeError as e:
-            raise type(e)(f"{e} The report was written to {run_dir} but is not in the "
-                          "case history.") from e
+    if res.report_error is not None:        # recorded as failed; nothing left on disk
+        raise res.report_error
+    if isinstance(res.history_error, DicompipeError):
+        e = res.history_error
+        raise type(e)(f"{e} The report was written to {res.run_dir} but is not in the "
+                      "case history.") from e
+    if res.history_error is not None:
+        raise res.history_error
+    a, run_dir = res.analysis, res.run_dir
     scrub = (lambda t: t) if args.include_phi else _redactor(a).text
     v = a.verdict
     probs = ", ".join(f"{k} {p:.2f}" for k, p in v.probabilities.items())
@@ -187,26 +184,30 @@ def _redactor(analysis):
 
 
 class _ProgressBar:
-    """tqdm bar on stderr fed by analyze()'s progress callback."""
+    """tqdm bar on stderr fed by run_case()'s progress callback (shown from the first call,
+    so checks that fail before the analysis starts print no bar)."""
 
     def __init__(self):
-        from tqdm import tqdm
-        self._bar = tqdm(total=100, file=sys.stderr, leave=False,
-                         bar_format="{desc:<28}{bar}| {percentage:3.0f}% {elapsed}")
+        self._bar = None
 
     def __call__(self, stage: str, fraction: float, message: str):
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=100, file=sys.stderr, leave=False,
+                             bar_format="{desc:<28}{bar}| {percentage:3.0f}% {elapsed}")
         self._bar.set_description_str(stage)
         self._bar.n = int(100 * fraction)
         self._bar.refresh()
 
     def close(self):
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _p_train(sub):
     p = sub.add_parser("train", help="train a bundle on labelled images or DICOM")
     p.add_argument("data", help="class-folder image tree or CSV manifest")
-    p.add_argument("--organ", choices=["lung", "pancreas"], required=True)
+    p.add_argument("--organ", choices=organs.names(), required=True)
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--epochs", type=int, help="epochs (default 10: 8 at 128 px, 2 at 224 px)")
     p.add_argument("--sizes", help='image size per epoch, e.g. "128x8,224x2" (overrides --epochs)')
@@ -240,8 +241,12 @@ def _p_train(sub):
 
 def _cmd_train(args) -> int:
     if not args.pretrain:
-        from dicompipe.model.train import main as train_main
-        return train_main(args)
+        from dicompipe.train.train import train_bundle
+        train_bundle(args.data, args.organ, args.out, epochs=args.epochs, sizes=args.sizes,
+                     budget_minutes=args.budget_minutes, low_size=args.low_size, lr=args.lr,
+                     resume=args.resume, label_map=args.label_map, seed=args.seed,
+                     threads=args.threads, workdir=args.workdir)
+        return 0
     import time
     from pathlib import Path
 
@@ -290,8 +295,13 @@ def _p_evaluate(sub):
 
 
 def _cmd_evaluate(args) -> int:
-    from dicompipe.model.evaluate import main as evaluate_main
-    return evaluate_main(args)
+    from pathlib import Path
+
+    from dicompipe.train.evaluate import evaluate
+    evaluate(args.data, args.model, args.out, label_map=args.label_map, n_boot=args.n_boot or 1000,
+             workdir=args.workdir or "training")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
 
 
 def _p_history(sub):
@@ -345,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicompipe", description=__doc__.split("\n")[0],
                                      epilog=RESEARCH_USE)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    from dicompipe import __version__
+    from dicompipe._version import __version__
     parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui):

@@ -40,8 +40,8 @@ import secrets
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from dicompipe.errors import HistoryError
 from dicompipe.phi import Redactor
@@ -411,7 +411,7 @@ def export_csv(dest=None, db: str | Path | None = None, **filters) -> int:
     elif hasattr(dest, "write"):
         dest.write(text)
     else:
-        from dicompipe.report.files import write_text
+        from dicompipe.util import write_text
         try:
             write_text(Path(dest), text)
         except OSError as e:

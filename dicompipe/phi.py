@@ -79,7 +79,7 @@ class Redactor:
             rf"(?<![\w.-]){re.escape(w)}(?![\w-])" for w in words)) if words else None
 
     @classmethod
-    def for_analysis(cls, analysis) -> "Redactor":
+    def for_analysis(cls, analysis) -> Redactor:
         """The redactor for one :class:`~dicompipe.types.Analysis` (or anything with
         ``input``, ``series`` and ``candidates``)."""
         series = [analysis.series] + [c for c in (analysis.candidates or []) if c is not analysis.series]

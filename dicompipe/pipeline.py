@@ -1,41 +1,31 @@
-"""``analyze()``: the one orchestrator that the CLI, the UI and batch runners call.
+"""The one way through the stages. ``analyze()`` runs them on one CT; ``run_case()`` also
+writes the reports and records the case history, with one failure policy: every front end
+(the CLI, the web app, a listener or a batch) calls ``run_case``. See docs/architecture.md.
 
 Example::
 
     >>> import dicompipe
     >>> a = dicompipe.analyze("study/", organ="lung")
     >>> print(a.verdict.label, a.verdict.probabilities)
+    >>> res = dicompipe.run_case("study/", organ="lung", out="runs")
+    >>> res.run_dir, res.record_id, res.errors
 """
 from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import yaml
 
-from dicompipe import io
-from dicompipe.errors import DicompipeError, UnreadableSeries, UnsupportedInput
-from dicompipe.types import Analysis
-
-ORGANS = ("lung", "pancreas")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from dicompipe import history as case_history
+from dicompipe import io, organs, report
+from dicompipe.errors import UnreadableSeries, UnsupportedInput
+from dicompipe.types import Analysis, CaseResult
 
 #: progress callback: (stage name, fraction done 0..1, message)
 Progress = Callable[[str, float, str], None]
-
-
-def load_config(organ: str, path: str | Path | None = None) -> dict:
-    """The pipeline settings for an organ (``configs/<organ>.yaml``) or from ``path``."""
-    if organ not in ORGANS:
-        raise UnsupportedInput(f"Unknown organ {organ!r}: choose one of {', '.join(ORGANS)} or 'auto'.")
-    p = Path(path) if path else CONFIG_DIR / f"{organ}.yaml"
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except OSError as e:
-        raise DicompipeError(f"Cannot read pipeline config {p}: {e.strerror}.") from e
 
 
 def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
@@ -57,7 +47,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     (default: 75 % of the available memory; see :mod:`dicompipe.io.limits`).
     Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
     """
-    from dicompipe import explain, model as model_stage, preprocess
+    from dicompipe import explain, preprocess
+    from dicompipe import model as model_stage
 
     say = progress or (lambda *a: None)
     timings: dict[str, float] = {}
@@ -79,10 +70,10 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
 
     def organ_and_bundle(vol):
         name, why = _resolve_organ(organ, chosen, vol)
-        conf = load_config(name, config)
+        conf = organs.load(name, config)
         # model may be a dict organ -> bundle/name (e.g. the web app's preloaded bundles)
         m = model.get(name) if isinstance(model, dict) else model
-        b = model_stage.load_bundle(m or conf["model"], organ=name,
+        b = model_stage.load_bundle(m or conf.model, organ=name,
                                     allow_untrained=allow_untrained)
         return name, why, conf, b
 
@@ -95,12 +86,12 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     if organ == "auto":
         organ, organ_reason, cfg, bundle = organ_and_bundle(volume)
         lap("load_model")
+    _check_slices(volume, cfg)
 
     say("preprocess", 0.25, "Windowing, resampling and selecting slices")
-    sel = cfg.get("slice_selection", {})
     batch = preprocess.prepare(volume, bundle.spec, organ=organ,
-                               select_slices=select_slices and sel.get("enabled", True),
-                               selection=sel, render_ahead=True)
+                               select_slices=select_slices and cfg.selection.enabled,
+                               selection=cfg.selection.rules(), render_ahead=True)
     lap("preprocess")
 
     say("predict", 0.4, f"Classifying {len(batch.included)} slices")
@@ -109,11 +100,11 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         progress=(lambda f: say("predict", 0.4 + 0.4 * f, "Classifying slices")) if progress else None)
     batch.wait_rows()
     lap("predict")
-    from dicompipe.model import calibration, confidence, ood as ood_stage
+    from dicompipe.model import calibration, confidence
+    from dicompipe.model import ood as ood_stage
     ood = ood_stage.check(bundle.ood(), preds.features)
     lap("ood")
-    agg = {k: v for k, v in (cfg.get("aggregation") or {}).items() if v is not None}
-    verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, **agg)
+    verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, **cfg.aggregation.overrides())
     verdict.confidence = confidence.assess(verdict, bundle.card(),
                                            calibration.input_kind(volume.windowed))
     lap("aggregate")
@@ -150,6 +141,64 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         include_phi=include_phi)
 
 
+def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=None,
+             history: str | Path | bool | None = None, progress: Progress | None = None,
+             cam_slices: str = "key", include_phi: bool = False, deidentify: bool = False,
+             user: str | None = None, **options) -> CaseResult:
+    """Analyse one case, write its report folder and record it in the case history.
+
+    ``formats``: report formats, a list or "txt,png" (default: all but dicom, see
+    :func:`dicompipe.report.parse_formats`); ``out``: parent of the new run folder;
+    ``history``: the case-history database (None or True: the default one, False: do not
+    record); ``cam_slices``, ``deidentify``: see :func:`dicompipe.report.write`; ``user``:
+    the signed-in user recorded with the case (the web app's per-user history);
+    ``include_phi`` goes to the analysis and the reports; other ``options`` (model, series,
+    device, backend, cam, select_slices, config, batch_size, max_memory, allow_untrained)
+    go to :func:`analyze`.
+
+    Failure policy, the same for every front end:
+
+    - a bad format list or an unusable history database raises before any work is done;
+    - an analysis that fails raises; nothing is written or recorded;
+    - a report folder is written in a hidden staging folder and renamed into place, so it
+      is complete or absent; when it cannot be written the case is recorded as "failed"
+      with the reason, and the error is returned in ``report_error``;
+    - a history record that cannot be written is returned in ``history_error`` (the report
+      folder stays).
+
+    The caller decides how to show ``report_error``/``history_error`` (the CLI raises them,
+    the web app shows them beside the result).
+
+    >>> res = run_case("study/", organ="lung", out="runs", formats="txt,json", history=False)
+    >>> res.ok, res.run_dir
+    (True, PosixPath('runs/20260101-120000_lung'))
+    """
+    fmts = report.parse_formats(formats)
+    record = history is not False
+    db = None if history is None or isinstance(history, bool) else history
+    if record:                       # a bad database fails before any work is done
+        case_history.check(db, input_path=input)
+    a = analyze(input, organ=organ, include_phi=include_phi, progress=progress, **options)
+    res = CaseResult(a)
+    if progress:
+        progress("report", 0.95, ", ".join(f.upper() for f in fmts))
+    try:
+        res.run_dir = report.write(a, out, formats=fmts, cam_slices=cam_slices,
+                                   include_phi=include_phi, deidentify=deidentify)
+    except Exception as e:  # noqa: BLE001 - recorded as failed, returned to the caller
+        res.report_error = e
+    if record:
+        try:
+            if res.report_error is not None:
+                res.record_id = case_history.record(a, report_dir=None, db=db, status="failed",
+                                                    reason=str(res.report_error), user=user)
+            else:
+                res.record_id = case_history.record(a, report_dir=res.run_dir, db=db, user=user)
+        except Exception as e:  # noqa: BLE001 - returned to the caller
+            res.history_error = e
+    return res
+
+
 _CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2",      # CT Image Storage
     "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT Image Storage
@@ -184,32 +233,42 @@ def _check_volume(volume) -> None:
             "holding the whole series (or export the slice as PNG to analyse it as an image).")
 
 
-_ORGAN_WORDS = {
-    "lung": ("CHEST", "LUNG", "THORAX", "THORACIC", "TORSO_CHEST", "PULM"),
-    "pancreas": ("ABDOMEN", "PANCREAS", "ABD", "PELVIS", "LIVER", "ABDOMINAL"),
-}
+def _check_slices(volume, cfg: organs.Organ) -> None:
+    """The organ's ``series.min_slices``: fewer slices than that and the series is refused."""
+    if volume.shape[0] < cfg.min_slices:
+        raise UnreadableSeries(
+            f"Series {volume.series.key} ({volume.series.source}) has {volume.shape[0]} "
+            f"slice(s); the {cfg.name} settings ({cfg.source.name}) need at least "
+            f"{cfg.min_slices} (series.min_slices).")
 
 
 def _resolve_organ(organ: str, series, volume) -> tuple[str, str]:
-    """Pick the organ for "auto" from header words, else from the lung-air fraction."""
+    """Pick the organ for "auto" from header words, else from the lung-air fraction (the
+    rules are in the organ registry, tried in its order)."""
     if organ != "auto":
-        if organ not in ORGANS:
-            raise UnsupportedInput(
-                f"Unknown organ {organ!r}: choose one of {', '.join(ORGANS)} or 'auto'.")
+        organs.get(organ)                       # UnsupportedInput for an unknown organ
         return organ, "given by the user"
+    known = organs.all_organs()
     text = " ".join(filter(None, [series.body_part, series.series_description])).upper()
-    for name, words in _ORGAN_WORDS.items():
-        hit = next((w for w in words if w in text.split() or w in text), None)
+    for o in known:
+        hit = next((w for w in o.header_words if w in text.split() or w in text), None)
         if hit:
-            return name, f"auto: header says {hit!r} (BodyPartExamined/SeriesDescription)"
+            return o.name, f"auto: header says {hit!r} (BodyPartExamined/SeriesDescription)"
     if volume.windowed:
         raise UnsupportedInput(
             "Cannot choose the organ automatically for already-windowed PNG/JPG slices "
-            "(no headers, no Hounsfield units): pass --organ lung or --organ pancreas.")
+            "(no headers, no Hounsfield units): pass "
+            + " or ".join(f"--organ {o.name}" for o in known) + ".")
     from dicompipe.preprocess.selection import lung_fractions
     frac = float(np.median(lung_fractions(volume.array)))
-    if frac > 0.15:
-        return "lung", (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
-                        "> 0.15 (no header hint)")
-    return "pancreas", (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
-                        "<= 0.15 (no header hint)")
+    for o in known:
+        if o.lung_air_above is not None and frac > o.lung_air_above:
+            return o.name, (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
+                            f"> {o.lung_air_above:g} (no header hint)")
+        if o.lung_air_at_most is not None and frac <= o.lung_air_at_most:
+            return o.name, (f"auto: median lung-air fraction {frac:.2f} of the body per slice "
+                            f"<= {o.lung_air_at_most:g} (no header hint)")
+    raise UnsupportedInput(
+        f"Cannot choose the organ automatically: no header hint, and the median lung-air "
+        f"fraction {frac:.2f} fits no organ's rule. Pass --organ "
+        + " or ".join(o.name for o in known) + ".")

@@ -1,4 +1,4 @@
-"""The small dataclasses that cross stage boundaries (see DESIGN.md, "Data flow").
+"""The small dataclasses that cross stage boundaries (see docs/architecture.md, "Data flow").
 
 Every stage takes and returns these; no stage reaches into another stage's internals.
 Geometry convention: LPS (DICOM patient coordinates), arrays indexed (z, y, x), and the
@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,20 @@ from typing import Any
 import numpy as np
 
 RESEARCH_USE = "RESEARCH USE ONLY - not for clinical diagnosis or treatment decisions."
+
+
+def softmax(logits, dtype=np.float32) -> np.ndarray:
+    """Numerically stable softmax over the last axis (float64 inside, ``dtype`` out): the
+    one definition of :attr:`SlicePredictions.probabilities` (training metrics ask for
+    float64).
+
+    >>> softmax(np.array([[0.0, 0.0]]))
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
 # --------------------------------------------------------------------------- input
@@ -168,7 +183,7 @@ class PreprocessSpec:
     equalize: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         d = dict(d)
         if "windows" in d:
             d["windows"] = [tuple(map(float, w)) for w in d["windows"]]
@@ -236,7 +251,7 @@ class SlicePredictions:
 
     ``features``: layer4 activations (n, 2048, h, w) float32 — kept so Grad-CAM costs no
     second pass. ``head_weight``/``head_bias``: the linear head (K, 2048)/(K,).
-    ``probabilities`` are the uncalibrated softmax of ``logits``.
+    ``probabilities`` are the uncalibrated :func:`softmax` of ``logits``.
     """
 
     labels: list[str]
@@ -401,7 +416,6 @@ class Analysis:
         out of the aggregate (``excluded_reason``)."""
         labels = self.predictions.labels
         temp = self.verdict.temperature or 1.0
-        from dicompipe.model.aggregate import softmax  # calibrated slice probabilities
         cal = softmax(self.predictions.logits / temp) if len(self.predictions.logits) else None
         ood = self.verdict.ood if self.verdict.ood is not None and self.verdict.ood.available else None
         out_rows = set(ood.out_rows) if ood else set()
@@ -414,11 +428,12 @@ class Analysis:
                 "sop_instance_uids": [i.sop_instance_uid for i in s.sources],
                 "files": [i.file for i in s.sources],
             }
-            if s.included and cal is not None:
-                r["probabilities"] = {l: float(p) for l, p in zip(labels, cal[s.row])}
-                if ood and s.row < len(ood.scores):
-                    r["ood_score"] = float(ood.scores[s.row])
-                    r["excluded_reason"] = "out of distribution" if s.row in out_rows else None
+            row = s.row
+            if s.included and cal is not None and row is not None:
+                r["probabilities"] = {l: float(p) for l, p in zip(labels, cal[row])}
+                if ood and row < len(ood.scores):
+                    r["ood_score"] = float(ood.scores[row])
+                    r["excluded_reason"] = "out of distribution" if row in out_rows else None
             rows.append(r)
         return rows
 
@@ -456,7 +471,29 @@ class Analysis:
         return d if self.include_phi else redact_dict(self, d)
 
 
-def redact_dict(analysis: "Analysis", d: dict) -> dict:
+@dataclass
+class CaseResult:
+    """What :func:`dicompipe.pipeline.run_case` did with one case: the analysis, the report
+    folder (None when it could not be written) and the history record id (None when not
+    recorded), with the error of each step that failed. ``errors`` lists them in order.
+    """
+
+    analysis: Analysis
+    run_dir: Path | None = None
+    record_id: int | None = None
+    report_error: BaseException | None = None
+    history_error: BaseException | None = None
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return [e for e in (self.report_error, self.history_error) if e is not None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def redact_dict(analysis: Analysis, d: dict) -> dict:
     """``d`` (from ``analysis.to_dict()``) without patient identifiers: descriptions
     withheld, the input path and source files pseudonymised (:mod:`dicompipe.phi`)."""
     from dicompipe.phi import INPUT, Redactor
@@ -467,7 +504,7 @@ def redact_dict(analysis: "Analysis", d: dict) -> dict:
     return Redactor.for_analysis(analysis).walk(d)
 
 
-def _plain(obj, skip: set[str] = frozenset()) -> dict:
+def _plain(obj, skip: AbstractSet[str] = frozenset()) -> dict:
     """Dataclass -> JSON-ready dict (numpy scalars/arrays and tuples made plain)."""
     out = {}
     for f in dataclasses.fields(obj):

@@ -20,9 +20,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dicompipe.types import (Analysis, CamStack, InstanceRef, KeySlice, ModelSlice,
-                             PreprocessSpec, SeriesInfo, SliceBatch, SlicePredictions,
-                             Verdict, Volume)
+from dicompipe.types import (
+    Analysis,
+    CamStack,
+    InstanceRef,
+    KeySlice,
+    ModelSlice,
+    PreprocessSpec,
+    SeriesInfo,
+    SliceBatch,
+    SlicePredictions,
+    Verdict,
+    Volume,
+)
 
 LABELS = {"lung": ["normal", "benign", "malignant"], "pancreas": ["normal", "tumour"]}
 NODULE = (0.55, 0.4)          # (row, column) of the synthetic lesion, fraction of the slice
@@ -81,8 +91,8 @@ def make_analysis(dicom_dir: str | Path | None = None, *, organ: str = "lung",
     # ---- source instances (real DICOM files when dicom_dir is given)
     study_uid = series_uid = for_uid = None
     if dicom_dir is not None and not windowed:
-        from synth import write_ct_series  # tests/synth.py
         import pydicom
+        from synth import write_ct_series  # tests/synth.py
         files = write_ct_series(dicom_dir, shape=(n_z, size, size), spacing=spacing,
                                 origin=origin, hu=hu, empty_uids=empty_uids,
                                 description=f"Synthetic {organ} CT",

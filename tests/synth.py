@@ -25,15 +25,20 @@ from __future__ import annotations
 import hashlib
 import random
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 DEFAULT_HU_TRUTH = "sphere of 60 HU (radius 35% of the field) in -800 HU air-like background, plus a z ramp"
@@ -365,7 +370,7 @@ def write_enhanced_ct(path, shape=(5, 12, 14), spacing=(0.7, 0.8, 2.0),
     shared.PixelMeasuresSequence = DicomSequence([pm])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     frames, per = [], []
-    for f, k in enumerate(order):
+    for _f, k in enumerate(order):
         s, b = rescale[k] if rescale is not None else (1.0, -1024.0)
         frames.append(np.rint((hu_arr[k] - b) / s).astype(np.int16))
         fg = Dataset()
@@ -507,3 +512,24 @@ def tree_hash(path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
             for p in files}
+
+
+def chest_hu(n: int = 256, table: bool = True, fov: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU slice, true body mask, table mask): an elliptic chest (muscle wall, fat, two
+    lungs, a soft-tissue mediastinum, noise) on a thick scanner table, in a FOV circle."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:n, :n] / n
+    body = ((xx - 0.5) / 0.38) ** 2 + ((yy - 0.45) / 0.28) ** 2 < 1
+    hu = np.full((n, n), -1000.0)
+    hu[body] = -100.0                                                    # fat
+    wall = ((xx - 0.5) / 0.35) ** 2 + ((yy - 0.45) / 0.25) ** 2 < 1
+    hu[wall] = 50.0                                                      # muscle
+    for cx in (0.33, 0.67):
+        hu[((xx - cx) / 0.13) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1] = -850.0   # lungs
+    hu += rng.normal(0, 15, hu.shape)
+    tab = (yy > 0.78) & (yy < 0.86) & (np.abs(xx - 0.5) < 0.4)
+    if table:
+        hu[tab] = 200.0
+    if fov:
+        hu[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 > 0.49 ** 2] = -3024.0
+    return hu.astype(np.float32), body, tab

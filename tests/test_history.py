@@ -8,8 +8,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from analysis_factory import make_analysis
+
 from dicompipe import history
 from dicompipe.cli import main as cli_main
 from dicompipe.errors import HistoryError

@@ -10,12 +10,12 @@ import warnings
 import pydicom
 import pytest
 from PIL import Image
+from synth import write_ct_series
+from tiny_bundle import chest_phantom, make_bundle
 
 from dicompipe import history
 from dicompipe.cli import main
 from dicompipe.types import PreprocessSpec
-from synth import write_ct_series
-from tiny_bundle import chest_phantom, make_bundle
 
 IDS = ["Doe", "Jane", "MRN12345", "19600102", "ACC998877", "St Elsewhere"]
 SPEC = PreprocessSpec(windows=[(-600.0, 1500.0), (40.0, 400.0), (-160.0, 240.0)], size=64,

@@ -4,14 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from synth import tree_hash, write_ct_series, write_png_slices
+from tiny_bundle import chest_phantom, make_bundle
 
 import dicompipe
 from dicompipe.cli import main
-from dicompipe.errors import (DicompipeError, ModelError, PreprocessError, UnreadableSeries,
-                              UnsupportedInput)
+from dicompipe.errors import DicompipeError, ModelError, PreprocessError, UnreadableSeries, UnsupportedInput
 from dicompipe.types import PreprocessSpec
-from synth import tree_hash, write_ct_series, write_png_slices
-from tiny_bundle import chest_phantom, make_bundle
 
 SPEC = PreprocessSpec(windows=[(-600.0, 1500.0), (40.0, 400.0), (-160.0, 240.0)], size=64,
                       slab_mm=5.0)

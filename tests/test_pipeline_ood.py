@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from synth import write_ct_series
+from tiny_bundle import chest_phantom, make_bundle, make_volume
 
 import dicompipe
 from dicompipe.cli import main
@@ -12,8 +14,6 @@ from dicompipe.model import load_bundle, predict
 from dicompipe.model.ood import fit_ood, save_ood
 from dicompipe.preprocess import prepare
 from dicompipe.types import PreprocessSpec
-from synth import write_ct_series
-from tiny_bundle import chest_phantom, make_bundle, make_volume
 
 SPEC = PreprocessSpec(windows=[(-600.0, 1500.0), (40.0, 400.0), (-160.0, 240.0)], size=64,
                       slab_mm=5.0)

@@ -9,8 +9,15 @@ Example::
 """
 from dicompipe.explain.autograd import autograd_cam, default_target_layer  # noqa: F401
 from dicompipe.explain.faithfulness import (  # noqa: F401
-    deletion_insertion, randomisation_check, volume_faithfulness,
+    deletion_insertion,
+    randomisation_check,
+    volume_faithfulness,
 )
 from dicompipe.explain.gradcam import (  # noqa: F401
-    cam_volume, class_maps, display_scale, gradcam, normalise_like_grad_cam, upsample,
+    cam_volume,
+    class_maps,
+    display_scale,
+    gradcam,
+    normalise_like_grad_cam,
+    upsample,
 )

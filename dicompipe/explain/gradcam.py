@@ -24,8 +24,7 @@ Example::
 """
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-from typing import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import numpy as np
 import torch

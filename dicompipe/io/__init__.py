@@ -14,8 +14,8 @@ pixels → HU volume), ``images`` (PNG/JPG), ``nifti``, ``archive`` (safe zip ex
 from __future__ import annotations
 
 from dicompipe.errors import UnreadableSeries, UnsupportedInput
-from dicompipe.io.scan import Discovery, discover
 from dicompipe.io.choose import describe, select
+from dicompipe.io.scan import Discovery, discover
 from dicompipe.types import InstanceRef, SeriesInfo, Volume  # noqa: F401
 
 

@@ -103,7 +103,7 @@ def extract_zip(zip_path, *, max_bytes: int = MAX_ZIP_BYTES,
     except (zipfile.BadZipFile, OSError) as e:
         raise UnsupportedInput(f"Cannot open {zip_path} as a zip archive ({e}). "
                                "Give the export folder itself, or re-create the zip.") from e
-    from dicompipe.report.files import remove_stale
+    from dicompipe.util import remove_stale
     tmp_root = Path(tmp_dir) if tmp_dir else Path(tempfile.gettempdir())
     remove_stale(tmp_root, PREFIX)
     try:

@@ -16,14 +16,15 @@ import math
 import os
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import cast
 
 import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicompipe.io.headerscan import scan_header
 from dicompipe.types import InstanceRef, SeriesInfo
@@ -45,7 +46,7 @@ class Skipped:
         self.unreadable: list[tuple[str, str]] = []      # (file, why)
         self.dicomdir: list[str] = []
 
-    def merge(self, other: "Skipped") -> None:
+    def merge(self, other: Skipped) -> None:
         self.not_dicom += other.not_dicom
         self.unreadable += other.unreadable
         self.dicomdir += other.dicomdir
@@ -108,7 +109,7 @@ def _int(v, default=None):
         return default
 
 
-def _pixel_element(fp, ts: UID) -> tuple[int | None, int | None]:
+def _pixel_element(fp, ts: str) -> tuple[int | None, int | None]:
     """(value offset, value length) of Pixel Data at the file position after a
     ``stop_before_pixels`` read, for native little-endian files; (None, None) otherwise."""
     start = fp.tell()
@@ -473,7 +474,8 @@ def _enhanced_refs(ds, path: Path, sop_uid, inst_no, base) -> list[InstanceRef]:
         if pm is not None and pm.get("SliceThickness") is not None:
             meta["thickness"] = _num(pm.get("SliceThickness"))
         pos = _floats(pp.get("ImagePositionPatient"), 3) if pp else None
-        refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f, position=pos, meta=meta))
+        refs.append(InstanceRef(str(path), sop_uid, inst_no, frame=f,
+                                position=cast("tuple[float, float, float] | None", pos), meta=meta))
     return refs
 
 
@@ -619,10 +621,10 @@ def group_series(found: list[tuple[list[InstanceRef], dict]], source: str) -> li
         for r, facts in members:
             parts[_split_key(r, facts, orient[id(r)])].append((r, facts))
         groups = []
-        for pkey, pm in parts.items():
+        for _pkey, pm in parts.items():
             groups.extend(_split_acquisitions(pm))
         groups.sort(key=lambda g: (-len(g), g[0][0].file))
-        for i, g in enumerate(groups):
+        for _i, g in enumerate(groups):
             info = _describe(g, source, split=len(groups) > 1)
             if skey[0] == "nouid":
                 info.warnings.append(

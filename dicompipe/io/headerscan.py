@@ -21,8 +21,13 @@ import struct
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID)
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 FIRST_READ = 64 * 1024
 _UNDEFINED = 0xFFFFFFFF

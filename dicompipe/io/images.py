@@ -85,7 +85,7 @@ def load_images(series: SeriesInfo, *, spacing=None, max_memory=None) -> Volume:
     from PIL import Image, UnidentifiedImageError
     warnings = []
     if spacing is None:
-        sp = (1.0, 1.0, 1.0)
+        sp: tuple[float, ...] = (1.0, 1.0, 1.0)
         warnings.append("image slices carry no spacing: assuming 1 mm (pass spacing=(x, y, z))")
     else:
         sp = tuple(float(v) for v in (np.broadcast_to(np.asarray(spacing, float), (3,))))

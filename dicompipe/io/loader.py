@@ -22,8 +22,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import SimpleITK as sitk
 import pydicom
+import SimpleITK as sitk
 from pydicom.pixels import pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -31,13 +31,14 @@ from dicompipe.errors import UnreadableSeries
 from dicompipe.io.dicom import POSITION_TOL_MM, normal_of, stack_geometry
 from dicompipe.io.limits import BYTES_PER_VOXEL, check_budget
 from dicompipe.types import InstanceRef, SeriesInfo, Volume
+from dicompipe.util import cpu_count
 
 #: relative deviation of one step from the mean step still treated as uniform spacing
 UNIFORM_TOL = 0.01
 
 
 def _workers(workers: int | None) -> int:
-    return max(1, workers or min(4, os.cpu_count() or 1))
+    return max(1, workers or min(4, cpu_count()))
 
 
 def _stored_dtype(m: dict) -> np.dtype:
@@ -215,9 +216,9 @@ def read_hu(refs: list[InstanceRef], workers: int | None = None) -> tuple[sitk.I
     def put(i, a):
         s, b = refs[i].meta.get("slope", 1.0), refs[i].meta.get("intercept", 0.0)
         if s == 1.0 and float(np.float32(b)) == b and a.dtype.itemsize <= 2:
-            np.add(a, np.float32(b), out=out[i], casting="unsafe")     # exact for 8/16-bit values
+            np.add(a, np.float32(b), out=out[i], casting="unsafe")  # noqa: F821 (bound above; del-ed after use)
         else:
-            out[i] = a * float(s) + float(b)                          # float64, rounded once
+            out[i] = a * float(s) + float(b)  # noqa: F821  float64, rounded once
     failed = _read_each(refs, put, workers)
     del out
     return img, failed
@@ -297,6 +298,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
                  f"series {series.key} ({len(refs)} slices of {m0.get('rows')} x {m0.get('cols')}, "
                  f"first {refs[0].file})", max_memory)
     try:
+        img: sitk.Image | None
         img, failed = read_hu(refs, workers)
     except ValueError as e:                              # e.g. BitsAllocated 1 or 12
         raise UnreadableSeries(f"Series {series.key} ({refs[0].file}): unsupported pixel layout "
@@ -324,6 +326,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
         iop = m0["iop"]
         row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
         row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+        assert g is not None                    # geometric: stack_geometry ran
         n, axis = normal_of(iop), g["axis"]
         origin = np.asarray(refs[0].position, float)
     else:
@@ -338,6 +341,7 @@ def load_dicom(series: SeriesInfo, *, max_gap: float | None = None,
         step = float((t[-1] - t[0]) / (len(t) - 1))
         if np.max(np.abs(steps - step)) > max(UNIFORM_TOL * step, POSITION_TOL_MM):
             if arr is None:
+                assert img is not None               # arr is None only while img holds the slices
                 arr = sitk.GetArrayFromImage(img)
                 img = None
             arr, slices, step, msg = _regularise(arr, refs, t, max_gap, series)
@@ -445,7 +449,7 @@ def _untilt(img: sitk.Image, slices, p0, step_vec, n, dn, axis, row, max_memory=
     fill = float(sitk.GetArrayViewFromImage(img).min())
     out = sitk.Resample(img, size, tf, sitk.sitkLinear, tuple(origin), spacing,
                         tuple(np.column_stack([u1, u2, u3]).ravel()), fill, sitk.sitkFloat32)
-    out_slices = []
+    out_slices: list[list[InstanceRef]] = []
     for z in range(size[2]):
         centre = out.TransformContinuousIndexToPhysicalPoint(
             ((size[0] - 1) / 2.0, (size[1] - 1) / 2.0, float(z)))

@@ -40,23 +40,18 @@ from __future__ import annotations
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.types import NOT_ASSESSABLE, KeySlice, OodCheck, SlicePredictions, Verdict
+from dicompipe.types import (  # noqa: F401  (softmax: public here too)
+    NOT_ASSESSABLE,
+    KeySlice,
+    OodCheck,
+    SlicePredictions,
+    Verdict,
+    softmax,
+)
 
 RULES = ("topk_mean", "max", "mean", "noisy_or")
 NEGATIVE_NAMES = ("normal", "negative", "benign_or_normal", "healthy")
 OOD_REASON = "input unlike the model's training data"
-
-
-def softmax(logits) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float64 inside, float32 out).
-
-    >>> softmax(np.array([[0.0, 0.0]]))
-    array([[0.5, 0.5]], dtype=float32)
-    """
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def negative_index(labels: list[str]) -> int:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class Bundle:
     def network(self) -> torch.nn.Module:
         """The ResNet50 with the bundle's weights, fp32, eval mode (built once, then cached)."""
         if self._net is None:
-            from dicompipe.model.network import resnet50   # MONAI: imported only when needed
+            from dicompipe.model.network import resnet50  # MONAI: imported only when needed
             net = resnet50(num_classes=len(self.labels),
                            in_channels=int(self.metadata.get("network", {}).get("in_channels", 3)))
             state = {k: (v.float() if v.is_floating_point() else v)
@@ -307,7 +308,8 @@ def _resolve(name_or_path) -> Path:
         return p
     if p.name == "metadata.json" and p.is_file():
         return p.parent.parent
-    if isinstance(name_or_path, str) and "/" not in name_or_path and (BUILTIN_DIR / name_or_path / METADATA_FILE).is_file():
+    if (isinstance(name_or_path, str) and "/" not in name_or_path
+            and (BUILTIN_DIR / name_or_path / METADATA_FILE).is_file()):
         return BUILTIN_DIR / name_or_path
     known = available_bundles()
     if p.exists():

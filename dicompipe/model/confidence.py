@@ -59,7 +59,8 @@ def performance_text(perf: dict | None) -> str:
     >>> performance_text({"split": "leak_free_test", "data": "iq-othnccd", "n": 199,
     ...                   "macro_auroc": 0.75, "macro_auroc_ci95": [0.70, 0.80],
     ...                   "balanced_accuracy": 0.33, "balanced_accuracy_ci95": [0.32, 0.33]})
-    'macro AUROC 0.750 (95 % CI 0.700-0.800), balanced accuracy 0.330 (95 % CI 0.320-0.330); leak_free_test of iq-othnccd, n = 199'
+    'macro AUROC 0.750 (95 % CI 0.700-0.800), balanced accuracy 0.330 (95 % CI 0.320-0.330);
+     leak_free_test of iq-othnccd, n = 199'
     """
     if not perf:
         return "not measured: the bundle's card records no test performance"

@@ -1,4 +1,4 @@
-"""The ResNet50 classifier (DESIGN.md): MONAI ResNet, Bottleneck [3, 4, 6, 3], 2D,
+"""The ResNet50 classifier (docs/architecture.md): MONAI ResNet, Bottleneck [3, 4, 6, 3], 2D,
 ``conv1_t_stride=2`` (standard ImageNet topology, 4.1 GMAC at 224, layer4 7x7).
 
 Layer names match torchvision's resnet50, so an ImageNet state dict loads by name.

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.errors import ModelError
+from dicompipe.util import atomic_path, physical_cores
 
 try:  # the extra: fail at import so backends.get_backend falls back to torch on "auto"
     import onnxruntime as ort
@@ -51,24 +52,7 @@ CALIBRATION_FILE = "models/int8_calibration.json"
 INPUT, OUTPUTS = "x", ("logits", "layer4")
 
 
-# --------------------------------------------------------------------------- CPU facts
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-thread siblings counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores = set()
-    for c in cpus:
-        f = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")
-        try:
-            cores.add(f.read_text().strip())
-        except OSError:
-            cores.add(str(c))
-    return max(1, len(cores))
-
-
-def session_options(threads: int | None = None) -> "ort.SessionOptions":
+def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options tuned for CPU inference of one CNN: one intra-op thread per physical core
     (``$DICOMPIPE_THREADS`` overrides), sequential execution, every graph optimisation, and
     no busy-wait spinning between ops: ResNet50 ops are long enough that spinning buys
@@ -134,17 +118,10 @@ def model_path(bundle, precision: str = "fp32") -> Path:
 
 @contextlib.contextmanager
 def _atomic(target: Path):
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success."""
+    """:func:`dicompipe.util.atomic_path` for a cache file whose folder may not exist yet."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_path(target, suffix=".tmp") as tmp:
+        yield tmp
 
 
 def _remove_stale(target: Path, precision: str) -> None:
@@ -257,10 +234,10 @@ def quantize_static_file(src: Path, dst: Path, reader=None, calibration_cache: P
     ``reader``: a CalibrationDataReader; or ``calibration_cache``: an existing ranges JSON
     (then no data are needed); with both, the ranges computed from ``reader`` are written there.
     """
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
     import inspect
     import logging
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calibration_cache and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         raise ModelError(f"int8 from stored calibration ranges needs a newer onnxruntime (this is "

@@ -24,11 +24,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
 
 from dicompipe.errors import ModelError
-from dicompipe.model.onnx_backend import export, physical_cores, quantize
-
-import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
+from dicompipe.model.onnx_backend import export, quantize
+from dicompipe.util import physical_cores
 
 PRECISIONS = ("fp32", "bf16", "int8")
 

@@ -11,9 +11,8 @@ Example::
 """
 from __future__ import annotations
 
-import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,13 +21,7 @@ from dicompipe.errors import ModelError
 from dicompipe.model.aggregate import softmax
 from dicompipe.model.backends import get_backend
 from dicompipe.types import SliceBatch, SlicePredictions
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+from dicompipe.util import cpu_count
 
 
 def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "auto",
@@ -54,7 +47,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
     t0 = time.perf_counter()
     run = get_backend(bundle, backend, device)
     old_threads = torch.get_num_threads()
-    n_threads = int(threads or _cpu_count())
+    n_threads = int(threads or cpu_count())
     torch.set_num_threads(n_threads)
     t_inf = time.perf_counter()
     try:

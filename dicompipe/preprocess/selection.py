@@ -1,6 +1,8 @@
 """Slice selection: skip grid slices that cannot show the organ, each with its reason.
 
-Rules come from ``configs/<organ>.yaml`` (``slice_selection``); HU thresholds only make sense
+Rules come from the organ registry (``slice_selection`` in ``configs/<organ>.yaml``, see
+:mod:`dicompipe.organs`); a rule applies when it is set (lung: ``min_lung_fraction``;
+pancreas: ``max_lung_fraction``, ``min_soft_tissue_fraction``). HU thresholds only make sense
 for HU input, so already-windowed PNG/JPG input only has blank slices skipped.
 
 Example::
@@ -14,13 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-DEFAULTS = {
-    "lung": {"body_hu": -500, "min_body_fraction": 0.05, "lung_air_hu": [-950, -400],
-             "min_lung_fraction": 0.02},
-    "pancreas": {"body_hu": -500, "min_body_fraction": 0.05, "max_lung_fraction": 0.25,
-                 "min_soft_tissue_fraction": 0.30, "soft_tissue_hu": [-100, 200],
-                 "lung_air_hu": [-950, -400]},
-}
+from dicompipe import organs
 
 
 def _body(slice_hu: np.ndarray, body_hu: float) -> np.ndarray:
@@ -54,9 +50,10 @@ def skip_reasons(grid: np.ndarray, organ: str | None, selection: dict | None = N
         # 8-bit display values: no HU rules; only blank (constant) slices are skipped
         return [None if float(np.ptp(grid[z])) > 1.0 else "blank slice (constant intensity)"
                 for z in range(n)]
-    if organ not in DEFAULTS:
+    known = organs.find(organ)
+    if known is None:
         return [None] * n
-    cfg = {**DEFAULTS[organ], **{k: v for k, v in (selection or {}).items() if v is not None}}
+    cfg = {**known.selection.rules(), **{k: v for k, v in (selection or {}).items() if v is not None}}
     # rules are area fractions: a 2x-subsampled slice gives the same answer much faster
     step = 2 if min(grid.shape[1:]) >= 128 else 1
     out: list[str | None] = []
@@ -71,16 +68,15 @@ def skip_reasons(grid: np.ndarray, organ: str | None, selection: dict | None = N
             continue
         lo, hi = cfg["lung_air_hu"]
         lung = float((body & (s > lo) & (s < hi)).sum()) / nb
-        if organ == "lung":
-            if lung < cfg["min_lung_fraction"]:
-                out.append(f"no lung: lung-air ({lo}..{hi} HU) {100 * lung:.1f}% of the body "
-                           f"< {100 * cfg['min_lung_fraction']:.0f}%")
-                continue
-        else:
-            if lung > cfg["max_lung_fraction"]:
-                out.append(f"above the abdomen: lung-air {100 * lung:.0f}% of the body "
-                           f"> {100 * cfg['max_lung_fraction']:.0f}%")
-                continue
+        if cfg.get("min_lung_fraction") is not None and lung < cfg["min_lung_fraction"]:
+            out.append(f"no lung: lung-air ({lo}..{hi} HU) {100 * lung:.1f}% of the body "
+                       f"< {100 * cfg['min_lung_fraction']:.0f}%")
+            continue
+        if cfg.get("max_lung_fraction") is not None and lung > cfg["max_lung_fraction"]:
+            out.append(f"above the abdomen: lung-air {100 * lung:.0f}% of the body "
+                       f"> {100 * cfg['max_lung_fraction']:.0f}%")
+            continue
+        if cfg.get("min_soft_tissue_fraction") is not None:
             tlo, thi = cfg["soft_tissue_hu"]
             soft = float((body & (s >= tlo) & (s <= thi)).sum()) / nb
             if soft < cfg["min_soft_tissue_fraction"]:

@@ -20,8 +20,8 @@ Example::
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dicompipe.errors import DicompipeError, ReportError
 from dicompipe.report import files as _files
@@ -148,12 +148,9 @@ def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[
 
 
 def _write_nifti(analysis: Analysis, stage: Path, written: list[str], notes: list[str]) -> None:
-    try:
-        from dicompipe.report.nifti import write_nifti
-    except ImportError as e:  # the Grad-CAM stage provides it
-        notes.append(f"NIfTI output skipped: dicompipe.report.nifti is not available ({e}).")
-        return
     import numpy as np
+
+    from dicompipe.report.nifti import write_nifti
 
     windowed = analysis.volume.windowed
     write_nifti(analysis.volume.image, stage / "ct.nii.gz",

@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from dicompipe.report.files import write_text
 from dicompipe.types import Analysis
+from dicompipe.util import write_text
 
 
 def _finite(o):
@@ -36,7 +36,7 @@ def _finite(o):
 def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | None = None,
            notes: list[str] | None = None) -> dict:
     """The analysis.json document as a dict."""
-    from dicompipe import __version__
+    from dicompipe._version import __version__
 
     a = dataclasses.replace(analysis, include_phi=include_phi)
     d = a.to_dict()

@@ -22,15 +22,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from dicompipe import organs
 from dicompipe.errors import ReportError
 from dicompipe.report import figures
 from dicompipe.report.dicom_source import SourceContext, patient_study, source_context
-from dicompipe.report.files import atomic_path
 from dicompipe.types import Analysis
+from dicompipe.util import atomic_path
 
 SC_SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "NOT FOR CLINICAL USE - dicompipe Grad-CAM key slices"
-BODY_PART = {"lung": "CHEST", "pancreas": "ABDOMEN"}
 
 
 def _derivation(src: Dataset) -> Dataset:
@@ -48,7 +48,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
     ``images``: already rendered key-slice figures as RGB arrays by rank (1-based), e.g.
     the ones written as key_NN.png, so they are not drawn twice.
     """
-    from dicompipe import __version__
+    from dicompipe._version import __version__
 
     ctx = ctx or source_context(analysis)
     series_uid = generate_uid()
@@ -78,7 +78,8 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
                               f"{analysis.input}: {e}") from e
         sc.BurnedInAnnotation = "YES"
         # an unpaired region, so that Laterality (General Series, type 2C) is not expected
-        sc.BodyPartExamined = BODY_PART.get(analysis.organ, "CHEST")
+        organ = organs.find(analysis.organ)
+        sc.BodyPartExamined = organ.body_part if organ else "CHEST"
         sc.ImageComments = (f"Grad-CAM '{label}' on source InstanceNumber "
                             f"{src.get('InstanceNumber', '?')}; verdict {analysis.verdict.label}. "
                             "NOT FOR CLINICAL USE.")[:10240]

@@ -4,7 +4,7 @@ Content tree (Imaging Measurement Report, TID 1500):
 
 - observer: the algorithm as a device (name, version, manufacturer "dicompipe");
 - procedure reported: CT (SCT 77477000); image library: the key images;
-- one measurement group (TID 1501) for the verdict: finding site (lung / pancreas),
+- one measurement group (TID 1501) for the verdict: finding site (the organ registry's code),
   finding type = the verdict class, coded qualitative evaluation "Finding" = that class,
   measurement "Probability" (calibrated, unit "1"), "Probability of cancer" for a
   malignant class, algorithm identification (name, version, aggregation parameters), and
@@ -29,10 +29,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from dicompipe import organs
 from dicompipe.errors import ReportError
 from dicompipe.report.dicom_source import SourceContext, source_context
-from dicompipe.report.files import atomic_path
 from dicompipe.types import Analysis
+from dicompipe.util import atomic_path
 
 PRIVATE_SCHEME = "99DICOMPIPE"
 SR_SERIES_NUMBER = 9901
@@ -52,8 +53,6 @@ CLASS_CODES = {
     "tumour": Code("108369006", "SCT", "Neoplasm"),
     "tumor": Code("108369006", "SCT", "Neoplasm"),
 }
-ORGAN_CODES = {"lung": Code("39607008", "SCT", "Lung"),
-               "pancreas": Code("15776009", "SCT", "Pancreas")}
 MALIGNANT = {"malignant", "tumour", "tumor"}
 
 
@@ -71,7 +70,7 @@ def _private_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
 def build(analysis: Analysis, ctx: SourceContext | None = None, *,
           series_number: int = SR_SERIES_NUMBER) -> hd.sr.Comprehensive3DSR:
     """The SR object (not yet written). ``ctx`` defaults to :func:`source_context`."""
-    from dicompipe import __version__
+    from dicompipe._version import __version__
 
     ctx = ctx or source_context(analysis)
     vd, model = analysis.verdict, analysis.model or {}
@@ -94,7 +93,9 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
         referenced_sop_class_uid=im.dataset.SOPClassUID,
         referenced_sop_instance_uid=im.dataset.SOPInstanceUID,
         referenced_frame_numbers=[im.frame] if im.frame else None) for im in ctx.key_images]
-    site = ORGAN_CODES.get(analysis.organ)
+    organ = organs.find(analysis.organ)
+    fs = organ.finding_site if organ else None
+    site = Code(fs.value, fs.scheme, fs.meaning) if fs else None
     sites = [hd.sr.FindingSite(anatomic_location=site)] if site else None
 
     p = vd.probabilities

@@ -29,8 +29,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dicompipe.report.files import atomic_path
+from dicompipe import organs
 from dicompipe.types import RESEARCH_USE, Analysis, KeySlice
+from dicompipe.util import atomic_path
 
 CAM_CMAP = "turbo"
 HOT = 0.5                 # outline level, fraction of the volume-wide CAM maximum
@@ -38,9 +39,6 @@ SHOW_BELOW = 0.15         # CAM below this fraction is drawn transparent
 DPI = 110
 _CLASS_COLOURS = {"normal": "#2e8b57", "benign": "#e69f00", "malignant": "#d62728",
                   "tumour": "#d62728", "tumor": "#d62728"}
-#: Reading windows (level, width HU) for the report images, per organ: what a radiologist
-#: would use, not necessarily the model's input window (that one is in analysis.json).
-DISPLAY_WINDOWS = {"lung": (-600.0, 1500.0), "pancreas": (40.0, 400.0)}
 _FALLBACK = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -66,8 +64,10 @@ class SliceView:
 
 
 def display_window(analysis: Analysis) -> tuple[float, float]:
-    """The (level, width) used to show the CT: the organ's reading window, else the model's."""
-    return DISPLAY_WINDOWS.get(analysis.organ) or tuple(analysis.batch.spec.windows[0])
+    """The (level, width) used to show the CT: the organ's reading window (what a radiologist
+    would use, from the organ registry), else the model's input window."""
+    organ = organs.find(analysis.organ)
+    return organ.display_window if organ else tuple(analysis.batch.spec.windows[0])
 
 
 def _letter(v) -> str:

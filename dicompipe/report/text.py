@@ -23,8 +23,8 @@ from pathlib import Path
 
 from dicompipe.model.calibration import input_kind
 from dicompipe.model.confidence import confidence_of, performance_text
-from dicompipe.report.files import write_text
 from dicompipe.types import RESEARCH_USE, Analysis
+from dicompipe.util import write_text
 
 WIDTH = 78
 

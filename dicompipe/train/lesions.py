@@ -66,7 +66,8 @@ def _paste(alpha: np.ndarray, cy: int, cx: int, shape) -> np.ndarray:
     out = np.zeros(shape, np.float32)
     h = alpha.shape[0] // 2
     y0, x0 = cy - h, cx - h
-    ys, xs = slice(max(0, y0), min(shape[0], y0 + alpha.shape[0])), slice(max(0, x0), min(shape[1], x0 + alpha.shape[1]))
+    ys = slice(max(0, y0), min(shape[0], y0 + alpha.shape[0]))
+    xs = slice(max(0, x0), min(shape[1], x0 + alpha.shape[1]))
     out[ys, xs] = alpha[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
     return out
 

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicompipe.model import data as D
-from dicompipe.model.calibration import softmax
-from dicompipe.model.metrics import macro_auroc
 from dicompipe.model.network import forward_with_features, resnet50
+from dicompipe.train import data as D
 from dicompipe.train import lesions as L
+from dicompipe.train.metrics import macro_auroc
+from dicompipe.types import softmax
 
 
 def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, organ: str,
@@ -93,7 +93,7 @@ def synthetic_check(net, images, y, masks, spec, size) -> dict:
     for a in range(0, len(images), 32):
         x = D.to_input(torch.from_numpy(images[a:a + 32]), spec, size)
         logits, feat = forward_with_features(net, x)
-        probs.append(softmax(logits.float().numpy()))
+        probs.append(softmax(logits.float().numpy(), np.float64))
         cells = cell_logits(net, feat).relu()
         up = F.interpolate(cells, size=images.shape[-2:], mode="bilinear", align_corners=False)
         for j in range(len(x)):
@@ -123,6 +123,13 @@ def set_trainable(net, phase: str) -> list[torch.nn.Module]:
     if keep is None:
         return []
     return [m for name, m in net.named_children() if not any(k.startswith(name + ".") for k in keep)]
+
+
+def train_mode(net, frozen) -> None:
+    """``net.train()`` with the ``frozen`` modules kept in eval mode."""
+    net.train()
+    for m in frozen:
+        m.eval()
 
 
 def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np.ndarray,
@@ -189,8 +196,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         rec = {"step": state["step"], "phase": phase, "size": size,
                **synthetic_check(net, sv_img, sv_y, sv_m, spec, size)}
         if phase.startswith("finetune") and len(real_va):
-            from dicompipe.model.train import predict_logits
-            p = softmax(predict_logits(net, images[real_va], spec, size=size))
+            from dicompipe.train.train import predict_logits
+            p = softmax(predict_logits(net, images[real_va], spec, size=size), np.float64)
             rec["real_val_macro_auroc"] = float(macro_auroc(y[real_va], p))
         log("CHECK " + json.dumps(rec))
         state["history"].append(rec)
@@ -204,12 +211,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         last_eval = time.time()
         recent: list[float] = []
         frozen = set_trainable(net, name)
-
-        def train_mode():
-            net.train()
-            for m in frozen:
-                m.eval()
-        train_mode()
+        train_mode(net, frozen)
         while True:
             el = time.time() - t_phase0
             if el >= budget:
@@ -243,11 +245,12 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             if state["step"] % 10 == 0:
                 # batch CE is noisy: the mean of the last 50 steps shows whether it learns
                 log(f"{name} step {state['step']} size {size} ce {float(ce.detach()):.3f} "
-                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
+                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
             if time.time() - last_eval > eval_every_min * 60:
                 state["phase_seconds"] = time.time() - t_phase0
                 check(size, name)
-                train_mode()
+                train_mode(net, frozen)
                 save()
                 last_eval = time.time()
         state["phase_seconds"] = 0.0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dicompipe.model import data as D
+from dicompipe import organs
+from dicompipe.train import data as D
 from dicompipe.types import PreprocessSpec
 
 CACHE_SIZE = 256
@@ -99,10 +100,11 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     from safetensors.torch import load_file
 
     from dicompipe.model.bundle import save_bundle
-    from dicompipe.model.calibration import calibrate, softmax
-    from dicompipe.model.metrics import classification_metrics
     from dicompipe.model.network import resnet50
-    from dicompipe.model.train import CITATION, predict_logits
+    from dicompipe.train.calibration import calibrate
+    from dicompipe.train.metrics import classification_metrics
+    from dicompipe.train.train import predict_logits
+    from dicompipe.types import softmax
 
     spec = spec_v2(organ, size)
     items, labels = D.scan(data, organ)
@@ -115,18 +117,18 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     torch.set_num_threads(2)
     va, te = parts == "val", parts == "test"
     lv, lt = predict_logits(net, images[va], spec), predict_logits(net, images[te], spec)
-    pos = labels.index(D.POSITIVE[organ][0])
+    pos = labels.index(D.positive_of(organ)[0])
     bias = fit_prior_bias(lv, y[va], positive=pos)
     T, how = calibrate(lv + bias, y[va])
     with torch.no_grad():
         net.fc.bias += torch.as_tensor(bias, dtype=net.fc.bias.dtype)
-    val = classification_metrics(y[va], softmax((lv + bias) / T), labels, n_boot=200,
-                                 probs_uncal=softmax(lv + bias))
-    test = classification_metrics(y[te], softmax((lt + bias) / T), labels, n_boot=n_boot,
-                                  probs_uncal=softmax(lt + bias))
+    val = classification_metrics(y[va], softmax((lv + bias) / T, np.float64), labels, n_boot=200,
+                                 probs_uncal=softmax(lv + bias, np.float64))
+    test = classification_metrics(y[te], softmax((lt + bias) / T, np.float64), labels, n_boot=n_boot,
+                                  probs_uncal=softmax(lt + bias, np.float64))
     md = {
         "name": f"{organ}-resnet50", "version": version, "task": "classification", "organ": organ,
-        "labels": labels, "positive_labels": D.POSITIVE[organ],
+        "labels": labels, "positive_labels": D.positive_of(organ),
         "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2},
         "preprocessing": spec.to_dict(),
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
@@ -135,7 +137,7 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
                         "fitted_on": f"{Path(data).name} validation part ({int(va.sum())} slices, "
                                      "8-bit exports rendered exactly as inference renders them)"},
         "trained": True,
-        "training": {"data": Path(data).name, "citation": CITATION.get(organ, ""),
+        "training": {"data": Path(data).name, "citation": organs.get(organ).training.citation,
                      "split": {**stored.get("info", {}), "source": "the 1.0.0 bundle's stored split"},
                      **training},
         "metrics": {"validation_calibrated": val, "leak_free_test": test,

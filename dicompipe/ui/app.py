@@ -14,10 +14,10 @@ import uuid
 
 import streamlit as st
 
+from dicompipe import organs
 from dicompipe.errors import DicompipeError
 from dicompipe.types import RESEARCH_USE
-from dicompipe.ui import inputs, services, views
-from dicompipe.ui import access, signin
+from dicompipe.ui import access, inputs, services, signin, views
 from dicompipe.ui import queue as jobs
 
 log = logging.getLogger("dicompipe.ui")
@@ -25,7 +25,8 @@ log = logging.getLogger("dicompipe.ui")
 STAGES = {"discover": "Reading headers", "load": "Loading the series",
           "preprocess": "Preparing slices", "predict": "Classifying slices",
           "explain": "Grad-CAM", "report": "Writing reports"}
-ORGAN_NAMES = {"auto": "Auto (from headers / content)", "lung": "Lung", "pancreas": "Pancreas"}
+ORGAN_NAMES = {"auto": "Auto (from headers / content)",
+               **{o.name: o.title for o in organs.all_organs()}}
 
 st.set_page_config(page_title="dicompipe · CT analysis", page_icon=":material/radiology:",
                    layout="wide", initial_sidebar_state="expanded")
@@ -37,7 +38,7 @@ ss = st.session_state
 def _error_text(e: BaseException) -> str:
     if isinstance(e, DicompipeError):
         return _shown(str(e))
-    log.exception("unexpected error in the app")
+    log.error("unexpected error in the app", exc_info=e)
     if SETTINGS.hide_paths:                      # the message itself may name server paths
         return (f"Something went wrong ({type(e).__name__}). The server log has the details; "
                 "please report it with the input type you used.")
@@ -86,7 +87,7 @@ def _preloaded(organ: str):
             return None                          # analyze() raises the clear message itself
     if organ != "auto":
         return one(organ)
-    got = {o: b for o in services.ORGANS if (b := one(o)) is not None}
+    got = {o: b for o in organs.names() if (b := one(o)) is not None}
     return got or None
 
 
@@ -206,27 +207,16 @@ def _run(organ: str, include_phi: bool, all_slices: bool):
                          text=f"{STAGES.get(stage, stage.title())} — {message}")
 
         try:
-            a = services.analyze(ss.input_path, organ=organ, series=series,
-                                 include_phi=include_phi, select_slices=not all_slices,
-                                 progress=progress, model=_preloaded(organ))
+            case = services.run_case(ss.input_path, organ=organ, series=series,
+                                     include_phi=include_phi, select_slices=not all_slices,
+                                     progress=progress, model=_preloaded(organ), **_who())
         except Exception as e:  # noqa: BLE001 - one clear message, no traceback
             status.update(label="Analysis stopped", state="error", expanded=False)
             ss.run_error = _error_text(e)
             return
-        progress("report", 0.95, "TXT, JSON and annotated images")
-        run_dir, report_error = None, None
-        try:
-            run_dir = services.write_reports(a, include_phi, **_who())
-        except Exception as e:  # noqa: BLE001
-            report_error = _error_text(e)
-        history_error = None
-        try:
-            if report_error:
-                services.record_history(a, None, status="failed", reason=report_error, **_who())
-            else:
-                services.record_history(a, run_dir, **_who())
-        except Exception as e:  # noqa: BLE001
-            history_error = _error_text(e)
+        a, run_dir = case.analysis, case.run_dir
+        report_error = _error_text(case.report_error) if case.report_error else None
+        history_error = _error_text(case.history_error) if case.history_error else None
         bar.progress(1.0, text="Done")
         status.update(label="Analysis complete", state="complete", expanded=False)
     slot.empty()
@@ -442,8 +432,9 @@ def _details(res, include_phi: bool):
 # --------------------------------------------------------------------------- history
 def _history_frame(rows: list[dict], include_phi: bool):
     """The history records as a readable table (the raw record stays in ``rows``)."""
-    import pandas as pd
     from pathlib import PurePath
+
+    import pandas as pd
 
     out = []
     for r in rows:
@@ -478,7 +469,7 @@ def _history_tab(include_phi: bool):
         rng = st.date_input("Analysed between", (today - _dt.timedelta(days=30), today),
                             key="h_dates", max_value=today)
     with c2:
-        organ = st.selectbox("Organ", ["any", "lung", "pancreas"], key="h_organ")
+        organ = st.selectbox("Organ", ["any", *organs.names()], key="h_organ")
     since = rng[0] if isinstance(rng, (tuple, list)) and rng else None
     until = rng[1] if isinstance(rng, (tuple, list)) and len(rng) == 2 else None
     try:
@@ -573,11 +564,10 @@ with st.sidebar:
                    + (f" · {len(ss.candidates) - len(usable)} other(s) not usable"
                       if len(ss.candidates) > len(usable) else ""))
     images_input = chosen is not None and chosen.kind == "images"
-    organ = st.selectbox("Organ", ["auto", "lung", "pancreas"], key="organ",
-                         format_func=ORGAN_NAMES.get)
+    organ = st.selectbox("Organ", list(ORGAN_NAMES), key="organ", format_func=ORGAN_NAMES.get)
     need_organ = images_input and organ == "auto"
     if need_organ:
-        st.caption("PNG/JPG slices carry no headers: choose lung or pancreas.")
+        st.caption(f"PNG/JPG slices carry no headers: choose {' or '.join(organs.names())}.")
     include_phi = st.toggle("Show patient identifiers", value=False, key="phi",
                             help="Off by default: names, IDs and dates stay out of the screen, "
                                  "the reports and the case history.")

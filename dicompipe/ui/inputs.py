@@ -3,8 +3,8 @@
 Uploaded files (DICOM files with or without extension, one zip of a DICOM folder, PNG/JPG
 slices) are written into a fresh temporary folder; a zip is extracted safely inside it by
 the io stage's :func:`dicompipe.io.archive.extract_zip` (no absolute paths, no ``..``, no
-links, bounded size and member count; a strict local fallback if it is absent). The folder is removed by
-:meth:`StagedInput.cleanup` or when the object is garbage-collected.
+links, bounded size and member count). The folder is removed by :meth:`StagedInput.cleanup`
+or when the object is garbage-collected.
 
 Example::
 
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tempfile
-import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from dicompipe.errors import UnsupportedInput
+from dicompipe.io.archive import extract_zip as io_extract
 
 #: total upload bound (all files together), bytes
 MAX_TOTAL_BYTES = int(float(os.environ.get("DICOMPIPE_UI_MAX_TOTAL_MB", "2048")) * 2**20)
@@ -130,60 +129,9 @@ def stage_uploads(files: Iterable[tuple[str, bytes]], *,
 
 
 def extract_zip(zpath: Path, dest: Path):
-    """Extract ``zpath`` safely under ``dest``'s parent; returns (folder, keep-alive object).
-
-    Uses the io stage's :func:`dicompipe.io.archive.extract_zip` (bounded, no traversal, no
-    links); the strict local fallback only runs when the io stage does not offer it.
-    """
-    try:
-        from dicompipe.io.archive import extract_zip as io_extract
-    except ImportError:
-        return _extract_zip(zpath, dest), None
+    """Extract ``zpath`` safely under ``dest``'s parent; returns (folder, keep-alive object),
+    through the io stage's :func:`dicompipe.io.archive.extract_zip` (bounded, no traversal,
+    no links) with the app's bounds."""
     arc = io_extract(zpath, max_bytes=MAX_UNZIPPED_BYTES, max_members=MAX_ZIP_MEMBERS,
                      tmp_dir=dest.parent)
     return arc.path, arc
-
-
-def _extract_zip(zpath: Path, dest: Path) -> Path:
-    try:
-        zf = zipfile.ZipFile(zpath)
-    except zipfile.BadZipFile as e:
-        raise UnsupportedInput(f"{zpath.name} is not a readable zip file ({e}).") from e
-    with zf:
-        members = zf.infolist()
-        if len(members) > MAX_ZIP_MEMBERS:
-            raise UnsupportedInput(
-                f"{zpath.name} holds {len(members)} entries, more than {MAX_ZIP_MEMBERS}: "
-                "zip one series only.")
-        size = sum(m.file_size for m in members)
-        if size > MAX_UNZIPPED_BYTES:
-            raise UnsupportedInput(
-                f"{zpath.name} expands to {size / 2**20:.0f} MB, above the limit of "
-                f"{MAX_UNZIPPED_BYTES / 2**20:.0f} MB: zip one series only.")
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        for m in members:
-            name = m.filename.replace("\\", "/")
-            mode = (m.external_attr >> 16) & 0xFFFF
-            if stat.S_ISLNK(mode):
-                raise UnsupportedInput(f"{zpath.name} contains a link ({name}); refused for safety.")
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if name.startswith("/") or ".." in parts or re.match(r"^[A-Za-z]:", name):
-                raise UnsupportedInput(
-                    f"{zpath.name} contains an unsafe path ({name}); refused for safety.")
-            if m.is_dir() or not parts:
-                continue
-            target = root.joinpath(*parts)
-            if root not in target.resolve().parents:
-                raise UnsupportedInput(
-                    f"{zpath.name} contains an unsafe path ({name}); refused for safety.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with zf.open(m) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > m.file_size:      # lying header (zip bomb)
-                        raise UnsupportedInput(
-                            f"{zpath.name}: entry {name} is larger than its header says; refused.")
-                    out.write(chunk)
-    return dest

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import os
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from dicompipe.errors import DicompipeError
 

@@ -1,8 +1,9 @@
 """The app's only door into the library: thin wrappers over public stage functions.
 
-Nothing here computes a result; it calls :mod:`dicompipe.io`, :func:`dicompipe.analyze`,
-:mod:`dicompipe.report`, :mod:`dicompipe.history` and :mod:`dicompipe.model`, and adapts
-their outputs for display. Tests replace these functions to drive the app without a model.
+Nothing here computes a result: a case goes through :func:`dicompipe.pipeline.run_case`
+(analysis, reports, history, one failure policy); the rest calls :mod:`dicompipe.io`,
+:mod:`dicompipe.model` and reads :mod:`dicompipe.history`, and adapts outputs for display.
+Tests replace these functions (or the stages behind run_case) to drive the app without a model.
 
 Environment (optional):
 
@@ -19,15 +20,14 @@ import datetime as _dt
 import io as _io
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from dicompipe import io
-from dicompipe.types import Analysis, SeriesInfo
-
-ORGANS = ("lung", "pancreas")
+from dicompipe import io, organs
+from dicompipe.types import Analysis, CaseResult, SeriesInfo
 
 
 # --------------------------------------------------------------------------- settings
@@ -69,52 +69,33 @@ def discover(path) -> tuple[list[SeriesInfo], SeriesInfo]:
 def load_bundle(organ: str):
     """The bundle the app uses for ``organ`` (override or the organ config's built-in)."""
     from dicompipe import model as model_stage
-    from dicompipe.pipeline import load_config
 
-    name = model_override() or load_config(organ)["model"]
+    name = model_override() or organs.get(organ).model
     return model_stage.load_bundle(name, organ=organ, allow_untrained=allow_untrained())
 
 
 # --------------------------------------------------------------------------- analysis
-def analyze(path, *, organ: str, series: str | None, include_phi: bool, select_slices: bool,
-            progress: Callable[[str, float, str], None] | None, model: Any = None) -> Analysis:
-    """:func:`dicompipe.pipeline.analyze` with the app's settings.
+#: what the app writes for each case (its downloads offer these)
+FORMATS = ("txt", "png", "json")
+
+
+def run_case(path, *, organ: str, series: str | None, include_phi: bool, select_slices: bool,
+             progress: Callable[[str, float, str], None] | None,
+             model: Any = None, user: str | None = None) -> CaseResult:
+    """:func:`dicompipe.pipeline.run_case` with the app's settings: TXT, PNG and JSON into a
+    new run folder under :func:`user_reports_root` (``<root>/users/<user>/`` for a signed-in
+    user), recorded in the default case history with the user.
 
     ``model``: a preloaded bundle (or a mapping organ -> bundle for organ "auto").
     """
-    from dicompipe.pipeline import analyze as _analyze
+    from dicompipe.pipeline import run_case as _run_case
 
-    kwargs = dict(organ=organ, series=series, include_phi=include_phi,
-                  select_slices=select_slices, progress=progress)
-    if model is not None:
-        kwargs["model"] = model
-    elif model_override():
-        kwargs["model"] = model_override()
-    if allow_untrained():
-        kwargs["allow_untrained"] = True
-    try:
-        return _analyze(path, **kwargs)
-    except TypeError as e:                      # pipeline without allow_untrained / mapping hook
-        if "allow_untrained" in str(e) and kwargs.pop("allow_untrained", None):
-            return _analyze(path, **kwargs)
-        raise
-
-
-def write_reports(analysis: Analysis, include_phi: bool, out: Path | None = None,
-                  user: str | None = None) -> Path:
-    """``report.write`` (TXT, PNG, JSON) into a new run folder under :func:`reports_root`
-    (``<root>/users/<user>/`` for a signed-in user)."""
-    from dicompipe import report
-
-    out = Path(out or user_reports_root(user))
+    out = user_reports_root(user)
     out.mkdir(parents=True, exist_ok=True)
-    return Path(report.write(analysis, out, formats=["txt", "png", "json"],
-                             include_phi=include_phi))
-
-
-def record_history(analysis: Analysis, run_dir: Path | None, **kw) -> Any:
-    from dicompipe import history
-    return history.record(analysis, report_dir=run_dir, **kw)
+    return _run_case(path, organ=organ, out=out, formats=FORMATS, user=user,
+                     include_phi=include_phi, progress=progress, series=series,
+                     select_slices=select_slices, allow_untrained=allow_untrained(),
+                     model=model if model is not None else model_override())
 
 
 def downloads(run_dir: Path) -> dict[str, tuple[str, bytes, str]]:

@@ -12,17 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from dicompipe import organs
 from dicompipe.types import RESEARCH_USE, Analysis
 
-#: display windows (level, width) in HU
+#: display windows (level, width) in HU; each organ's reading window (the one its report
+#: images use) comes from the organ registry under the name it gives, and is its default
 WINDOWS: dict[str, tuple[float, float]] = {
     "Lung": (-600.0, 1500.0),
     "Mediastinum": (40.0, 400.0),
-    "Abdomen": (50.0, 350.0),
+    "Abdomen": (40.0, 400.0),
     "Pancreas": (40.0, 250.0),
     "Bone": (400.0, 1800.0),
 }
-DEFAULT_WINDOW = {"lung": "Lung", "pancreas": "Abdomen"}
+WINDOWS.update({o.display.name: o.display_window for o in organs.all_organs()})
+DEFAULT_WINDOW = {o.name: o.display.name for o in organs.all_organs()}
 CMAP = "inferno"
 
 CSS = """

@@ -1,0 +1,132 @@
+"""ONNX Runtime backend: agreement with torch, export cache, int8 gate (optional extra).
+
+Skipped when onnxruntime is not installed (``pip install dicompipe[fast]``). One export of a
+random-weight ResNet50 per module (~10 s), inputs at 64x64 to keep the forwards cheap.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
+from tiny_bundle import make_bundle  # noqa: E402
+
+from dicompipe.errors import ModelError  # noqa: E402
+from dicompipe.explain import class_maps  # noqa: E402
+from dicompipe.model import onnx_backend as ob  # noqa: E402
+from dicompipe.model.backends import get_backend  # noqa: E402
+from dicompipe.model.bundle import load_bundle  # noqa: E402
+from dicompipe.model.network import forward_with_features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = make_bundle(tmp_path_factory.mktemp("onnx") / "b", organ="lung", seed=3)
+    return load_bundle(path, allow_untrained=True)
+
+
+@pytest.fixture(scope="module")
+def backend(bundle):
+    return ob.OnnxBackend(bundle, "cpu")
+
+
+def _torch(bundle, x):
+    with torch.inference_mode():
+        lg, a = forward_with_features(bundle.network(), torch.from_numpy(x))
+    return lg.numpy(), a.numpy()
+
+
+def test_agrees_with_torch(bundle, backend):
+    x = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    lg, a = backend(x)
+    tl, ta = _torch(bundle, x)
+    assert lg.dtype == np.float32 and lg.shape == (4, 3) and a.shape == (4, 2048, 2, 2)
+    # logits within 1e-4 (relative to the logit scale: random weights give |logits| ~ 50)
+    assert np.abs(lg - tl).max() <= 1e-4 * max(1.0, np.abs(tl).max())
+    assert (lg.argmax(1) == tl.argmax(1)).all()
+    assert np.abs(a - ta).max() <= 1e-4 * np.abs(ta).max()
+    w = bundle.network().fc.weight.detach().numpy()
+    cam, tcam = class_maps(a, w), class_maps(ta, w)
+    assert np.abs(cam - tcam).max() <= 1e-4 * tcam.max()
+
+
+def test_dynamic_batch_and_get_backend(bundle, backend):
+    x = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    assert backend(x)[0].shape == (1, 3)
+    run = get_backend(bundle, "onnx", "cpu")
+    assert isinstance(run, ob.OnnxBackend) and run.path == backend.path
+    assert run.name == "onnx" and run.device == "cpu" and run.threads >= 1
+
+
+def test_cache_beside_bundle_keyed_by_sha(bundle, backend):
+    p = backend.path
+    assert p.parent == Path(bundle.path) / "models" / "onnx"
+    assert bundle.sha256 in p.name and p.name.endswith(".fp32.onnx")
+    mtime = p.stat().st_mtime_ns
+    assert ob.export(bundle) == p and p.stat().st_mtime_ns == mtime     # reused, not rebuilt
+    assert not list(p.parent.glob(".*.tmp"))                             # atomic: no leftovers
+
+    class Other:                                                         # new weights -> new file
+        path, name, sha256 = bundle.path, "x", "0" * 64
+    assert ob.model_path(Other, "fp32") != p
+    stale = p.parent / f"{'f' * 64}.v{ob.EXPORT_VERSION}.fp32.onnx"
+    stale.write_bytes(b"old")
+    ob._remove_stale(p, "fp32")
+    assert not stale.exists() and p.exists()
+
+
+def test_builtin_bundles_use_user_cache(monkeypatch, tmp_path):
+    from dicompipe.model.bundle import BUILTIN_DIR
+    monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path / "cache"))
+
+    class Builtin:
+        path, name, sha256 = BUILTIN_DIR / "lung-resnet50", "lung-resnet50", "a" * 64
+    assert ob.cache_dir(Builtin) == tmp_path / "cache" / "onnx"
+
+
+def test_int8_needs_calibration(bundle):
+    with pytest.raises(ModelError, match="int8"):
+        ob.OnnxBackend(bundle, precision="int8")
+    with pytest.raises(ModelError, match="precision"):
+        ob.OnnxBackend(bundle, precision="fp16")
+    with pytest.raises(ModelError, match="int8"):
+        get_backend(bundle, "onnx-int8", "cpu")
+
+
+@pytest.mark.slow
+def test_int8_from_stored_calibration(bundle, backend, tmp_path):
+    """The int8 path end to end on random data: calibrate, store ranges, quantize, run."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    rng = np.random.default_rng(2)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": rng.normal(size=(2, 3, 64, 64)).astype(np.float32)}
+                            for _ in range(2)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    ranges = tmp_path / "ranges.json"
+    ob.quantize_static_file(backend.path, tmp_path / "cal.onnx", Reader(), calibration_cache=ranges)
+    cal = ob.calibration_path(bundle)
+    cal.write_text(json.dumps({"sha256": bundle.sha256, "tensors": json.loads(ranges.read_text())}))
+    try:
+        run = ob.OnnxBackend(bundle, precision="int8")
+        assert run.name == "onnx-int8" and run.path.name.endswith(".int8.onnx")
+        assert run.path.stat().st_size < backend.path.stat().st_size / 3
+        x = rng.normal(size=(2, 3, 64, 64)).astype(np.float32)
+        lg, a = run(x)
+        tl, _ = backend(x)
+        assert lg.shape == tl.shape and a.shape == (2, 2048, 2, 2)
+        assert np.corrcoef(lg.ravel(), tl.ravel())[0, 1] > 0.9
+    finally:
+        os.unlink(cal)

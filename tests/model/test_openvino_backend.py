@@ -1,0 +1,73 @@
+"""OpenVINO backend (optional extra ``dicompipe[openvino]``): agreement with torch at fp32,
+the same export cache as ONNX Runtime, bf16 only where the CPU has it, int8 gate."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
+from tiny_bundle import make_bundle  # noqa: E402
+
+from dicompipe.errors import ModelError  # noqa: E402
+from dicompipe.model import onnx_backend as ob  # noqa: E402
+from dicompipe.model import openvino_backend as vb  # noqa: E402
+from dicompipe.model.backends import get_backend  # noqa: E402
+from dicompipe.model.bundle import load_bundle  # noqa: E402
+from dicompipe.model.network import forward_with_features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(make_bundle(tmp_path_factory.mktemp("ov") / "b", organ="lung", seed=5),
+                       allow_untrained=True)
+
+
+def test_fp32_agrees_with_torch_and_shares_the_onnx_export(bundle):
+    run = get_backend(bundle, "openvino", "cpu")
+    assert isinstance(run, vb.OpenVinoBackend) and run.name == "openvino"
+    assert run.path == ob.model_path(bundle, "fp32")              # the ONNX Runtime cache file
+    assert get_backend(bundle, "openvino", "cpu") is run          # built once per bundle
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    lg, a = run(x)
+    with torch.inference_mode():
+        tl, ta = (t.numpy() for t in forward_with_features(bundle.network(), torch.from_numpy(x)))
+    assert lg.shape == (3, 3) and a.shape == (3, 2048, 2, 2) and lg.dtype == np.float32
+    assert np.abs(lg - tl).max() <= 1e-4 * max(1.0, np.abs(tl).max())
+    assert np.abs(a - ta).max() <= 1e-4 * np.abs(ta).max()
+    lg2, _ = run(x[:1])                                           # dynamic batch, fresh buffers
+    np.testing.assert_allclose(lg2, lg[:1], rtol=1e-4, atol=1e-4 * np.abs(tl).max())
+    assert np.abs(lg - run(x)[0]).max() == 0                      # outputs are not aliased
+
+
+def test_bf16_only_with_native_support(bundle):
+    if not vb.native_bf16():
+        with pytest.raises(ModelError, match="bfloat16"):
+            vb.OpenVinoBackend(bundle, precision="bf16")
+        return
+    run = vb.OpenVinoBackend(bundle, precision="bf16")
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    lg, _ = run(x)
+    ref, _ = vb.OpenVinoBackend(bundle, precision="fp32")(x)
+    assert run.name == "openvino-bf16"
+    assert np.corrcoef(lg.ravel(), ref.ravel())[0, 1] > 0.99      # close, not exact
+
+
+def test_refusals_are_clear(bundle):
+    with pytest.raises(ModelError, match="int8"):
+        get_backend(bundle, "openvino-int8", "cpu")              # no validated calibration
+    with pytest.raises(ModelError, match="precision"):
+        vb.OpenVinoBackend(bundle, precision="fp16")
+    with pytest.raises(ModelError, match="CPU only"):
+        vb.OpenVinoBackend(bundle, device="cuda")
+    with pytest.raises(ModelError, match="Unknown backend"):
+        get_backend(bundle, "tensorrt", "cpu")
+
+
+def test_auto_prefers_openvino_fp32_on_cpu(bundle):
+    run = get_backend(bundle, "auto", "cpu")
+    assert isinstance(run, vb.OpenVinoBackend) and run.precision == "fp32"

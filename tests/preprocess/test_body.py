@@ -1,0 +1,106 @@
+"""Input hygiene: 8-bit representation, body mask (table, FOV circle), crop, equalisation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from synth import chest_hu
+
+from dicompipe.preprocess.body import body_box, body_mask, to_u8
+from dicompipe.preprocess.render import equalize, render
+from dicompipe.train.run import LUNG_TRANSFER, spec_v2
+
+
+def test_to_u8_floor_and_window():
+    t = to_u8(np.array([-1000.0, -1.0, 0.0, 75.0, 150.0, 900.0]), LUNG_TRANSFER)
+    assert t[0] == 0 and t[1] == 0                     # below the floor: black, like IQ-OTH
+    assert t[2] == pytest.approx(130.0) and t[4] == pytest.approx(255.0) and t[5] == 255.0
+    assert 130 < t[3] < 255
+    w = to_u8(np.array([-200.0, 50.0, 300.0]), {"kind": "window", "window": [50.0, 500.0]})
+    np.testing.assert_allclose(w, [0.0, 127.5, 255.0])
+    with pytest.raises(ValueError, match="unknown transfer"):
+        to_u8(np.zeros(2), {"kind": "sigmoid"})
+
+
+@pytest.mark.parametrize("transfer", [LUNG_TRANSFER, {"kind": "window", "window": [50.0, 500.0]}])
+def test_body_mask_drops_table_and_fov_and_keeps_the_lungs(transfer):
+    hu, body, tab = chest_hu()
+    m = body_mask(to_u8(hu, transfer))
+    wall = ((np.mgrid[:256, :256][1] / 256 - 0.5) / 0.35) ** 2 + \
+        ((np.mgrid[:256, :256][0] / 256 - 0.45) / 0.25) ** 2 < 1
+    assert m[wall].mean() > 0.97                        # the chest wall and the lungs inside it
+    assert m[tab].mean() < 0.02                         # the scanner table is gone
+    assert m[~body].mean() < 0.03                       # and the air / FOV border
+
+
+def test_adaptive_mask_ignores_grey_air_inside_the_field_of_view():
+    n = 200
+    yy, xx = np.mgrid[:n, :n] / n
+    img = np.zeros((n, n), np.float32)
+    img[(xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.48 ** 2] = 70.0            # wide-window air
+    body = ((xx - 0.5) / 0.3) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1
+    img[body] = 150.0
+    assert body_mask(img, 15.0).mean() > body.mean() * 1.5             # fixed level: FOV taken
+    m = body_mask(img, 15.0, adaptive=True)
+    assert abs(int(m.sum()) - int(body.sum())) < 0.03 * body.sum()
+
+
+def test_body_box_margin_and_empty():
+    m = np.zeros((50, 60), bool)
+    m[10:20, 5:45] = True
+    assert body_box(m, 0.0) == (10, 20, 5, 45)
+    assert body_box(m, 0.1) == (6, 24, 1, 49)
+    assert body_box(np.zeros((4, 4), bool)) is None
+
+
+def test_equalize_is_invariant_to_monotone_transfers():
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0.2, 0.8, (64, 64)).astype(np.float32)
+    mask = np.zeros_like(img, bool)
+    mask[8:56, 8:56] = True
+    a = equalize(img, mask)
+    b = equalize(np.clip((img - 0.1) ** 1.7 * 1.3, 0, 1), mask)      # another "window"
+    assert np.abs(a - b).mean() < 0.01
+    assert (a[~mask] == 0).all() and 0 < a[mask].min() and a[mask].max() < 1
+
+
+def test_render_crops_to_the_body_and_hides_the_table():
+    hu, _, tab = chest_hu(table=True)
+    spec = spec_v2("lung", size=64)
+    x = render(hu, spec)
+    hu2 = hu.copy()
+    hu2[tab] = -1000.0                                  # same slice without a table
+    np.testing.assert_allclose(x, render(hu2, spec), atol=1e-5)
+    g = x[0] * spec.std + spec.mean
+    cols = np.nonzero(g.max(0) > 0.05)[0]
+    assert cols[0] < 8 and cols[-1] > 55               # the body fills the width after the crop
+
+
+def test_prepare_crops_the_grid_with_exact_geometry():
+    from dicompipe.preprocess import prepare
+    from dicompipe.preprocess.inverse import to_volume
+    from dicompipe.types import SeriesInfo, Volume
+    hu, _, _ = chest_hu(128)
+    arr = np.repeat(hu[None], 4, 0)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.5, 2.5, 5.0))
+    img.SetOrigin((-160.0, -170.0, -300.0))
+    vol = Volume(image=img, slices=[[] for _ in range(4)],
+                 series=SeriesInfo(key="t", kind="dicom", source="mem"))
+    spec = spec_v2("lung", size=64)
+    batch = prepare(vol, spec, organ=None, select_slices=False)
+    g = batch.grid
+    assert g.GetSize()[0] < 128 and g.GetSize()[1] < 128          # cropped to the body
+    assert g.GetSpacing() == img.GetSpacing() and g.GetDirection() == img.GetDirection()
+    # the grid's first voxel is a voxel of the source image
+    idx = img.TransformPhysicalPointToContinuousIndex(g.GetOrigin())
+    assert all(abs(v - round(v)) < 1e-6 for v in idx) and idx[2] == 0
+    # the tensors equal what training renders from the single slice (its own crop)
+    np.testing.assert_allclose(batch.tensors[0], render(hu, spec), atol=0.05)
+    # maps go back onto the source grid, zero outside the crop
+    ones = np.ones((len(batch.included), 4, 4), np.float32)
+    back = sitk.GetArrayFromImage(to_volume(batch, ones))
+    assert back.shape == arr.shape
+    x0, y0 = int(round(idx[0])), int(round(idx[1]))
+    assert back[:, :, :max(0, x0 - 2)].max() == 0
+    assert back[1, y0 + 5, x0 + 5] > 0.9

@@ -1,0 +1,197 @@
+"""report.write and the TXT / PNG / JSON / NIfTI writers, on hand-built Analysis objects."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from analysis_factory import NODULE, make_analysis
+from PIL import Image
+
+from dicompipe import report
+from dicompipe.errors import ReportError
+from dicompipe.report import figures, text
+from dicompipe.types import RESEARCH_USE
+
+
+@pytest.fixture(scope="module")
+def lung():
+    return make_analysis()
+
+
+def test_default_run_folder_contents(tmp_path):
+    small = make_analysis(n_z=4, lesion_z=(2,), k=2)
+    run = report.write(small, tmp_path)
+    assert run.parent == tmp_path
+    names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    expected = {"report.txt", "analysis.json", "slice_scores.png", "probabilities.png",
+                "montage.png", "ct.nii.gz", *(f"cam_{l}.nii.gz" for l in small.cams.labels),
+                "key_01.png", "key_02.png"}
+    assert names == expected                           # no DICOM by default
+    assert [p.name for p in tmp_path.iterdir()] == [run.name]   # no staging left behind
+
+
+def test_runs_never_overwrite(tmp_path, lung):
+    a = report.write(lung, tmp_path, formats="json")
+    b = report.write(lung, tmp_path, formats="json")
+    assert a != b and a.exists() and b.exists()
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_report_txt_content(lung):
+    t = text.render(lung)
+    assert RESEARCH_USE in t
+    assert lung.model["sha256"] in t and lung.model["version"] in t
+    assert "MALIGNANT" in t
+    assert "Uncertain band [0.40, 0.60]: a top probability at or below 0.60" in t
+    # issue 13: confidence status, measured performance, evidence class, OOD availability
+    assert "Confidence status:    model not validated on this kind of input" in t
+    assert "Measured performance (the bundle's card):" in t and "not measured" in t
+    assert "Key slices (decided the verdict): evidence for malignant" in t
+    assert "Out-of-distribution:  not available: the bundle has no OOD model" in t
+    assert "ECE per input kind: not recorded in the bundle (this input: HU DICOM)" in t
+    for lab, p in lung.verdict.probabilities.items():
+        assert f"{lab:<12}{p:6.3f}" in t
+    for k in lung.verdict.key_slices:
+        assert k.sop_instance_uids[0] in t
+        assert f" {k.instance_numbers[0]:>8} " in t
+    assert "7 of 8 model slices analysed, 1 skipped" in t
+    assert "skipped 1: no lung in slice (synthetic)" in t
+    assert "volume: synthetic test data" in t and "predict" in t
+    assert "SYNTH001" not in t and "Synthetic^Phantom" not in t
+    assert "SYNTH001" in text.render(lung, include_phi=True)
+    assert "Images shown at:      window L -600/W 1500 HU" in t
+    assert figures.display_window(make_analysis(organ="pancreas", n_z=2, skip=())) == (40, 400)
+
+
+def test_analysis_json_schema_and_phi(tmp_path, lung):
+    run = report.write(lung, tmp_path, formats=["json"])
+    d = json.loads((run / "analysis.json").read_text())
+    assert d["schema_version"] == lung.SCHEMA_VERSION
+    assert d["verdict"]["label"] == "malignant"
+    assert d["verdict"]["probabilities"] == pytest.approx(lung.verdict.probabilities)
+    assert {"series", "slices", "warnings", "model"} <= set(d)
+    assert d["inference"] == {"backend": "test"}        # which runtime produced the numbers
+    assert d["report"]["files"] == ["analysis.json"]
+    assert "patient_id" not in d["series"]
+    run2 = report.write(lung, tmp_path, formats=["json"], include_phi=True)
+    assert json.loads((run2 / "analysis.json").read_text())["series"]["patient_id"] == "SYNTH001"
+    assert lung.include_phi is False                   # the Analysis itself is not changed
+
+
+def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
+    path = figures.save(figures.key_slice_figure(lung, lung.verdict.key_slices[0]),
+                        tmp_path / "key.png")
+    img = Image.open(path)
+    assert img.mode in ("RGB", "RGBA") and img.width > 500 and img.height > 500
+    rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 60).any()        # a colour overlay is drawn
+    views = [figures.slice_view(lung, s.row) for s in lung.batch.included]
+    peaks = [float(v.cam.max()) for v in views]
+    assert max(peaks) == pytest.approx(1.0, abs=0.02)             # 1.0 = volume maximum
+    assert min(peaks) < 0.5                                       # weak slices stay weak
+    v = figures.slice_view(lung, lung.verdict.key_slices[0].row)
+    y, x = np.unravel_index(np.argmax(v.cam), v.cam.shape)
+    ny, nx = v.cam.shape
+    assert abs(y / ny - NODULE[0]) < 0.15 and abs(x / nx - NODULE[1]) < 0.15
+    assert v.edges == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+
+
+def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
+    a = make_analysis(cam_volumes=False)
+    v = figures.slice_view(a, a.verdict.key_slices[0].row)
+    assert v.cam.shape == v.ct.shape and v.cam.max() > 0.5
+    run = report.write(a, tmp_path, formats="nifti")
+    assert (run / f"cam_{a.verdict.label}.nii.gz").exists()
+
+
+def test_all_slices_and_no_cam(tmp_path):
+    a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
+    run = report.write(a, tmp_path, formats="png", cam_slices="all")
+    assert len(list((run / "slices").glob("slice_z*.png"))) == len(a.batch.included) == 3
+    assert {p.name for p in run.glob("*.png")} == {"slice_scores.png", "probabilities.png",
+                                                   "key_01.png", "montage.png"}
+    b = make_analysis(with_cams=False)
+    run = report.write(b, tmp_path, formats="txt,nifti")
+    assert not list(run.glob("cam_*.nii.gz")) and (run / "ct.nii.gz").exists()
+    assert "No Grad-CAM" in (run / "report.txt").read_text()
+    assert figures.slice_view(b, 0).cam is None
+    assert figures.to_rgb(figures.slice_figure(b, 0)).shape[2] == 3
+
+
+def test_nifti_geometry_matches_volume(tmp_path, lung):
+    import nibabel as nib
+    run = report.write(lung, tmp_path, formats="nifti")
+    ct, cam = nib.load(run / "ct.nii.gz"), nib.load(run / "cam_malignant.nii.gz")
+    x, y, z = lung.volume.image.GetSize()
+    assert ct.shape == cam.shape == (x, y, z)
+    assert np.allclose(ct.affine, cam.affine)
+
+
+def test_windowed_png_input(tmp_path):
+    a = make_analysis(windowed=True)
+    run = report.write(a, tmp_path, formats="txt,json")
+    assert "8-bit windowed input" in (run / "report.txt").read_text()
+    v = figures.slice_view(a, 0)
+    assert v.ct.max() <= 1 and v.ct.max() > 0.5          # 0..255 shown as is, not re-windowed
+    with pytest.raises(ReportError, match="need a DICOM source series"):
+        report.write(a, tmp_path / "d", formats="dicom")
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_bad_formats_and_unwritable_out(tmp_path, lung):
+    with pytest.raises(ReportError, match="Unknown report format 'pdf'"):
+        report.write(lung, tmp_path, formats="txt,pdf")
+    with pytest.raises(ReportError, match="cam_slices"):
+        report.write(lung, tmp_path, cam_slices="some")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ReportError, match="Cannot write the report folder under .*afile"):
+        report.write(lung, blocker / "runs")
+    assert blocker.read_text() == "x"
+
+
+def test_failure_midway_leaves_nothing(tmp_path, lung, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(figures, "save", boom)
+    with pytest.raises(ReportError, match="No space left"):
+        report.write(lung, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_formats():
+    assert report.parse_formats(None) == ["txt", "png", "json", "nifti"]
+    assert report.parse_formats("json, dicom") == ["json", "dicom"]
+    assert report.parse_formats("all") == list(report.FORMATS)
+
+
+def test_figures_build_without_pyplot(lung):
+    for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung)):
+        rgb = figures.to_rgb(fig)
+        assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
+
+
+def test_cli_unwritable_report_folder_is_recorded_as_failed(tmp_path, monkeypatch, capsys):
+    import dicompipe.pipeline
+    from dicompipe import history
+    from dicompipe.cli import main as cli_main
+
+    a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
+    monkeypatch.setattr(dicompipe.pipeline, "analyze", lambda *args, **kw: a)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    db = tmp_path / "h.sqlite"
+    rc = cli_main(["analyze", "in", "--out", str(blocker / "runs"), "--history", str(db),
+                   "--quiet", "--format", "json"])
+    assert rc == 2
+    assert "Cannot write the report folder" in capsys.readouterr().err
+    (rec,) = history.list_records(db)
+    assert rec["status"] == "failed" and "Cannot write the report folder" in rec["reason"]
+    assert rec["report_dir"] is None and rec["label"] == a.verdict.label
+    rc = cli_main(["analyze", "in", "--out", str(tmp_path / "runs"), "--history", str(db),
+                   "--quiet", "--format", "json,txt"])
+    assert rc == 0
+    done = history.list_records(db, status="done")[0]
+    assert (Path(done["report_dir"]) / "analysis.json").exists()

@@ -1,0 +1,131 @@
+"""Synthetic lesions, the location loss, the prior correction and a resumable lesion run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from synth import chest_hu
+
+from dicompipe.preprocess.render import render
+from dicompipe.train import lesions as L
+from dicompipe.train.pretrain import cell_logits, location_loss, synth_batch, train_lesions
+from dicompipe.train.run import fit_prior_bias, spec_v2
+
+
+def rendered_chest(n: int = 256) -> np.ndarray:
+    spec = spec_v2("lung", size=n)
+    return np.clip(render(chest_hu(n)[0], spec)[0] * spec.std + spec.mean, 0, 1).astype(np.float32)
+
+
+def test_lung_fields_find_both_lungs():
+    img = rendered_chest()
+    f = L.lung_fields(img)
+    from scipy import ndimage
+    _, n = ndimage.label(f)
+    assert n == 2 and 0.1 < f.mean() < 0.4
+    assert img[f].mean() < 0.05                        # dark: lung, not tissue
+
+
+def test_lung_lesion_lies_in_the_lung_and_changes_only_its_surroundings():
+    img = rendered_chest()
+    f = L.lung_fields(img)
+    for kind in ("benign", "malignant"):
+        out, mask = L.insert_lung_lesion(img, f, kind, np.random.default_rng(3))
+        assert mask.any() and out.shape == img.shape
+        assert out[mask].mean() > img[mask].mean() + 0.2          # a dense lesion in dark lung
+        from scipy import ndimage
+        far = ~ndimage.binary_dilation(mask, iterations=25)
+        np.testing.assert_array_equal(out[far], img[far])
+        cy, cx = (int(v) for v in np.argwhere(mask).mean(0))
+        assert ndimage.binary_dilation(f, iterations=8)[cy, cx]  # centred in a lung field
+    same = L.insert_lung_lesion(img, f, "malignant", np.random.default_rng(3))
+    np.testing.assert_array_equal(same[0], L.insert_lung_lesion(img, f, "malignant", np.random.default_rng(3))[0])
+    assert L.insert_lung_lesion(img, np.zeros_like(f), "benign", np.random.default_rng(0)) is None
+
+
+def test_pancreas_lesion_is_darker_inside_the_prior():
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(0.55, 0.05, (128, 128)), 0, 1).astype(np.float32)
+    region = L.central_soft_tissue(img)
+    assert region.any() and not region[:20].any()             # central box only
+    out, mask = L.insert_pancreas_lesion(img, region, rng)
+    assert out[mask].mean() < img[mask].mean() - 0.05
+    assert region[tuple(np.argwhere(mask).mean(0).astype(int))]
+
+
+def test_location_loss_prefers_maps_on_the_lesion():
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, 0, :16, :16] = 1                                 # lesion top-left, class 2
+    y = torch.tensor([2, 0])
+    good = torch.full((2, 3, 4, 4), -4.0)
+    good[0, 2, 0, 0] = 4.0
+    bad = torch.full((2, 3, 4, 4), -4.0)
+    bad[0, 2, 3, 3] = 4.0
+    assert location_loss(good, masks, y) < 0.1 < location_loss(bad, masks, y)
+
+
+def test_cell_logits_average_to_the_class_logits():
+    from dicompipe.model.network import forward_with_features, resnet50
+    net = resnet50(3).eval()
+    with torch.no_grad():
+        logits, a = forward_with_features(net, torch.randn(2, 3, 64, 64))
+        cells = cell_logits(net, a)
+    torch.testing.assert_close(cells.mean((2, 3)), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prior_bias_lifts_balanced_accuracy_and_keeps_sensitivity():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [200, 40, 200])
+    logits = rng.normal(0, 1, (len(y), 3))
+    logits[np.arange(len(y)), y] += 1.5
+    logits[:, 2] += 1.5                                      # the model over-calls class 2
+    b = fit_prior_bias(logits, y, positive=2, min_sensitivity=0.9)
+
+    def bacc(z):
+        p = z.argmax(1)
+        return np.mean([(p[y == c] == c).mean() for c in range(3)])
+    assert b[0] == 0 and bacc(logits + b) > bacc(logits) + 0.1
+    assert ((logits + b).argmax(1)[y == 2] == 2).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_lesion_training_runs_checkpoints_and_resumes(tmp_path):
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images = np.stack([img] * 6)
+    y = np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    logs = []
+    phases = [("pretrain", 0.02, 32), ("finetune", 0.02, 32)]
+    state = train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                          spec_v2("lung", 32), tmp_path, organ="lung", phases=phases,
+                          bs=4, threads=1, log=logs.append)
+    assert state["phase"] == 2 and state["step"] > 0
+    assert (tmp_path / "phase0_pretrain.safetensors").exists()
+    assert (tmp_path / "phase1_finetune.safetensors").exists()
+    assert {"synthetic_auroc_lesion_vs_none", "cam_peak_in_lesion"} <= set(state["history"][-1])
+    steps = json.loads((tmp_path / "state.json").read_text())["step"]
+    again = train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                          spec_v2("lung", 32), tmp_path, organ="lung", phases=phases,
+                          bs=4, threads=1, log=logs.append)
+    assert again["step"] == steps and any("resumed" in m for m in logs)   # nothing left to do
+    imgs, ys, ms = synth_batch(images, [L.lung_fields(i / 255.0) for i in images], np.arange(3),
+                               "lung", 3, np.random.default_rng(0))
+    assert list(ys) == [0, 1, 2] and not ms[0].any() and ms[1].any() and ms[2].any()
+
+
+def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
+    from safetensors.torch import load_file
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    args = (images, y, parts, np.arange(4), ["normal", "benign", "malignant"], spec_v2("lung", 32))
+    train_lesions(*args, tmp_path, organ="lung", phases=[("pretrain", 0.01, 32)], bs=4, threads=1,
+                  log=lambda m: None)
+    before = load_file(str(tmp_path / "phase0_pretrain.safetensors"))
+    train_lesions(*args, tmp_path, organ="lung", phases=[("pretrain", 0.01, 32), ("finetune-l4", 0.01, 32)],
+                  bs=4, threads=1, log=lambda m: None)
+    after = load_file(str(tmp_path / "phase1_finetune-l4.safetensors"))
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {"layer4", "fc"}          # BatchNorm statistics included
