@@ -12,6 +12,7 @@ Each subcommand is a thin wrapper over a library function; errors from the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dicompipe import organs
@@ -327,10 +328,11 @@ def _cmd_history(args) -> int:
 
 def _p_ui(sub):
     p = sub.add_parser("ui", help="start the web app (needs dicompipe[ui])")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=8501, help="port to listen on (default %(default)s)")
     p.add_argument("--host", default="localhost",
-                   help="address to listen on; anything but localhost needs sign-in "
-                        "(DICOMPIPE_UI_TOKEN, --token-file or --oidc) or --insecure-no-auth")
+                   help="address to listen on (default %(default)s: this machine only); anything "
+                        "but loopback needs sign-in (DICOMPIPE_UI_TOKEN, --token-file or --oidc) "
+                        "or --insecure-no-auth")
     p.add_argument("--data-root", action="append", metavar="DIR",
                    help="a server folder users may analyse (repeatable); without one the "
                         "app offers uploads only")
@@ -375,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dicompipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # e.g. `dicompipe series X --json | head`: the reader left
+        # Python would complain again while flushing stdout at exit: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1                     # as Python's own docs recommend for EPIPE
 
 
 if __name__ == "__main__":
