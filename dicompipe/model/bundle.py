@@ -235,6 +235,14 @@ class Bundle:
                              f"{len(self.labels)} labels x 2048 features.")
         return w.float().numpy().copy(), b.float().numpy().copy()
 
+    @property
+    def builtin(self) -> bool:
+        """Whether this is one of the bundles shipped inside the package."""
+        try:
+            return Path(self.path).resolve().is_relative_to(BUILTIN_DIR)
+        except OSError:
+            return False
+
     def card(self) -> dict:
         """The model-card summary that goes into ``Analysis.model`` / analysis.json."""
         md = self.metadata
@@ -243,7 +251,10 @@ class Bundle:
             "name": self.name, "version": self.version, "organ": self.organ,
             "task": md.get("task", "classification"), "labels": self.labels,
             "positive_labels": self.positive_labels,
-            "sha256": self.sha256, "trained": self.trained, "path": str(self.path),
+            "sha256": self.sha256, "trained": self.trained,
+            # a built-in bundle is named by name + version; a machine path would only leak
+            # where dicompipe is installed (a user's own bundle keeps the path it was given)
+            "builtin": self.builtin, "path": None if self.builtin else str(self.path),
             "architecture": "resnet50 (MONAI, conv1_t_stride=2)",
             "preprocessing": md.get("preprocessing"),
             "aggregation": self.aggregation, "temperature": self.temperature,

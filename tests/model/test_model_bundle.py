@@ -157,3 +157,11 @@ def test_onnx_inference_from_a_cached_export_does_not_import_monai(lung_path):
             "print('monai' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_card_names_a_builtin_bundle_without_a_machine_path(tmp_path):
+    b = load_bundle("lung-resnet50")
+    card = b.card()
+    assert card["builtin"] and card["path"] is None and card["name"] == "lung-resnet50"
+    own = load_bundle(make_bundle(tmp_path / "mine"), allow_untrained=True)
+    assert not own.card()["builtin"] and own.card()["path"] == str(own.path)
