@@ -51,7 +51,8 @@ def _cmd_series(args) -> int:
         print(json.dumps({
             "source": str(args.path), "chosen": chosen.key if chosen else None,
             "error": str(error) if error else None,
-            "skipped": {"not_dicom": len(found.skipped.not_dicom),
+            "skipped": {"not_dicom": found.skipped.other_files,
+                        "documents": found.skipped.documents,
                         "unreadable": [{"file": f, "why": w} for f, w in found.skipped.unreadable]},
             "series": [s.to_dict(include_phi=args.include_phi) for s in found],
         }, indent=2))
@@ -72,6 +73,15 @@ def _cmd_series(args) -> int:
               f"{s.series_description or ''}{who}")
     if found.skipped_summary:
         print(f"skipped: {found.skipped_summary}")
+        others = found.skipped.other_files
+        for f in others[:5]:
+            print(f"  not DICOM: {f}")
+        if len(others) > 5:
+            print(f"  … and {len(others) - 5} more")
+    if found.skipped.documents:
+        print("documentation beside the images (not analysed): "
+              + ", ".join(os.path.basename(f) for f in found.skipped.documents[:8])
+              + (" …" if len(found.skipped.documents) > 8 else ""))
     if chosen is not None:
         print(f"\nchosen: {chosen.key} - {chosen.reason}")
         for w in chosen.warnings:

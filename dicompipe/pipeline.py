@@ -188,6 +188,8 @@ def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=No
     except Exception as e:  # noqa: BLE001 - recorded as failed, returned to the caller
         res.report_error = e
     if record:
+        if progress:
+            progress("history", 0.98, "recording the case")
         try:
             if res.report_error is not None:
                 res.record_id = case_history.record(a, report_dir=None, db=db, status="failed",
@@ -196,6 +198,8 @@ def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=No
                 res.record_id = case_history.record(a, report_dir=res.run_dir, db=db, user=user)
         except Exception as e:  # noqa: BLE001 - returned to the caller
             res.history_error = e
+    if progress:
+        progress("done", 1.0, "done")
     return res
 
 

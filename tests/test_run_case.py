@@ -36,7 +36,7 @@ def test_run_case_writes_reports_and_records(tmp_path, tmp_history, fake_analyze
     assert rec["status"] == "done" and rec["report_dir"] == str(res.run_dir.resolve())
     # analyze options go through; the report stage is announced
     assert fake_analyze[0]["select_slices"] is False and fake_analyze[0]["series"] == "3"
-    assert fake_analyze[0]["organ"] == "lung" and seen == ["report"]
+    assert fake_analyze[0]["organ"] == "lung" and seen == ["report", "history", "done"]
 
 
 def test_failed_report_is_recorded_as_failed_and_leaves_nothing(tmp_path, tmp_history,

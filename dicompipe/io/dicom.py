@@ -38,8 +38,24 @@ POSITION_TOL_MM = 1e-3        # positions closer than this along the normal are 
 _FAST_HEADERS = True          # headerscan first, pydicom for what it declines (tests toggle it)
 
 
+#: plain documentation that travels with exports and examples: listed, never warned about
+DOC_NAMES = {"readme", "license", "licence", "attribution", "copying", "notice", "authors"}
+DOC_SUFFIXES = {".txt", ".md", ".rst", ".xml", ".json", ".html", ".pdf"}
+
+
+def is_document(path) -> bool:
+    """``README``, ``LICENSE``, ``ATTRIBUTION``, ``*.txt``, ``*.md``, ``*.xml``, ``*.json`` …
+
+    >>> is_document("examples/lidc-idri-0001/ATTRIBUTION"), is_document("x/1.dcm")
+    (True, False)
+    """
+    p = Path(path)
+    return p.stem.lower() in DOC_NAMES or p.suffix.lower() in DOC_SUFFIXES
+
+
 class Skipped:
-    """Counts and names of files that were not used, for messages."""
+    """Counts and names of files that were not used, for messages. Documentation files
+    (:func:`is_document`) are kept apart in ``documents`` and are not a warning."""
 
     def __init__(self):
         self.not_dicom: list[str] = []
@@ -51,10 +67,19 @@ class Skipped:
         self.unreadable += other.unreadable
         self.dicomdir += other.dicomdir
 
+    @property
+    def documents(self) -> list[str]:
+        return [f for f in self.not_dicom if is_document(f)]
+
+    @property
+    def other_files(self) -> list[str]:
+        """Skipped files that are neither DICOM nor documentation."""
+        return [f for f in self.not_dicom if not is_document(f)]
+
     def summary(self) -> str:
         parts = []
-        if self.not_dicom:
-            parts.append(f"{len(self.not_dicom)} non-DICOM file(s) skipped")
+        if self.other_files:
+            parts.append(f"{len(self.other_files)} non-DICOM file(s) skipped")
         if self.unreadable:
             f, why = self.unreadable[0]
             more = f" and {len(self.unreadable) - 1} more" if len(self.unreadable) > 1 else ""

@@ -169,6 +169,9 @@ def discover(path, *, max_zip_bytes: int = MAX_ZIP_BYTES,
         raise NoSeriesFound(
             f"Nothing readable under {src}: {n} file(s) looked at"
             + (f"; {summary}" if summary else "")
+            + (f"; {len(skipped.documents)} documentation file(s) ("
+               + ", ".join(os.path.basename(f) for f in skipped.documents[:3])
+               + (" …" if len(skipped.documents) > 3 else "") + ")" if skipped.documents else "")
             + (f"; {len(skipped.dicomdir)} DICOMDIR index file(s) without images" if skipped.dicomdir else "")
             + ". Point dicompipe at a folder or zip of DICOM files, PNG/JPG slices or a NIfTI file.")
     return Discovery(out, source=str(src), skipped=skipped, archive=archive)

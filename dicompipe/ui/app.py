@@ -24,7 +24,8 @@ log = logging.getLogger("dicompipe.ui")
 
 STAGES = {"discover": "Reading headers", "load": "Loading the series",
           "preprocess": "Preparing slices", "predict": "Classifying slices",
-          "explain": "Grad-CAM", "report": "Writing reports"}
+          "explain": "Grad-CAM", "report": "Writing reports", "history": "Recording the case",
+          "done": "Done"}
 ORGAN_NAMES = {"auto": "Auto (from headers / content)",
                **{o.name: o.title for o in organs.all_organs()}}
 

@@ -107,8 +107,20 @@ def test_no_ct_raises_listing_what_was_found(tmp_path):
 def test_empty_folder_and_non_dicom_only(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     (tmp_path / "b.bin").write_bytes(b"\0" * 300)
-    with pytest.raises(NoSeriesFound, match="2 non-DICOM"):
+    with pytest.raises(NoSeriesFound, match=r"1 non-DICOM.*1 documentation file\(s\) \(a.txt\)"):
         io.discover(tmp_path)
+
+
+def test_documentation_beside_a_series_is_listed_not_warned_about(tmp_path):
+    synth.write_ct_series(tmp_path / "ct", shape=SHAPE, spacing=SPACING)
+    for name in ("README", "LICENSE", "ATTRIBUTION", "notes.md", "annotations.xml"):
+        (tmp_path / name).write_text("text")
+    (tmp_path / "stray.bin").write_bytes(b"\0" * 300)
+    found = io.discover(tmp_path)
+    assert len(found.skipped.documents) == 5 and found.skipped.other_files == [str(tmp_path / "stray.bin")]
+    assert found.skipped_summary == "1 non-DICOM file(s) skipped"
+    (tmp_path / "stray.bin").unlink()
+    assert not any("skipped" in w for w in io.select(io.discover(tmp_path)).warnings)
 
 
 def test_duplicate_slice_dropped_with_warning(tmp_path):
