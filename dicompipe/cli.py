@@ -133,12 +133,28 @@ def _p_analyze(sub):
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the volume may take, e.g. 4G (default: 75%% of the available "
                         "memory); larger inputs are refused before loading")
+    p.add_argument("--spacing", type=_spacing, metavar="X,Y,Z",
+                   help="pixel and slice spacing in mm of PNG/JPG slices, which carry none "
+                        "(default 1,1,1; DICOM and NIfTI headers say it themselves)")
     p.add_argument("--history", help="case-history database file (default: user data dir)")
     p.add_argument("--no-history", action="store_true", help="do not record the case")
     p.add_argument("--config", help="organ settings YAML over the built-in "
                                      "dicompipe/configs/<organ>.yaml (only what it sets)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    """``"0.7,0.7,2.5"`` -> (0.7, 0.7, 2.5); one number means the same on every axis."""
+    try:
+        v = [float(t) for t in text.split(",")]
+    except ValueError:
+        v = []
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3 or not all(0 < x < 1e4 for x in v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y,Z in mm (e.g. 0.7,0.7,2.5)")
+    return v[0], v[1], v[2]
 
 
 def _cmd_analyze(args) -> int:
@@ -154,7 +170,8 @@ def _cmd_analyze(args) -> int:
                        deidentify=args.deidentify, model=args.model, series=args.series,
                        device=args.device, backend=args.backend, cam=args.cam,
                        select_slices=not args.all_slices, config=args.config,
-                       batch_size=args.batch_size, max_memory=max_memory)
+                       batch_size=args.batch_size, max_memory=max_memory,
+                       spacing=args.spacing)
     finally:
         if bar:
             bar.close()

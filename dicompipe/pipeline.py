@@ -33,7 +33,7 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
             select_slices: bool = True, config: str | Path | None = None,
             batch_size: int = 16, include_phi: bool = False,
             progress: Progress | None = None, allow_untrained: bool = False,
-            max_memory=None) -> Analysis:
+            max_memory=None, spacing=None) -> Analysis:
     """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.
 
     ``organ``: "lung", "pancreas" or "auto" (from BodyPartExamined/descriptions, else content).
@@ -45,6 +45,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     benchmarks); the CLI never sets it, so random weights never produce a printed verdict.
     ``max_memory``: bytes (or "4G") loading may use, checked before the volume is allocated
     (default: 75 % of the available memory; see :mod:`dicompipe.io.limits`).
+    ``spacing``: (x, y, z) mm of PNG/JPG slices, which carry none (default 1 mm; ignored
+    for DICOM and NIfTI, whose headers say it).
     Raises a :class:`dicompipe.DicompipeError` subclass with a clear message on bad input.
     """
     from dicompipe import explain, preprocess
@@ -80,7 +82,7 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     if organ != "auto":      # a wrong or untrained bundle fails before any pixel is read
         organ, organ_reason, cfg, bundle = organ_and_bundle(None)
         lap("load_model")
-    volume = io.load(chosen, max_memory=max_memory)
+    volume = io.load(chosen, max_memory=max_memory, spacing=spacing)
     _check_volume(volume)
     lap("load")
     if organ == "auto":
@@ -257,7 +259,9 @@ def _resolve_organ(organ: str, series, volume) -> tuple[str, str]:
     for o in known:
         hit = next((w for w in o.header_words if w in text.split() or w in text), None)
         if hit:
-            return o.name, f"auto: header says {hit!r} (BodyPartExamined/SeriesDescription)"
+            where = ("the folder name" if series.kind in ("image", "images") or volume.windowed
+                     else "BodyPartExamined/SeriesDescription")
+            return o.name, f"auto: {where} says {hit!r}"
     if volume.windowed:
         raise UnsupportedInput(
             "Cannot choose the organ automatically for already-windowed PNG/JPG slices "

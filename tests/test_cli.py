@@ -2,9 +2,11 @@
 import subprocess
 import sys
 
-from synth import write_ct_series
+import pytest
+from synth import write_ct_series, write_png_slices
 
-from dicompipe.cli import build_parser
+from dicompipe import pipeline
+from dicompipe.cli import build_parser, main
 
 
 def test_series_json_piped_into_head_ends_without_a_traceback(tmp_path):
@@ -19,3 +21,19 @@ def test_ui_help_names_port_and_host_defaults():
     sub = next(a for a in build_parser()._actions if a.dest == "command" or a.choices)
     text = sub.choices["ui"].format_help()
     assert "default 8501" in text and "default localhost" in text
+
+
+def test_spacing_of_image_slices_from_the_command_line(tmp_path, monkeypatch):
+    write_png_slices(tmp_path / "lung", n=3)
+    seen = {}
+
+    def fake_analyze(path, **kw):                   # stop after the load: no model needed
+        vol = pipeline.io.load(pipeline.io.select(pipeline.io.discover(path)), spacing=kw["spacing"])
+        seen["spacing"] = vol.image.GetSpacing()
+        raise pipeline.UnsupportedInput("stop here")
+    monkeypatch.setattr(pipeline, "analyze", fake_analyze)
+    assert main(["analyze", str(tmp_path / "lung"), "--organ", "lung", "--spacing", "0.7,0.7,2.5",
+                 "--no-history", "--quiet", "--out", str(tmp_path / "runs")]) == 2
+    assert seen["spacing"] == (0.7, 0.7, 2.5)
+    with pytest.raises(SystemExit):
+        main(["analyze", "x", "--spacing", "0.7,-1"])

@@ -86,7 +86,8 @@ def load_images(series: SeriesInfo, *, spacing=None, max_memory=None) -> Volume:
     warnings = []
     if spacing is None:
         sp: tuple[float, ...] = (1.0, 1.0, 1.0)
-        warnings.append("image slices carry no spacing: assuming 1 mm (pass spacing=(x, y, z))")
+        warnings.append("image slices carry no spacing: assuming 1 mm (give it with --spacing X,Y,Z, "
+                        "or spacing=(x, y, z) in Python)")
     else:
         sp = tuple(float(v) for v in (np.broadcast_to(np.asarray(spacing, float), (3,))))
         if min(sp) <= 0:
