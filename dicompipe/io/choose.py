@@ -135,6 +135,12 @@ def select(candidates: list[SeriesInfo], series=None, *, min_slices: int = 1,
     longest = (max(s.n_instances for s in eligible), max(_extent(s) for s in eligible))
     eligible.sort(key=lambda s: _rank(s, longest))
     chosen = eligible[0]
+    ties = [s for s in eligible if s.kind == "images" and _rank(s, longest)[:-1] == _rank(chosen, longest)[:-1]]
+    if chosen.kind == "images" and len(ties) > 1:
+        # image folders carry no header to rank them: two equal ones are two cases, not one
+        listed = "; ".join(f"{s.key}: {s.series_description}" for s in ties)
+        raise NoSeriesFound(f"{len(ties)} image folders under {where} are equally good candidates "
+                            f"({listed}): give one folder, or choose with --series KEY.")
     criteria = (f"DICOM before image slices, at least {PARTIAL_SLICES} slices, ORIGINAL/PRIMARY, "
                 "axial, thinnest, then most slices")
     chosen.reason = (f"{_summary(chosen)}: the only usable series" if len(eligible) == 1 else

@@ -190,3 +190,15 @@ def test_cli_series_no_ct_exits_2(tmp_path, capsys):
 def test_missing_path(tmp_path):
     with pytest.raises(UnsupportedInput, match="does not exist"):
         io.discover(tmp_path / "nope")
+
+
+def test_equal_image_folders_need_an_explicit_choice(tmp_path):
+    synth.write_png_slices(tmp_path / "malignant", n=4)
+    synth.write_png_slices(tmp_path / "normal", n=4)
+    found = io.discover(tmp_path)
+    with pytest.raises(NoSeriesFound, match="2 image folders .* equally good.*malignant.*normal"):
+        io.select(found)
+    key = next(s.key for s in found if "normal" in s.series_description)
+    assert "normal" in io.select(found, series=key).series_description
+    synth.write_png_slices(tmp_path / "normal", n=6)          # now one folder is the longer series
+    assert "normal" in io.select(io.discover(tmp_path)).series_description
