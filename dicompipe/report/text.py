@@ -228,10 +228,11 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         out.append("  No Grad-CAM (run without --no-cam for explanation maps).")
     else:
         out.append(_kv("Method", a.cams.method))
-        out.append(_kv("Display scale", ", ".join(f"{l} {v:.4g}" for l, v in a.cams.scale.items())))
+        out.append(_kv("Map maximum", ", ".join(f"{l} {v:.4g}" for l, v in a.cams.scale.items())))
         out.append(textwrap.fill(
-            "Overlays are scaled to the maximum over the whole volume per class (comparable "
-            "between slices); the outline marks >= 50 % of it.", WIDTH,
+            "Each class's overlay is scaled to its map maximum over the whole volume, so its "
+            "brightest colour means the same on every slice (raw Grad-CAM units: comparable "
+            "between slices, not between classes); the outline marks >= 50 % of it.", WIDTH,
             initial_indent="  ", subsequent_indent="  "))
         if a.cams.faithfulness:
             out.append(_kv("Faithfulness", ", ".join(
