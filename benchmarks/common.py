@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "_work"          # scratch (gitignored): synthetic studies, bundles
+# scratch (gitignored): synthetic studies, bundles; $DICOMPIPE_BENCH_WORK moves it (the tests do)
+WORK = Path(os.environ.get("DICOMPIPE_BENCH_WORK") or ROOT / "benchmarks" / "_work")
 RESULTS = ROOT / "benchmarks" / "results"
 
 #: ResNet50 forward at 224x224 with the stride-2 stem: 4.1 GMAC = 8.2 GFLOP per image

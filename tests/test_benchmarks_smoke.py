@@ -2,6 +2,7 @@
 toy sizes (8 slices of 64x64, 64 px model inputs) and writes its JSON. The numbers mean
 nothing; this only proves the one-command suite works (with or without onnxruntime)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmarks_tiny(tmp_path):
     out = tmp_path / "tiny.json"
+    work = tmp_path / "work"                      # nothing left behind in benchmarks/_work
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "DICOMPIPE_BENCH_WORK": str(work)})
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["tiny"] and res["machine"]["id"].startswith("cpu-")
@@ -29,3 +32,4 @@ def test_benchmarks_tiny(tmp_path):
     (run,) = res["e2e"]["analyze"].values()
     assert "error" not in run and run["peak_rss_mb"]["max"] > 0 and run["slices"] > 0
     assert "TOTAL analyze()" in p.stdout                 # the one table was printed
+    assert work.is_dir()                                # its scratch went where it was told
