@@ -1,4 +1,4 @@
-"""Shared pytest settings. Tests never need ../shared: data are synthesised in fixtures,
+"""Shared pytest settings. Tests never need the shared data folder: data are synthesised in fixtures,
 taken from pydicom's bundled test files, or from small samples under examples/.
 
 Helper modules beside this file (importable from tests as plain modules):
