@@ -204,9 +204,10 @@ def slice_figure(analysis: Analysis, row: int, label: str | None = None, *,
     tax.axis("off")
     vd = analysis.verdict
     left = [
-        f"Verdict: {verdict_text(vd)}",
+        # the not-assessable reason is long: its own line keeps clear of the right column
+        f"Verdict: {verdict_text(vd) if vd.assessable else vd.label.upper()}",
         "         (calibrated, whole volume)" if vd.assessable else
-        "         (probabilities: transparency only)",
+        "         (unlike training data; P is no verdict)",
         f"This slice: P({label}) = {v.probability:.2f} (calibrated)" if v.probability is not None
         else "This slice: no probability",
         f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}".rstrip(),
