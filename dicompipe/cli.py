@@ -120,6 +120,9 @@ def _p_analyze(sub):
     p.add_argument("--no-cam", dest="cam", action="store_false", help="skip Grad-CAM")
     p.add_argument("--cam-slices", choices=["all", "key"], default="key",
                    help="which slices get CAM image files (computation always covers all)")
+    p.add_argument("--cam-nifti", choices=["verdict", "all"], default="verdict",
+                   help="with --format nifti: Grad-CAM volumes (uint8, scaled) for the verdict's "
+                        "classes only (default) or for every class")
     p.add_argument("--format", default=None,
                    help="comma list of outputs: txt,png,json,nifti,dicom (default: all but dicom)")
     p.add_argument("--include-phi", action="store_true",
@@ -166,7 +169,8 @@ def _cmd_analyze(args) -> int:
     try:
         res = run_case(args.input, organ=args.organ, out=args.out, formats=args.format,
                        history=False if args.no_history else args.history, progress=bar,
-                       cam_slices=args.cam_slices, include_phi=args.include_phi,
+                       cam_slices=args.cam_slices, cam_nifti=args.cam_nifti,
+                       include_phi=args.include_phi,
                        deidentify=args.deidentify, model=args.model, series=args.series,
                        device=args.device, backend=args.backend, cam=args.cam,
                        select_slices=not args.all_slices, config=args.config,

@@ -212,12 +212,14 @@ class CamVolumes(MutableMapping):
         self._kept: dict = {}
 
     def __getitem__(self, label):
-        if label not in self._kept:
+        img = self._kept.get(label)        # one read: safe while another thread swaps _kept
+        if img is None:
             if label not in self._labels:
                 raise KeyError(label)
             from dicompipe.preprocess.inverse import to_volume
-            self._kept = {label: to_volume(self._batch, self._maps[:, self._labels.index(label)])}
-        return self._kept[label]
+            img = to_volume(self._batch, self._maps[:, self._labels.index(label)])
+            self._kept = {label: img}
+        return img
 
     def __setitem__(self, label, image):
         self._kept = {label: image}

@@ -12,6 +12,11 @@ Run folder contents (all formats)::
     probabilities.png  ct.nii.gz  cam_<label>.nii.gz ...  sr.dcm  sc/key_01.dcm ...
     slices/slice_z012.png ...   (only with cam_slices="all")
 
+``cam_<label>.nii.gz`` is written for the verdict's classes (its label and the class whose
+evidence decided it) unless ``cam_nifti="all"``; maps are stored as uint8 with the NIfTI
+scale (scl_slope), the CT as int16 HU. The NIfTI files are compressed in a second thread
+while the PNGs are drawn (zlib and the map resampling release the GIL).
+
 Example::
 
     >>> from dicompipe import report
@@ -21,6 +26,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from dicompipe.errors import DicompipeError, ReportError
@@ -30,6 +36,7 @@ from dicompipe.types import Analysis
 FORMATS = ("txt", "png", "json", "nifti", "dicom")
 DEFAULT_FORMATS = ("txt", "png", "json", "nifti")
 CAM_SLICES = ("key", "all", "none")
+CAM_NIFTI = ("verdict", "all")
 
 __all__ = ["write", "FORMATS", "DEFAULT_FORMATS", "parse_formats"]
 
@@ -56,12 +63,14 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
 
 
 def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[str] | None = None,
-          cam_slices: str = "key", include_phi: bool = False, deidentify: bool = False) -> Path:
+          cam_slices: str = "key", include_phi: bool = False, deidentify: bool = False,
+          cam_nifti: str = "verdict") -> Path:
     """Write the reports of ``analysis`` into a new run folder under ``out_dir``; return it.
 
     ``formats``: any of txt, png, json, nifti, dicom (default: all but dicom).
     ``cam_slices``: "key" (annotated PNGs of the key slices), "all" (also one per analysed
-    slice under ``slices/``) or "none". ``include_phi``: patient identifiers, input paths,
+    slice under ``slices/``) or "none". ``cam_nifti``: "verdict" (Grad-CAM NIfTIs of the
+    verdict's classes) or "all" (every class). ``include_phi``: patient identifiers, input paths,
     file names and series descriptions in report.txt and analysis.json (otherwise
     pseudonymised). DICOM outputs carry the source's patient module, which a PACS needs to
     file them with the study, whatever ``include_phi`` says; ``deidentify=True`` writes them
@@ -71,6 +80,8 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
     fmts = parse_formats(formats)
     if cam_slices not in CAM_SLICES:
         raise ReportError(f"cam_slices must be one of {', '.join(CAM_SLICES)}, got {cam_slices!r}.")
+    if cam_nifti not in CAM_NIFTI:
+        raise ReportError(f"cam_nifti must be one of {', '.join(CAM_NIFTI)}, got {cam_nifti!r}.")
     ctx = None
     if "dicom" in fmts:                      # check the source before writing anything
         from dicompipe.report.dicom_source import source_context
@@ -80,11 +91,16 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
     written: list[str] = []
     notes: list[str] = list(ctx.notes) if ctx else []
     key_rgb: dict[int, object] = {}          # key figures drawn once, reused by the SC
+    nifti = None
     try:
+        if "nifti" in fmts:
+            nifti = _start_nifti(analysis, stage, cam_nifti)
         if "png" in fmts:
             _write_pngs(analysis, stage, cam_slices, written, key_rgb)
-        if "nifti" in fmts:
-            _write_nifti(analysis, stage, written, notes)
+        if nifti is not None:
+            names, skipped = nifti.result()
+            written += names
+            notes += skipped
         if "dicom" in fmts:
             from dicompipe.report import dicom_sc, dicom_sr
             dicom_sr.write(analysis, stage / "sr.dcm", ctx, deidentify=deidentify)
@@ -111,10 +127,15 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
         stem = _files.run_stem(analysis.organ)
         return _files.publish(stage, out_dir, stem)
     except OSError as e:
+        if nifti is not None:
+            wait([nifti])
         _files.discard(stage)
         raise ReportError(f"Cannot write the report under {out_dir}: "
                           f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}.") from e
     except BaseException:
+        if nifti is not None:
+            nifti.cancel()
+            wait([nifti])               # the thread may still be writing into the stage
         _files.discard(stage)
         raise
 
@@ -147,7 +168,28 @@ def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[
             put(figures.slice_figure(analysis, s.row), f"slices/slice_z{s.z:03d}.png")
 
 
-def _write_nifti(analysis: Analysis, stage: Path, written: list[str], notes: list[str]) -> None:
+def _nifti_labels(analysis: Analysis, which: str) -> list[str]:
+    """The classes whose Grad-CAM NIfTI is written: every class, or the verdict's."""
+    labels = analysis.cams.labels if analysis.cams is not None else []
+    if which == "all":
+        return list(labels)
+    vd = analysis.verdict
+    return [lb for lb in dict.fromkeys([vd.class_label, vd.evidence]) if lb in labels]
+
+
+def _start_nifti(analysis: Analysis, stage: Path, which: str) -> Future:
+    """Write the NIfTIs in a worker thread; its result is (files written, notes)."""
+    labels = _nifti_labels(analysis, which)
+    if labels:                    # the figures need the evidence map too: make it once, here
+        from dicompipe.explain import cam_volume
+        cam_volume(analysis.cams, analysis.batch, labels[-1])
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dicompipe-nifti")
+    future = pool.submit(_write_nifti, analysis, stage, labels)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _write_nifti(analysis: Analysis, stage: Path, labels: list[str]) -> tuple[list[str], list[str]]:
     import numpy as np
 
     from dicompipe.report.nifti import write_nifti
@@ -156,18 +198,20 @@ def _write_nifti(analysis: Analysis, stage: Path, written: list[str], notes: lis
     write_nifti(analysis.volume.image, stage / "ct.nii.gz",
                 description="dicompipe CT (8-bit windowed)" if windowed else "dicompipe CT (HU)",
                 dtype=np.uint8 if windowed else np.int16)
-    written.append("ct.nii.gz")
+    written, notes = ["ct.nii.gz"], []
     cams = analysis.cams
     if cams is None:
-        return
+        return written, notes
     from dicompipe.explain import cam_volume
-    for label in cams.labels:
+    for label in labels:
         try:
             img = cam_volume(cams, analysis.batch, label)
         except (DicompipeError, NotImplementedError) as e:
             notes.append(f"cam_{label}.nii.gz skipped: {e}")
             continue
         name = f"cam_{label}.nii.gz"
-        write_nifti(img, stage / name, description=f"Grad-CAM {label}",
-                    display_range=(0.0, float(cams.scale.get(label) or 0.0)))
+        write_nifti(img, stage / name, description=f"Grad-CAM {label} (uint8, scaled)",
+                    display_range=(0.0, float(cams.scale.get(label) or 0.0)),
+                    dtype=np.uint8, scaled=True)
         written.append(name)
+    return written, notes

@@ -41,10 +41,14 @@ def nifti_affine(image: sitk.Image) -> np.ndarray:
 
 
 def write_nifti(image: sitk.Image, path, *, description: str | None = None,
-                display_range: tuple[float, float] | None = None, dtype=None) -> Path:
+                display_range: tuple[float, float] | None = None, dtype=None,
+                scaled: bool = False) -> Path:
     """Write a 3D SimpleITK image (LPS) as NIfTI-1 with qform = sform = the RAS affine.
 
     ``dtype``: cast the voxels (e.g. ``np.int16`` for HU, rounded); default keeps them.
+    ``scaled``: with an integer ``dtype``, store the values scaled into its range with the
+    header's scl_slope/scl_inter (a Grad-CAM map as uint8 is a quarter of float32 and
+    compresses far better; every reader applies the scale, so values stay in their units).
     ``display_range``: stored as cal_min/cal_max (viewers' default window).
     Returns the path written. Raises :class:`ReportError` for a bad path or image.
 
@@ -62,13 +66,18 @@ def write_nifti(image: sitk.Image, path, *, description: str | None = None,
         raise ReportError(f"write_nifti needs a scalar 3D SimpleITK image, got {type(image).__name__}.")
     affine = nifti_affine(image)
     data = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))     # (z, y, x) -> (i, j, k)
-    if dtype is not None:
+    if dtype is not None and scaled:
+        dt = np.dtype(dtype)               # nibabel picks slope/inter for the float data
+        data = data.astype(np.float32, copy=False)
+    elif dtype is not None:
         dt = np.dtype(dtype)
         if np.issubdtype(dt, np.integer):
             info = np.iinfo(dt)
             data = np.clip(np.rint(data), info.min, info.max)
         data = data.astype(dt)
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    if scaled and dtype is not None:
+        img.set_data_dtype(dt)
     img.set_qform(affine, code=1)           # 1 = scanner-based anatomical coordinates
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from analysis_factory import NODULE, make_analysis
 from PIL import Image
 
@@ -26,10 +27,24 @@ def test_default_run_folder_contents(tmp_path):
     assert run.parent == tmp_path
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     expected = {"report.txt", "analysis.json", "slice_scores.png", "probabilities.png",
-                "montage.png", "ct.nii.gz", *(f"cam_{l}.nii.gz" for l in small.cams.labels),
+                "montage.png", "ct.nii.gz", f"cam_{small.verdict.label}.nii.gz",
                 "key_01.png", "key_02.png"}
-    assert names == expected                           # no DICOM by default
+    assert names == expected          # no DICOM, and Grad-CAM NIfTI of the verdict's class only
     assert [p.name for p in tmp_path.iterdir()] == [run.name]   # no staging left behind
+
+
+def test_cam_nifti_all_classes_stored_as_scaled_uint8(tmp_path, lung):
+    import nibabel as nib
+    run = report.write(lung, tmp_path, formats="nifti", cam_nifti="all")
+    assert {p.name for p in run.glob("cam_*.nii.gz")} == {f"cam_{lb}.nii.gz" for lb in lung.cams.labels}
+    for lb in lung.cams.labels:
+        img = nib.load(run / f"cam_{lb}.nii.gz")
+        assert img.get_data_dtype() == np.uint8
+        stored = np.asarray(img.dataobj)                                 # scaled on read
+        ref = np.transpose(sitk.GetArrayFromImage(lung.cams.volumes[lb]), (2, 1, 0))
+        assert np.abs(stored - ref).max() <= ref.max() / 255 * 0.51 + 1e-6     # half a step
+    with pytest.raises(ReportError, match="cam_nifti"):
+        report.write(lung, tmp_path, cam_nifti="some")
 
 
 def test_runs_never_overwrite(tmp_path, lung):
