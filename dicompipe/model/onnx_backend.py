@@ -74,11 +74,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 # --------------------------------------------------------------------------- cache
-def _user_cache() -> Path:
+def _user_cache(kind: str = "onnx") -> Path:
+    """``$DICOMPIPE_CACHE/<kind>``, else ``$XDG_CACHE_HOME/dicompipe/<kind>`` (~/.cache)."""
     if os.environ.get("DICOMPIPE_CACHE"):
-        return Path(os.environ["DICOMPIPE_CACHE"]).expanduser() / "onnx"
+        return Path(os.environ["DICOMPIPE_CACHE"]).expanduser() / kind
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "dicompipe" / "onnx"
+    return Path(base).expanduser() / "dicompipe" / kind
 
 
 def _writable(folder: Path) -> bool:

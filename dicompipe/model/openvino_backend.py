@@ -11,6 +11,13 @@ Precisions:
 - ``int8``: the bundle's int8 QDQ model (the same file and calibration gate as ONNX
   Runtime int8), run on OpenVINO's int8 kernels (VNNI/AMX).
 
+Compiled models are cached (OpenVINO ``CACHE_DIR``) in the user cache,
+``$DICOMPIPE_CACHE/openvino/<runtime version>-<CPU key>`` (else ``~/.cache/dicompipe/...``):
+the first run on a machine compiles, later runs load the compiled blob. The exported file's
+name holds the bundle's sha256, the folder the runtime version and a hash of the CPU model
+and its instruction-set flags, so a shared home directory never serves one CPU's blob to
+another. ``DICOMPIPE_OV_CACHE=0`` turns the cache off.
+
 Install with ``pip install dicompipe[openvino]``.
 
 Example::
@@ -27,7 +34,7 @@ import numpy as np
 import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
 
 from dicompipe.errors import ModelError
-from dicompipe.model.onnx_backend import export, quantize
+from dicompipe.model.onnx_backend import _user_cache, _writable, export, quantize
 from dicompipe.util import physical_cores
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -36,6 +43,28 @@ PRECISIONS = ("fp32", "bf16", "int8")
 def native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin has native bf16 on this machine (AMX / AVX512-BF16)."""
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def cpu_key() -> str:
+    """A short hash of the CPU model name and its flags (``/proc/cpuinfo``; else the
+    platform's processor string)."""
+    import hashlib
+    import platform
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        text = "\n".join(dict.fromkeys(lines))
+    except OSError:
+        text = platform.processor() or platform.machine()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def compile_cache_dir() -> Path | None:
+    """The compiled-model cache folder for this runtime and CPU, or None (off/unwritable)."""
+    if os.environ.get("DICOMPIPE_OV_CACHE", "1") == "0":
+        return None
+    folder = _user_cache("openvino") / f"{ov.get_version().split('-')[0]}-{cpu_key()}"
+    return folder if _writable(folder) else None
 
 
 class OpenVinoBackend:
@@ -62,9 +91,12 @@ class OpenVinoBackend:
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
                   # fp32 and int8 keep f32 for what is not quantized; bf16 asks for bf16
                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.cache_dir = compile_cache_dir()
+        if self.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.cache_dir)
         try:
-            core = ov.Core()
-            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+            # from the path, so that a cached blob is imported without reading the model
+            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
             raise ModelError(f"OpenVINO cannot compile {self.path}: {e}. Delete the file (it "
                              "is rebuilt) or use --backend onnx.") from e

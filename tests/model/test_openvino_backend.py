@@ -71,3 +71,18 @@ def test_refusals_are_clear(bundle):
 def test_auto_prefers_openvino_fp32_on_cpu(bundle):
     run = get_backend(bundle, "auto", "cpu")
     assert isinstance(run, vb.OpenVinoBackend) and run.precision == "fp32"
+
+
+def test_compiled_model_cache_is_keyed_by_runtime_and_cpu(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path))
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    first = vb.OpenVinoBackend(bundle)
+    folder = first.cache_dir
+    assert folder.parent == tmp_path / "openvino" and folder.name.endswith(vb.cpu_key())
+    blobs = list(folder.glob("*.blob"))
+    assert len(blobs) == 1                                         # compiled once, stored
+    second = vb.OpenVinoBackend(bundle)                           # imports the blob
+    assert list(folder.glob("*.blob")) == blobs
+    assert np.array_equal(first(x)[0], second(x)[0])
+    monkeypatch.setenv("DICOMPIPE_OV_CACHE", "0")
+    assert vb.OpenVinoBackend(bundle).cache_dir is None
