@@ -37,6 +37,9 @@ def run_case(*args, **kwargs):
 
 
 def __getattr__(name: str):
+    if name == "Analyzer":          # many cases in one process: see pipeline.Analyzer
+        from dicompipe.pipeline import Analyzer
+        return Analyzer
     if name in _LAZY:
         import importlib
         return importlib.import_module(f"dicompipe.{name}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +73,8 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
     def organ_and_bundle(vol):
         name, why = _resolve_organ(organ, chosen, vol)
         conf = organs.load(name, config)
-        # model may be a dict organ -> bundle/name (e.g. the web app's preloaded bundles)
-        m = model.get(name) if isinstance(model, dict) else model
+        # model may map organ -> bundle/name (the web app's preloaded bundles, an Analyzer's)
+        m = model.get(name) if isinstance(model, Mapping) else model
         b = model_stage.load_bundle(m or conf.model, organ=name,
                                     allow_untrained=allow_untrained)
         return name, why, conf, b
@@ -204,6 +204,66 @@ def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=No
     if progress:
         progress("done", 1.0, "done")
     return res
+
+
+class Analyzer:
+    """Many cases in one process, the fixed costs paid once: each organ's bundle is loaded
+    on first use and kept with its compiled inference backend (the OpenVINO/ONNX Runtime
+    session), so the second and later cases skip loading, hashing and compiling. What the
+    library, a batch worker or a listener should hold.
+
+    ``options`` are defaults for :func:`run_case`/:func:`analyze` (organ, out, formats,
+    backend, device, history, ...); per-call keywords override them.
+
+    >>> analyzer = Analyzer(organ="lung", out="runs", history=False)
+    >>> for study in ["a/", "b/"]:
+    ...     res = analyzer.run_case(study)
+    """
+
+    def __init__(self, *, model=None, config: str | Path | None = None,
+                 allow_untrained: bool = False, **options):
+        self.bundles = _Bundles(model, config, allow_untrained)
+        self.options = {**options, "config": config, "allow_untrained": allow_untrained}
+
+    def analyze(self, path, **overrides) -> Analysis:
+        """:func:`analyze` with this analyzer's bundles and defaults."""
+        kw = {k: v for k, v in {**self.options, **overrides}.items() if k not in _CASE_ONLY}
+        return analyze(path, model=self.bundles, **kw)
+
+    def run_case(self, path, **overrides) -> CaseResult:
+        """:func:`run_case` with this analyzer's bundles and defaults."""
+        return run_case(path, model=self.bundles, **{**self.options, **overrides})
+
+
+#: run_case's own parameters (not analyze's)
+_CASE_ONLY = ("out", "formats", "history", "cam_slices", "cam_nifti", "deidentify", "user")
+
+
+class _Bundles(Mapping):
+    """organ -> loaded bundle, each loaded once on first ``get`` (the organ config's
+    default bundle unless ``model`` names one, or maps organs to bundles)."""
+
+    def __init__(self, model, config, allow_untrained: bool):
+        self._model, self._config, self._allow = model, config, allow_untrained
+        self._loaded: dict = {}
+
+    def get(self, organ, default=None):
+        if organ not in self._loaded:
+            from dicompipe import model as model_stage
+            m = self._model.get(organ) if isinstance(self._model, Mapping) else self._model
+            self._loaded[organ] = model_stage.load_bundle(
+                m or organs.load(organ, self._config).model, organ=organ,
+                allow_untrained=self._allow)
+        return self._loaded[organ]
+
+    def __getitem__(self, organ):
+        return self.get(organ)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded)
+
+    def __len__(self) -> int:
+        return len(self._loaded)
 
 
 _CT_SOP_CLASSES = {

@@ -127,3 +127,23 @@ def test_organ_auto_from_content_without_header_hint(tmp_path, lung_z, organ):
     chosen = dicompipe.io.select(dicompipe.io.discover(tmp_path / "ct"))
     got, why = _resolve_organ("auto", chosen, dicompipe.io.load(chosen))
     assert got == organ and "lung-air fraction" in why
+
+
+def test_analyzer_loads_and_compiles_once_for_many_cases(chest_dir, lung_bundle, tmp_path, monkeypatch):
+    from dicompipe.model import bundle as bundle_mod
+    loads = []
+    real_load = bundle_mod.load_bundle
+    monkeypatch.setattr(bundle_mod, "load_bundle", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr("dicompipe.model.load_bundle", bundle_mod.load_bundle, raising=False)
+    analyzer = dicompipe.Analyzer(model=lung_bundle, backend="torch", device="cpu",
+                                  allow_untrained=True, out=tmp_path / "runs", history=False,
+                                  formats="json")
+    first = analyzer.run_case(chest_dir, organ="lung")
+    second = analyzer.run_case(chest_dir, organ="auto")          # per-call keywords override
+    assert first.ok and second.ok and first.run_dir != second.run_dir
+    opened = [a[0] for a in loads if not isinstance(a[0], bundle_mod.Bundle)]
+    assert len(opened) == 1                            # read and hashed once for both cases
+    b = analyzer.bundles["lung"]
+    assert list(b._backends) == [("torch", "cpu")]               # one compiled backend, kept
+    assert second.analysis.verdict.probabilities == first.analysis.verdict.probabilities
+    assert analyzer.analyze(chest_dir, organ="lung").verdict.label == first.analysis.verdict.label
