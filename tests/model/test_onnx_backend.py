@@ -130,3 +130,17 @@ def test_int8_from_stored_calibration(bundle, backend, tmp_path):
         assert np.corrcoef(lg.ravel(), tl.ravel())[0, 1] > 0.9
     finally:
         os.unlink(cal)
+
+
+def test_optimised_model_is_cached_per_runtime_and_cpu(bundle, tmp_path, monkeypatch):
+    from dicompipe.util import cpu_key
+    monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path))
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    first = ob.OnnxBackend(bundle, "cpu")                        # optimises and saves
+    saved = list((tmp_path / "onnx-optimized").glob(f"*-{cpu_key()}/*.opt.onnx"))
+    assert [p.name for p in saved] == [f"{first.path.stem}.opt.onnx"]
+    second = ob.OnnxBackend(bundle, "cpu")                       # loads the saved graph
+    assert np.allclose(first(x)[0], second(x)[0], atol=1e-5)
+    assert not list(saved[0].parent.glob(".*"))                  # no temporary file left
+    monkeypatch.setenv("DICOMPIPE_ORT_CACHE", "0")
+    assert np.allclose(ob.OnnxBackend(bundle, "cpu")(x)[1], first(x)[1], atol=1e-5)
