@@ -123,6 +123,10 @@ def _p_analyze(sub):
     p.add_argument("--cam-nifti", choices=["verdict", "all"], default="verdict",
                    help="with --format nifti: Grad-CAM volumes (uint8, scaled) for the verdict's "
                         "classes only (default) or for every class")
+    p.add_argument("--ct-nifti", action="store_true", default=None,
+                   help="with --format nifti: also write ct.nii.gz for DICOM/NIfTI input (a copy "
+                        "of the input, ~80 MB for 300 slices; written by default only for "
+                        "PNG/JPG input)")
     p.add_argument("--format", default=None,
                    help="comma list of outputs: txt,png,json,nifti,dicom (default: all but dicom)")
     p.add_argument("--include-phi", action="store_true",
@@ -170,6 +174,7 @@ def _cmd_analyze(args) -> int:
         res = run_case(args.input, organ=args.organ, out=args.out, formats=args.format,
                        history=False if args.no_history else args.history, progress=bar,
                        cam_slices=args.cam_slices, cam_nifti=args.cam_nifti,
+                       ct_nifti=args.ct_nifti,
                        include_phi=args.include_phi,
                        deidentify=args.deidentify, model=args.model, series=args.series,
                        device=args.device, backend=args.backend, cam=args.cam,

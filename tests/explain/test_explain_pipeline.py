@@ -52,7 +52,7 @@ def test_analysis_carries_cams_for_every_slice_and_class(analysis):
 
 def test_run_folder_nifti_pair_shares_the_affine(analysis, tmp_path):
     a, _ = analysis
-    run = report.write(a, tmp_path, formats=["nifti"], cam_nifti="all")
+    run = report.write(a, tmp_path, formats=["nifti"], cam_nifti="all", ct_nifti=True)
     ct = nib.load(run / "ct.nii.gz")
     for label in a.cams.labels:
         cam = nib.load(run / f"cam_{label}.nii.gz")

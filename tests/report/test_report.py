@@ -27,9 +27,10 @@ def test_default_run_folder_contents(tmp_path):
     assert run.parent == tmp_path
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     expected = {"report.txt", "analysis.json", "slice_scores.png", "probabilities.png",
-                "montage.png", "ct.nii.gz", f"cam_{small.verdict.label}.nii.gz",
-                "key_01.png", "key_02.png"}
-    assert names == expected          # no DICOM, and Grad-CAM NIfTI of the verdict's class only
+                "montage.png", f"cam_{small.verdict.label}.nii.gz", "key_01.png", "key_02.png"}
+    # no DICOM, Grad-CAM NIfTI of the verdict's class only, no copy of the input DICOM as NIfTI
+    assert names == expected
+    assert "No ct.nii.gz" in (run / "report.txt").read_text()
     assert [p.name for p in tmp_path.iterdir()] == [run.name]   # no staging left behind
 
 
@@ -128,7 +129,7 @@ def test_all_slices_and_no_cam(tmp_path):
     assert {p.name for p in run.glob("*.png")} == {"slice_scores.png", "probabilities.png",
                                                    "key_01.png", "montage.png"}
     b = make_analysis(with_cams=False)
-    run = report.write(b, tmp_path, formats="txt,nifti")
+    run = report.write(b, tmp_path, formats="txt,nifti", ct_nifti=True)
     assert not list(run.glob("cam_*.nii.gz")) and (run / "ct.nii.gz").exists()
     assert "No Grad-CAM" in (run / "report.txt").read_text()
     assert figures.slice_view(b, 0).cam is None
@@ -137,11 +138,21 @@ def test_all_slices_and_no_cam(tmp_path):
 
 def test_nifti_geometry_matches_volume(tmp_path, lung):
     import nibabel as nib
-    run = report.write(lung, tmp_path, formats="nifti")
+    run = report.write(lung, tmp_path, formats="nifti", ct_nifti=True)
     ct, cam = nib.load(run / "ct.nii.gz"), nib.load(run / "cam_malignant.nii.gz")
     x, y, z = lung.volume.image.GetSize()
     assert ct.shape == cam.shape == (x, y, z)
     assert np.allclose(ct.affine, cam.affine)
+
+
+def test_ct_nifti_by_default_only_for_image_input(tmp_path):
+    import nibabel as nib
+    png = report.write(make_analysis(n_z=4, lesion_z=(2,), k=2, windowed=True), tmp_path, formats="nifti")
+    assert nib.load(png / "ct.nii.gz").get_data_dtype() == np.uint8          # 8-bit slices
+    dicom = make_analysis(n_z=4, lesion_z=(2,), k=2)
+    assert not (report.write(dicom, tmp_path, formats="nifti") / "ct.nii.gz").exists()
+    ct = nib.load(report.write(dicom, tmp_path, formats="nifti", ct_nifti=True) / "ct.nii.gz")
+    assert ct.get_data_dtype() == np.int16                                    # HU
 
 
 def test_windowed_png_input(tmp_path):

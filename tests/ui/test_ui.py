@@ -56,7 +56,7 @@ def fake_library(tmp_path, monkeypatch):
         analysis.include_phi = include_phi
         return analysis
 
-    def write_reports(a, out, *, formats, cam_slices, cam_nifti, include_phi, deidentify):
+    def write_reports(a, out, *, formats, cam_slices, cam_nifti, ct_nifti, include_phi, deidentify):
         assert list(formats) == ["txt", "png", "json"] and include_phi == a.include_phi
         d = tmp_path / "runs" / "run-001"
         d.mkdir(parents=True, exist_ok=True)
