@@ -115,13 +115,23 @@ def cam_cell_px(analysis: Analysis) -> tuple[float, float]:
 def smooth_cam(cam: np.ndarray, cell_px: tuple[float, float]) -> np.ndarray:
     """``cam`` (a slice on the CT grid, linear between the layer4 cells) smoothed with a
     Gaussian of ``CAM_SMOOTH`` cells: no straight facets between cells and no hard edge where
-    the model's field of view ends. For display only (NIfTI keeps the raw map)."""
+    the model's field of view ends. Near the slice's maximum (above 75 % of it) the smoothed
+    map blends back into the raw one, so the peak keeps its value and the volume-wide colour
+    scale still holds (1.0 is the volume maximum, a weak slice stays weak) without brightening
+    the rest. For display only (NIfTI keeps the raw map)."""
     from scipy.ndimage import gaussian_filter
 
     sigma = tuple(max(0.0, CAM_SMOOTH * c) for c in cell_px)
     if max(sigma) < 0.5:
         return cam
-    return gaussian_filter(np.asarray(cam, np.float32), sigma=sigma, mode="nearest")
+    raw = np.asarray(cam, np.float32)
+    out = gaussian_filter(raw, sigma=sigma, mode="nearest")
+    top = float(raw.max())
+    if top <= 0:
+        return out
+    t = np.clip((raw / top - 0.75) / 0.25, 0, 1)
+    t = t * t * (3 - 2 * t)
+    return out + (raw - out) * t
 
 
 def display_cam(analysis: Analysis, label: str, vz: int) -> np.ndarray | None:
