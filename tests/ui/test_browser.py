@@ -175,7 +175,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             thumb = page.locator("div[data-testid='stSlider']").filter(
                 has_text="Slice").get_by_role("slider")
             thumb.focus()
-            page.keyboard.press("ArrowLeft" if before.startswith(f"Slice {len(slices)} ") else "ArrowRight")
+            page.keyboard.press("ArrowLeft" if before.startswith(f"Slice z {len(slices) - 1} ")
+                                else "ArrowRight")
             expect(caption).not_to_have_text(before, timeout=120_000)
             expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=120_000)
             page.wait_for_timeout(800)

@@ -163,11 +163,13 @@ def test_upload_to_result(fake_library):
     assert "RESEARCH USE ONLY" in text
     assert "Notes from the pipeline" in text                    # warnings shown, calmly
     a = fake_library["analysis"]
-    # the slider opens on the first key slice and covers all model slices
+    # the slider counts slices from 0 (z, as the reports do), covers all model slices and
+    # opens on the first key slice
     slider = at.slider(key="slice")
-    assert slider.max == len(a.batch.slices)
-    first_key = [s.z for s in a.batch.slices].index(a.verdict.key_slices[0].z) + 1
-    assert slider.value == first_key
+    assert (slider.min, slider.max) == (0, len(a.batch.slices) - 1)
+    assert slider.value == a.verdict.key_slices[0].z
+    z = a.verdict.key_slices[0].z
+    assert f"Slice z {z} of 0–{len(a.batch.slices) - 1} (counted from 0" in text
     assert "key slice" in text and "Grad-CAM for" in text       # caption and colour bar
     # the history was checked first, then got the case with its report folder (through
     # pipeline.run_case), and the upload is gone from disk
@@ -186,7 +188,7 @@ def test_upload_to_result(fake_library):
 def test_slider_skipped_slice_and_controls(fake_library, tmp_path):
     at = _analysed(tmp_path)
     assert not at.exception, at.exception
-    at.slider(key="slice").set_value(1)                          # slice 1 is skipped
+    at.slider(key="slice").set_value(0)                          # slice z 0 is skipped
     at.run()
     assert not at.exception, at.exception
     assert "Not analysed" in _texts(at)
@@ -208,14 +210,14 @@ def test_slider_skipped_slice_and_controls(fake_library, tmp_path):
 
 def test_key_slice_jump(fake_library, tmp_path):
     at = _analysed(tmp_path)
-    at.slider(key="slice").set_value(1)
+    at.slider(key="slice").set_value(0)
     at.run()
     jump = at.selectbox(key="key_jump")
     target = jump.options[-1]
     jump.select_index(len(jump.options) - 1)
     at.run()
     assert not at.exception, at.exception
-    assert str(at.slider(key="slice").value) in target
+    assert target.startswith(f"z {at.slider(key='slice').value} ")
 
 
 def test_downloads_offer_report_files(fake_library, tmp_path):
