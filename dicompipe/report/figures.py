@@ -121,11 +121,18 @@ def smooth_cam(cam: np.ndarray, cell_px: tuple[float, float]) -> np.ndarray:
     the rest. For display only (NIfTI keeps the raw map)."""
     from scipy.ndimage import gaussian_filter
 
+    from dicompipe.preprocess.resize import resize
+
     sigma = tuple(max(0.0, CAM_SMOOTH * c) for c in cell_px)
     if max(sigma) < 0.5:
         return cam
     raw = np.asarray(cam, np.float32)
-    out = gaussian_filter(raw, sigma=sigma, mode="nearest")
+    # blur at 1/f resolution (a Gaussian this wide loses nothing there): 20x less work
+    f = max(1, int(min(sigma) // 4))
+    small = resize(raw, (-(-raw.shape[0] // f), -(-raw.shape[1] // f))) if f > 1 else raw
+    out = gaussian_filter(small, sigma=tuple(s / f for s in sigma), mode="nearest")
+    if f > 1:
+        out = resize(out, raw.shape)
     top = float(raw.max())
     if top <= 0:
         return out
@@ -551,11 +558,14 @@ def probability_figure(analysis: Analysis) -> Figure:
 
 
 # --------------------------------------------------------------------------- output
+#: zlib level 1: a third of the encoding time of the default 6 for ~25 % larger files
+PNG_OPTIONS = {"compress_level": 1}
+
 def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write ``fig`` as PNG atomically; returns ``path``."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white", pil_kwargs=PNG_OPTIONS)
     return path
 
 
@@ -565,7 +575,8 @@ def save_rgb(rgb: np.ndarray, path: str | Path) -> Path:
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", dpi=(DPI, DPI))
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", dpi=(DPI, DPI),
+                                                        **PNG_OPTIONS)
     return path
 
 
