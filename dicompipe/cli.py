@@ -358,8 +358,20 @@ def _p_history(sub):
 
 
 def _cmd_history(args) -> int:
-    from dicompipe.history import main as history_main
-    return history_main(args)
+    import json
+
+    from dicompipe import history
+    if args.history_cmd == "list":
+        rows = history.list_records(args.db, patient=args.patient, since=args.since,
+                                    organ=args.organ)
+        print(json.dumps(rows, indent=2) if args.json else history.list_text(rows, args.db))
+    elif args.history_cmd == "show":
+        print(history.record_text(history.get(args.id, args.db)))
+    else:
+        n = history.export_csv(args.csv, args.db)
+        if args.csv not in (None, "-"):
+            print(f"{n} record(s) written to {args.csv}", file=sys.stderr)
+    return 0
 
 
 def _p_ui(sub):
