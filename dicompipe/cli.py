@@ -461,6 +461,67 @@ def _cmd_pull(args) -> int:
     return 0
 
 
+def _p_listen(sub):
+    p = sub.add_parser(
+        "listen", help="DICOM receiver (C-STORE SCP): analyse every series it is sent",
+        description="Receive series by DICOM C-STORE (and answer C-ECHO). A series is "
+                    "complete after --settle seconds without a new instance; complete series "
+                    "wait in a bounded queue for one worker that analyses each like "
+                    "`dicompipe analyze` and forwards the SR and SC with --forward. A new "
+                    "series is refused with status 0xA700 while the queue is full. Logs name "
+                    "no patient. SIGTERM stops cleanly; what was not analysed stays in the "
+                    "spool for the next start. " + RESEARCH_USE)
+    p.add_argument("--aet", default="DICOMPIPE", help="this receiver's AE title (default %(default)s)")
+    p.add_argument("--port", type=int, default=11112, help="port (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; use "
+                        "0.0.0.0 with --allow-aet for a PACS on the network)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT",
+                   help="send each result's SR and SC there (C-STORE)")
+    p.add_argument("--allow-aet", action="append", metavar="AE",
+                   help="accept associations only from this calling AE title (repeatable)")
+    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+                   help="seconds without a new instance after which a series is complete "
+                        "(default %(default)s)")
+    p.add_argument("--queue", type=int, default=4, metavar="N",
+                   help="complete series that may wait for analysis (default %(default)s)")
+    p.add_argument("--spool", metavar="DIR",
+                   help="where received instances are kept until analysed (default "
+                        "OUT/.dicompipe-spool)")
+    p.add_argument("--max-spool", default="8G", metavar="SIZE",
+                   help="refuse instances (0xA700) while the spool holds more (default %(default)s)")
+    _case_args(p, organ_default="auto")
+    p.set_defaults(func=_cmd_listen)
+
+
+def _cmd_listen(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from dicompipe.io.limits import parse_size
+    from dicompipe.pacs.common import parse_peer
+    from dicompipe.pacs.listener import Listener
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its INFO lines name UIDs
+    lst = Listener(aet=args.aet, host=args.host, port=args.port, out=args.out,
+                   organ=args.organ, spool=args.spool,
+                   forward=parse_peer(args.forward) if args.forward else None,
+                   allow_aet=args.allow_aet, settle_s=args.settle, queue_size=args.queue,
+                   max_spool_bytes=parse_size(args.max_spool), case_options=_case_kwargs(args))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_aet:
+        logging.getLogger("dicompipe.pacs").warning(
+            "listening on %s with no --allow-aet: any AE that reaches this port can store "
+            "instances here", args.host)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    lst.serve_forever(stop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicompipe", description=__doc__.split("\n")[0],
                                      epilog=RESEARCH_USE)
@@ -468,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dicompipe._version import __version__
     parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui, _p_pull):
+    for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui, _p_pull,
+                _p_listen):
         add(sub)
     return parser
 
