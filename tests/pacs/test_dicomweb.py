@@ -17,6 +17,7 @@ from dicompipe.cli import main
 from dicompipe.errors import PacsError
 from dicompipe.pacs import dicomweb
 
+pytestmark = pytest.mark.pacs
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lidc-idri-0001"
 STUDY = "1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178"
 CT_SERIES = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"

@@ -34,6 +34,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # noqa: E402
 from dicompipe.pacs.common import Peer  # noqa: E402
 from dicompipe.pacs.listener import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Listener  # noqa: E402
 
+pytestmark = pytest.mark.pacs
 SPEC = PreprocessSpec(windows=[(-600.0, 1500.0), (40.0, 400.0), (-160.0, 240.0)], size=64,
                       slab_mm=5.0)
 NAME, PID = "Doe^Jane", "MRN-777123"
