@@ -442,8 +442,10 @@ def _p_pull(sub):
 
 def _cmd_pull(args) -> int:
     from dicompipe.io.limits import parse_size
+    from dicompipe.pacs.common import setup_logging
     from dicompipe.pacs.dicomweb import pull
 
+    setup_logging()
     res = pull(args.dicomweb, args.study, series=args.series, organ=args.organ, out=args.out,
                push_results=args.push, auth=args.auth, auth_file=args.auth_file,
                ca_bundle=args.ca_bundle, max_download=parse_size(args.max_download),
@@ -500,12 +502,10 @@ def _cmd_listen(args) -> int:
     import threading
 
     from dicompipe.io.limits import parse_size
-    from dicompipe.pacs.common import parse_peer
+    from dicompipe.pacs.common import parse_peer, setup_logging
     from dicompipe.pacs.listener import Listener
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its INFO lines name UIDs
+    setup_logging()                  # dicompipe's lines only: others may name UIDs or patients
     lst = Listener(aet=args.aet, host=args.host, port=args.port, out=args.out,
                    organ=args.organ, spool=args.spool,
                    forward=parse_peer(args.forward) if args.forward else None,

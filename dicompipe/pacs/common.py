@@ -11,7 +11,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import sys
 from dataclasses import dataclass
 
 from dicompipe.errors import PacsError
@@ -79,3 +81,27 @@ def result_files(run_dir) -> list:
     run_dir = Path(run_dir)
     files = [run_dir / "sr.dcm"] if (run_dir / "sr.dcm").is_file() else []
     return files + sorted((run_dir / "sc").glob("*.dcm"))
+
+
+class OwnRecords(logging.Filter):
+    """Passes dicompipe's log records and pynetdicom's warnings and errors, drops the rest:
+    highdicom logs SOP Instance UIDs at INFO, and Python warnings from pydicom or highdicom
+    can quote attribute values (a patient name)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "dicompipe" or record.name.startswith("dicompipe."):
+            return True
+        return record.name.startswith("pynetdicom") and record.levelno >= logging.WARNING
+
+
+def setup_logging(stream=None) -> logging.Handler:
+    """Log dicompipe's INFO lines (and pynetdicom's warnings) to ``stream`` (stderr), with
+    Python warnings routed into logging and dropped by :class:`OwnRecords`. Returns the
+    handler (remove it and call ``logging.captureWarnings(False)`` to undo)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(OwnRecords())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("dicompipe").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return handler

@@ -51,6 +51,8 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 SERIES_PREFIX = "series-"
 FAILED = "failed"
+#: seconds during which the same refusal is counted but not logged again
+QUIET_S = 30.0
 #: attributes whose values are kept (in memory) to cut them out of error messages
 _IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber",
                 "SeriesDescription", "StudyDescription", "InstitutionName",
@@ -147,6 +149,7 @@ class Listener:
         self._worker: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._full_logged = False
+        self._quiet: dict[str, tuple[float, int]] = {}
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -210,8 +213,9 @@ class Listener:
                 t.join(timeout)
         with self._lock:
             kept = len(self._receiving) + len(self._waiting) + self._queue.qsize()
-        log.info("stopped: %d case(s) done; %d series kept in the spool for the next start",
-                 len(self.outcomes), kept)
+        refused = ", ".join(f"{k} {v}" for k, v in self.refused.items() if v)
+        log.info("stopped: %d case(s) done; %d series kept in the spool for the next start%s",
+                 len(self.outcomes), kept, f"; instances refused: {refused}" if refused else "")
 
     def wait(self, n: int, timeout: float) -> list[Outcome]:
         """Block until ``n`` outcomes exist (or ``timeout`` s pass); returns them."""
@@ -317,9 +321,18 @@ class Listener:
         return SUCCESS
 
     def _refuse(self, why: str, status: int, msg: str, *args) -> int:
+        """Count a refusal and log it; the same line is logged at most once every
+        :data:`QUIET_S` seconds (a refused series is refused instance by instance)."""
+        text = f"refused {msg % args} -> status 0x{status:04X}"
+        now = time.monotonic()
         with self._lock:
             self.refused[why] += 1
-        log.warning("refused " + msg + " -> status 0x%04X", *args, status)
+            last, skipped = self._quiet.get(text, (-QUIET_S, 0))
+            if now - last < QUIET_S:
+                self._quiet[text] = (last, skipped + 1)
+                return status
+            self._quiet[text] = (now, 0)
+        log.warning(text + (f" ({skipped} more like it before)" if skipped else ""))
         return status
 
     @staticmethod

@@ -255,3 +255,32 @@ def test_sigterm_keeps_what_it_holds_and_the_next_start_resumes(tmp_path, monkey
     finally:
         lst.stop(timeout=10)
     assert sorted(seen) == [1, 3]
+
+
+def test_logs_keep_only_dicompipe_lines(tmp_path):
+    """highdicom logs SOP Instance UIDs at INFO and warnings may quote a patient name: the
+    listener's log handler lets neither through."""
+    import io
+    import warnings
+
+    from dicompipe.pacs.common import setup_logging
+    buf, seen = io.StringIO(), io.StringIO()
+    handler = setup_logging(buf)
+    spy = logging.StreamHandler(seen)                   # proves the warning reached logging
+    logging.getLogger("py.warnings").addHandler(spy)
+    try:
+        uid = generate_uid()
+        logging.getLogger("highdicom.base").warning('copy attributes from dataset "%s"', uid)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f'The string "{NAME}" is unlikely to be a person name', stacklevel=2)
+        logging.getLogger("pynetdicom.acse").error("Association Rejected")
+        logging.getLogger("dicompipe.pacs").info("series u:0123456789 done")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger("py.warnings").removeHandler(spy)
+        logging.captureWarnings(False)
+    text = buf.getvalue()
+    assert NAME in seen.getvalue()
+    assert "series u:0123456789 done" in text and "Association Rejected" in text
+    _no_identifiers(text, [uid])
