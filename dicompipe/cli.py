@@ -442,10 +442,8 @@ def _p_pull(sub):
 
 def _cmd_pull(args) -> int:
     from dicompipe.io.limits import parse_size
-    from dicompipe.pacs.common import setup_logging
     from dicompipe.pacs.dicomweb import pull
 
-    setup_logging()
     res = pull(args.dicomweb, args.study, series=args.series, organ=args.organ, out=args.out,
                push_results=args.push, auth=args.auth, auth_file=args.auth_file,
                ca_bundle=args.ca_bundle, max_download=parse_size(args.max_download),

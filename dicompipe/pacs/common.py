@@ -98,10 +98,18 @@ def setup_logging(stream=None) -> logging.Handler:
     """Log dicompipe's INFO lines (and pynetdicom's warnings) to ``stream`` (stderr), with
     Python warnings routed into logging and dropped by :class:`OwnRecords`. Returns the
     handler (remove it and call ``logging.captureWarnings(False)`` to undo)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.addFilter(OwnRecords())
-    logging.getLogger().addHandler(handler)
+    global _HANDLER
+    root = logging.getLogger()
+    if _HANDLER is not None:                       # called again: replace, never duplicate
+        root.removeHandler(_HANDLER)
+    _HANDLER = logging.StreamHandler(stream or sys.stderr)
+    _HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    _HANDLER.addFilter(OwnRecords())
+    root.addHandler(_HANDLER)
     logging.getLogger("dicompipe").setLevel(logging.INFO)
+    logging.captureWarnings(False)                 # (re)install over the current showwarning
     logging.captureWarnings(True)
-    return handler
+    return _HANDLER
+
+
+_HANDLER: logging.Handler | None = None

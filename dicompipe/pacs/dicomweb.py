@@ -135,7 +135,11 @@ def client(url: str, credentials: Credentials | None = None, ca_bundle=None,
         if urlsplit(url).scheme == "http" and not _is_loopback(host):
             log.warning("sending credentials to %s over plain HTTP: use https", host)
         credentials.apply(session)
-    return DICOMwebClient(url, session=session, timeout=(10.0, timeout))
+    dw = DICOMwebClient(url, session=session, timeout=(10.0, timeout))
+    # dicomweb-client retries failed connections 5 times over ~30 s; 3 tries over ~3 s
+    # keep a flaky network covered and a wrong URL quick to report
+    dw.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=500)
+    return dw
 
 
 def _http_error(e: Exception, what: str, url: str) -> PacsError:
