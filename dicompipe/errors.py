@@ -37,3 +37,8 @@ class ReportError(DicompipeError):
 
 class HistoryError(DicompipeError):
     """The case-history database cannot be opened or written."""
+
+
+class PacsError(DicompipeError):
+    """A PACS exchange failed: a DICOMweb or DIMSE peer refused, could not be reached, or
+    sent something that cannot be used (the message names the server, never a secret)."""
