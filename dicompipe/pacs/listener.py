@@ -39,10 +39,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicompipe.errors import PacsError
 from dicompipe.pacs.common import Peer, check_aet, is_uid, result_files, short_uid, with_dicom
+
+if TYPE_CHECKING:
+    from dicompipe.pipeline import Analyzer
 
 log = logging.getLogger("dicompipe.pacs")
 
@@ -131,6 +134,7 @@ class Listener:
         self.settle_s = float(settle_s)
         self.max_spool_bytes = int(max_spool_bytes)
         self.case_options = dict(case_options or {})
+        self._analyzer: Analyzer | None = None
         if forward is not None:
             self.case_options["formats"] = with_dicom(self.case_options.get("formats"))
         self.outcomes: list[Outcome] = []
@@ -396,12 +400,14 @@ class Listener:
 
     def _process(self, held: HeldSeries) -> None:
         from dicompipe.phi import Redactor
-        from dicompipe.pipeline import run_case
+        from dicompipe.pipeline import Analyzer
 
         scrub = Redactor(roots=[held.folder], texts=sorted(held.texts)).text
         log.info("analysing %s (%d instances)", held.label, len(held.sops))
         try:
-            res = run_case(held.folder, organ=self.organ, out=self.out, **self.case_options)
+            if self._analyzer is None:      # bundles and compiled models kept across cases
+                self._analyzer = Analyzer(**self.case_options)
+            res = self._analyzer.run_case(held.folder, organ=self.organ, out=self.out)
             if res.report_error is not None:
                 raise res.report_error
             if res.run_dir is None:
