@@ -12,8 +12,15 @@ from PIL import Image
 
 from dicompipe import report
 from dicompipe.errors import ReportError
-from dicompipe.report import figures, text
+from dicompipe.report import text
 from dicompipe.types import RESEARCH_USE
+
+
+@pytest.fixture(scope="module")
+def figures():
+    """The module ``dicompipe.report.figures``, imported when a test runs (it imports matplotlib)."""
+    from dicompipe.report import figures
+    return figures
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +62,7 @@ def test_runs_never_overwrite(tmp_path, lung):
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_report_txt_content(lung):
+def test_report_txt_content(figures, lung):
     t = text.render(lung)
     assert RESEARCH_USE in t
     assert lung.model["sha256"] in t and lung.model["version"] in t
@@ -96,7 +103,7 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
     assert lung.include_phi is False                   # the Analysis itself is not changed
 
 
-def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
+def test_key_png_is_annotated_and_cam_scale_is_volume_wide(figures, tmp_path, lung):
     path = figures.save(figures.key_slice_figure(lung, lung.verdict.key_slices[0]),
                         tmp_path / "key.png")
     img = Image.open(path)
@@ -114,7 +121,7 @@ def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
     assert v.edges == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
 
 
-def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
+def test_cam_fallback_to_maps_when_no_cam_volumes(figures, tmp_path):
     a = make_analysis(cam_volumes=False)
     v = figures.slice_view(a, a.verdict.key_slices[0].row)
     assert v.cam.shape == v.ct.shape and v.cam.max() > 0.5
@@ -122,7 +129,7 @@ def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
     assert (run / f"cam_{a.verdict.label}.nii.gz").exists()
 
 
-def test_all_slices_and_no_cam(tmp_path):
+def test_all_slices_and_no_cam(figures, tmp_path):
     a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
     run = report.write(a, tmp_path, formats="png", cam_slices="all")
     assert len(list((run / "slices").glob("slice_z*.png"))) == len(a.batch.included) == 3
@@ -155,7 +162,7 @@ def test_ct_nifti_by_default_only_for_image_input(tmp_path):
     assert ct.get_data_dtype() == np.int16                                    # HU
 
 
-def test_windowed_png_input(tmp_path):
+def test_windowed_png_input(figures, tmp_path):
     a = make_analysis(windowed=True)
     run = report.write(a, tmp_path, formats="txt,json")
     assert "8-bit windowed input" in (run / "report.txt").read_text()
@@ -178,7 +185,7 @@ def test_bad_formats_and_unwritable_out(tmp_path, lung):
     assert blocker.read_text() == "x"
 
 
-def test_failure_midway_leaves_nothing(tmp_path, lung, monkeypatch):
+def test_failure_midway_leaves_nothing(figures, tmp_path, lung, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(figures, "save", boom)
@@ -193,7 +200,7 @@ def test_parse_formats():
     assert report.parse_formats("all") == list(report.FORMATS)
 
 
-def test_figures_build_without_pyplot(lung):
+def test_figures_build_without_pyplot(figures, lung):
     for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung)):
         rgb = figures.to_rgb(fig)
         assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8

@@ -15,7 +15,6 @@ from analysis_factory import make_analysis
 from synth import tree_hash
 
 from dicompipe import report
-from dicompipe.report import dicom_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -142,6 +141,8 @@ def test_empty_source_uids_are_completed_deterministically(tmp_path):
 
 
 def test_private_class_code_is_declared(tmp_path):
+    from dicompipe.report import dicom_sr  # imports highdicom: here, not at collection
+
     a = make_analysis(tmp_path / "src")
     a.verdict.probabilities = {"normal": 0.1, "benign": 0.1, "ground-glass": 0.8}
     a.verdict.label = "ground-glass"

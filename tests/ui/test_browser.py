@@ -12,6 +12,7 @@ Needs: ``/usr/bin/chromium`` (``apt-get install chromium``), the ``browser`` ext
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -36,9 +37,11 @@ TOKEN = "browser-test-token-0123456789"
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
-pytest.importorskip("playwright.sync_api",
-                    reason="playwright is missing (pip install 'dicompipe[browser]')")
-pytest.importorskip("streamlit", reason="streamlit is missing (pip install 'dicompipe[ui]')")
+# looked up, not imported (importing them at collection is slow); the tests import playwright
+if importlib.util.find_spec("playwright") is None:
+    pytest.skip("playwright is missing (pip install 'dicompipe[browser]')", allow_module_level=True)
+if importlib.util.find_spec("streamlit") is None:
+    pytest.skip("streamlit is missing (pip install 'dicompipe[ui]')", allow_module_level=True)
 
 
 def _free_port() -> int:

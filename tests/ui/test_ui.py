@@ -9,21 +9,27 @@ through run_case: upload -> series -> analyse -> verdict/viewer/downloads, histo
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import io
 import json
 import stat
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-st = pytest.importorskip("streamlit", reason="the web app needs the [ui] extra (streamlit)")
+# looked up, not imported: importing streamlit at collection is slow (AppTest is imported in _app)
+if importlib.util.find_spec("streamlit") is None:
+    pytest.skip("the web app needs the [ui] extra (streamlit)", allow_module_level=True)
 from analysis_factory import make_analysis  # noqa: E402
-from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dicompipe import history, pipeline, report  # noqa: E402
 from dicompipe.errors import NoSeriesFound, UnsupportedInput  # noqa: E402
 from dicompipe.ui import inputs, services  # noqa: E402
+
+if TYPE_CHECKING:
+    from streamlit.testing.v1 import AppTest
 
 APP = str(Path(services.__file__).with_name("app.py"))
 
@@ -96,6 +102,8 @@ def fake_library(tmp_path, monkeypatch):
 
 
 def _app() -> AppTest:
+    from streamlit.testing.v1 import AppTest
+
     at = AppTest.from_file(APP, default_timeout=240)   # busy CI machines
     at.run()
     assert not at.exception, at.exception
