@@ -5,6 +5,7 @@ orientation letters from the direction cosines, no "None" in the series table, a
 README's Python example naming functions that exist. Fast: hand-built analyses, no model."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import re
@@ -16,8 +17,16 @@ from analysis_factory import make_analysis
 
 import dicompipe
 from dicompipe import pipeline, report
-from dicompipe.report import figures
 
+
+class _Figures:
+    """``dicompipe.report.figures`` imported on first use: matplotlib stays out of collection."""
+
+    def __getattr__(self, name):
+        return getattr(importlib.import_module("dicompipe.report.figures"), name)
+
+
+figures = _Figures()
 ROOT = Path(__file__).resolve().parents[2]
 
 
