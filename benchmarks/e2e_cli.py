@@ -37,10 +37,10 @@ from pathlib import Path
 from benchmarks.common import RESULTS, ROOT, Timing, machine, table, write_json
 
 
-def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Path = ROOT) -> dict:
     """Run ``cmd``; wall seconds and the child's peak RSS in MB."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
@@ -86,7 +86,9 @@ def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None 
         "naive": lambda: _run([sys.executable, "-m", "benchmarks.naive", str(study),
                                str(fresh("naive"))]),
         **({"cli-baseline": lambda: _run(_cli(study, fresh("baseline")),
-                                         env(warm_cache, baseline))} if baseline else {}),
+                                         # cwd there too: `python -c` puts the cwd first
+                                         env(warm_cache, baseline), cwd=baseline)}
+            if baseline else {}),
     }
 
 
