@@ -128,7 +128,7 @@ def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 
                                "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "runs": rs}
                               if ok else {"error": rs[0]["error"]})
             base = summary.get("naive", {}).get("wall", {}).get("median_s")
-            for k, v in summary.items():
+            for v in summary.values():
                 if base and "wall" in v:
                     v["ratio_to_naive"] = round(v["wall"]["median_s"] / base, 3)
             if n == min(slices) and (which is None or "in-process" in which):
