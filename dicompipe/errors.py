@@ -37,3 +37,8 @@ class ReportError(DicompipeError):
 
 class HistoryError(DicompipeError):
     """The case-history database cannot be opened or written."""
+
+
+class BatchError(DicompipeError):
+    """A cohort cannot be run: no studies, a bad manifest, an output folder in use or inside
+    the input."""
