@@ -206,12 +206,27 @@ class ResultTable:
         self.rows: dict[str, dict] = {}
         self.unreadable = 0                  # journal lines a crash cut short
         self._written = 0.0
+        self._results: dict[tuple, dict] = {}     # (hash, organ, model) -> a row with the result
         for row in _read_journal(self.out / JOURNAL, self):
-            self.rows[row["study"]] = row
+            self._keep(row)
+        _end_line(self.out / JOURNAL)
+
+    def _keep(self, row: dict) -> None:
+        old = self.rows.get(row["study"])
+        self.rows[row["study"]] = row
+        if old is not None and self._results.get(_key(old)) is old:   # rare: a study redone
+            del self._results[_key(old)]
+            for r in self.rows.values():
+                self._index(r)
+        self._index(row)
+
+    def _index(self, row: dict) -> None:
+        if row.get("status") in ("done", "duplicate") and row.get("input_hash"):
+            self._results.setdefault(_key(row), row)
 
     def add(self, row: dict) -> None:
         """Keep ``row`` (replacing the study's earlier one) and append it to the journal."""
-        self.rows[row["study"]] = row
+        self._keep(row)
         with open(self.out / JOURNAL, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
             fh.flush()
@@ -222,10 +237,7 @@ class ResultTable:
     def finished(self, key: tuple) -> dict | None:
         """A row whose result stands for ``key`` (hash, organ, model): done, or a duplicate
         of a done one."""
-        for r in self.rows.values():
-            if r.get("status") in ("done", "duplicate") and _key(r) == key:
-                return r
-        return None
+        return self._results.get(key)
 
     def frame(self):
         """The table as a pandas DataFrame (columns in :data:`COLUMNS` order)."""
@@ -262,6 +274,20 @@ def _read_journal(path: Path, table: ResultTable) -> Iterator[dict]:
                 continue
             if isinstance(row, dict) and row.get("study"):
                 yield row
+
+
+def _end_line(path: Path) -> None:
+    """End a journal that a crash cut in the middle of a line, so the next row starts
+    on a line of its own."""
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _key(row: dict) -> tuple:

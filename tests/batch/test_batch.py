@@ -100,10 +100,20 @@ def test_journal_survives_a_cut_last_line(tmp_path):
     t2 = batch.ResultTable(tmp_path)
     assert list(t2.rows) == ["a"] and t2.unreadable == 1
     assert t2.finished(("h", "lung", "")) is not None
+    t2.add({"study": "c", "status": "duplicate", "input_hash": "h", "organ_requested": "lung",
+            "model_requested": "", "duplicate_of": "a"})
+    t2.add({"study": "a", "status": "error", "input_hash": "h", "organ_requested": "lung",
+            "model_requested": "", "error": "changed"})          # a redone, failed
+    assert t2.finished(("h", "lung", ""))["study"] == "c"           # c still holds the result
+    assert t2.finished(("h", "pancreas", "")) is None
+    t2.add({"study": "a", "status": "done", "input_hash": "h", "organ_requested": "lung",
+            "model_requested": "", "p_malignant": 0.9})
     t2.write()
     df = pd.read_parquet(tmp_path / batch.PARQUET)
-    assert list(df.study) == ["a"] and list(df.columns[:3]) == ["study", "status", "organ"]
-    assert "p_malignant" in df.columns and pd.read_csv(tmp_path / batch.CSV).shape[0] == 1
+    assert list(df.study) == ["a", "c"] and list(df.columns[:3]) == ["study", "status", "organ"]
+    assert list(df.status) == ["done", "duplicate"] and df.p_malignant[0] == 0.9
+    assert pd.read_csv(tmp_path / batch.CSV).shape[0] == 2
+    assert list(batch.ResultTable(tmp_path).rows) == ["a", "c"]     # the journal says the same
 
 
 def test_default_workers_is_at_least_one():
