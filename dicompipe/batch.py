@@ -14,7 +14,13 @@ Each study is first hashed on a worker (headers + the chosen series' bytes, the 
   in this run or an earlier one) is not analysed again: it gets a ``duplicate`` row that
   copies that result and names it in ``duplicate_of`` (the first copy to be hashed wins);
 - ``error`` rows are retried on a re-run (a broken study fails fast; a worker that died of
-  memory gets another chance) and replaced by the new row.
+  memory gets another chance) and replaced by the new row;
+- a study whose files still have the names, sizes and modification times of its finished
+  row (``fingerprint``) keeps that row's hash without being read again, as make and rsync
+  decide (``rehash=True``, ``--rehash``, reads every study again).
+
+The analysis of a study is sent to the worker that hashed it when it is free (its files
+are then in that machine's page cache).
 
 Results go to ``OUT/results.jsonl`` (one line per finished study, appended and flushed as
 each finishes, so a crash or Ctrl-C keeps every finished row) and are rewritten atomically
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -62,9 +69,9 @@ STATUSES = ("done", "error", "duplicate")
 #: the table's columns, in order (``p_<label>`` probability columns follow ``confidence``)
 COLUMNS = ("study", "status", "organ", "verdict", "uncertain", "assessable", "confidence",
            "ood_slices_out", "ood_slices", "n_slices", "series_uid", "series_key",
-           "input_hash", "organ_requested", "model_requested", "model", "run_dir", "error",
-           "duplicate_of", "worker", "warm", "t_hash", "t_analyze", "t_report", "t_task",
-           "peak_rss_mb", "finished")
+           "input_hash", "fingerprint", "organ_requested", "model_requested", "model", "run_dir",
+           "error", "duplicate_of", "worker", "warm", "t_hash", "t_load", "t_predict",
+           "t_analyze", "t_report", "t_task", "peak_rss_mb", "finished")
 #: what a duplicate row copies from the row of the study it duplicates
 _RESULT_KEYS = ("organ", "verdict", "uncertain", "assessable", "confidence", "ood_slices_out",
                 "ood_slices", "n_slices", "series_uid", "series_key", "model", "run_dir")
@@ -341,10 +348,37 @@ def _worker_row() -> dict:
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def hash_task(study: Study, include_phi: bool = False) -> dict:
+def fingerprint(path: str | Path) -> str | None:
+    """sha256 over the relative name, size and modification time of every file under
+    ``path`` (or of the file): what tells a re-run that a study is unchanged without
+    reading it. None when it cannot be listed.
+
+    >>> fingerprint("cohort/case-001")
+    '9b1c...'
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    try:
+        files = [root] if root.is_file() else sorted(
+            Path(d, f) for d, _, names in os.walk(root) for f in names)
+        for f in files:
+            st = f.lstat()
+            h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0"
+                     f"{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def hash_task(study: Study, include_phi: bool = False, known: tuple | None = None) -> dict:
     """On a worker: the study's content hash (:func:`dicompipe.pipeline.content_hash`), or
-    its error. Returns ``{"input_hash", "t_hash"}`` or ``{"error"}``."""
+    its error. ``known``: (fingerprint, hash) of the study's earlier result; when its files'
+    names, sizes and times still match, that hash is returned without reading them.
+    Returns ``{"input_hash", "fingerprint", "t_hash", "at"}`` or ``{"error"}``."""
     t0 = time.perf_counter()
+    fp = fingerprint(study.path)
+    if known and fp is not None and known[0] == fp:
+        return {"input_hash": known[1], "fingerprint": fp, "t_hash": 0.0, "at": _here()}
     try:
         from dicompipe.pipeline import content_hash
         h = content_hash(study.path, series=study.series)
@@ -352,7 +386,18 @@ def hash_task(study: Study, include_phi: bool = False) -> dict:
         return {"error": _message(e, study, include_phi)}
     if h is None:
         return {"error": "The chosen series' files cannot be read (no content hash)."}
-    return {"input_hash": h, "t_hash": round(time.perf_counter() - t0, 3)}
+    return {"input_hash": h, "fingerprint": fp, "t_hash": round(time.perf_counter() - t0, 3),
+            "at": _here()}
+
+
+def _here() -> str | None:
+    """This Dask worker's address (the analysis goes there too: the files are in its page
+    cache), None outside a worker."""
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def analyse_task(study: Study, organ: str, run_parent: str, settings: dict) -> dict:
@@ -391,6 +436,8 @@ def _result_columns(res) -> dict:
         "ood_slices_out": len(ood.out_rows) if ood else None,
         "ood_slices": len(ood.scores) if ood else None,
         "n_slices": v.n_slices, "series_uid": a.series.series_instance_uid,
+        "t_load": round(a.timings.get("discover", 0) + a.timings.get("load", 0), 3),
+        "t_predict": a.timings.get("predict"),
         "series_key": a.series.key,
         "model": f"{a.model.get('name')} {a.model.get('version')}" if a.model else None,
         "run_dir": str(res.run_dir) if res.run_dir else None,
@@ -481,7 +528,7 @@ def _dashboard(client, dashboard: bool) -> str | None:
 def run(studies, *, out: str | Path, organ: str = "auto", formats=None,
         history: str | Path | bool | None = None, scheduler=None,
         workers: int | None = None, model: str | Path | None = None, limit: int | None = None,
-        progress: bool = True, dashboard: bool = True, include_phi: bool = False,
+        rehash: bool = False, progress: bool = True, dashboard: bool = True, include_phi: bool = False,
         allow_untrained: bool = False, **options):
     """Analyse a cohort; return the results table (a pandas DataFrame, every row under
     ``out``, also earlier runs'); ``df.attrs["summary"]`` counts what this run did.
@@ -492,7 +539,9 @@ def run(studies, *, out: str | Path, organ: str = "auto", formats=None,
     :func:`dicompipe.pipeline.run_case`; ``model``: a bundle name or folder (a path every
     worker can read); ``scheduler``: a Dask scheduler address (else a LocalCluster of
     ``workers`` processes, default :func:`default_workers`); ``limit``: analyse at most this
-    many studies now (the rest on a later run); ``progress``: a bar on stderr.
+    many studies now (the rest on a later run); ``rehash``: read every study again to hash
+    it (by default a study whose files' names, sizes and times match its finished row's
+    ``fingerprint`` keeps that row's hash unread); ``progress``: a bar on stderr.
     Ctrl-C cancels the rest, keeps every finished row and raises KeyboardInterrupt.
 
     >>> df = run("cohort/", out="cohort-out", organ="lung", formats="json,txt", workers=2)
@@ -530,7 +579,7 @@ def run(studies, *, out: str | Path, organ: str = "auto", formats=None,
             if progress and link:
                 print(f"Dask dashboard: {link}", file=sys.stderr)
             bar = _bar(len(items), progress)
-            summary = _drive(client, items, table, settings, organ, out, limit, bar)
+            summary = _drive(client, items, table, settings, organ, out, limit, bar, rehash)
             summary["dashboard"] = link
         finally:
             if bar is not None:
@@ -558,7 +607,7 @@ def _bar(total: int, progress: bool):
 
 
 def _drive(client, items: list[Study], table: ResultTable, settings: dict, organ: str,
-           out: Path, limit: int | None, bar) -> dict:
+           out: Path, limit: int | None, bar, rehash: bool = False) -> dict:
     """Submit the hash tasks, then an analysis per study that needs one; write each row as
     it finishes. Returns the counts."""
     from distributed import as_completed
@@ -573,7 +622,12 @@ def _drive(client, items: list[Study], table: ResultTable, settings: dict, organ
     hashing = []
     ac = as_completed()
     for i, s in enumerate(items):
-        f = client.submit(hash_task, s, include_phi, key=f"dicompipe-hash-{tag}-{i}", priority=0)
+        prev = table.rows.get(s.name) or {}
+        known = None
+        if not rehash and prev.get("status") in ("done", "duplicate") and prev.get("fingerprint"):
+            known = (prev["fingerprint"], prev["input_hash"])
+        f = client.submit(hash_task, s, include_phi, known, key=f"dicompipe-hash-{tag}-{i}",
+                          priority=0)
         meta[f.key] = ("hash", s, s.organ or organ, None)
         hashing.append(f)
         ac.add(f)
@@ -601,6 +655,7 @@ def _drive(client, items: list[Study], table: ResultTable, settings: dict, organ
                 res = {"error": "The task failed on the cluster: " + _message(e, study, include_phi)}
             base = {"study": study.name, "organ_requested": req, "model_requested": model}
             if kind == "hash":
+                at = res.pop("at", None)
                 key = (res.get("input_hash"), req, model)
                 if "error" in res:
                     finish({**base, "status": "error", **res, **_client_row()}, "errors")
@@ -624,7 +679,8 @@ def _drive(client, items: list[Study], table: ResultTable, settings: dict, organ
                         bar.update(1)
                     continue
                 f = client.submit(analyse_task, study, req, str(out / "runs" / _slug(study.name)),
-                                  settings, key=f"dicompipe-case-{tag}-{study.name}", priority=10)
+                                  settings, key=f"dicompipe-case-{tag}-{study.name}", priority=10,
+                                  workers=[at] if at else None, allow_other_workers=True)
                 meta[f.key] = ("case", study, req, res)
                 waiting[key] = []
                 submitted += 1
@@ -633,7 +689,7 @@ def _drive(client, items: list[Study], table: ResultTable, settings: dict, organ
                     client.cancel([h for h in hashing if not h.done()])
             else:
                 row = {**base, **res, "input_hash": hrow.get("input_hash"),
-                       "t_hash": hrow.get("t_hash")}
+                       "fingerprint": hrow.get("fingerprint"), "t_hash": hrow.get("t_hash")}
                 row.setdefault("status", "error")
                 finish(row, "analysed" if row["status"] == "done" else "errors")
                 for dup, dres in waiting.pop(_key(row), []):

@@ -266,6 +266,9 @@ def _p_batch(sub):
     p.add_argument("--history", help="case-history database file (default: user data dir)")
     p.add_argument("--no-history", action="store_true", help="do not record the cases")
     p.add_argument("--limit", type=int, metavar="N", help="analyse at most N studies now (the rest next time)")
+    p.add_argument("--rehash", action="store_true",
+                   help="read every study again to hash it (default: a study whose files' names, "
+                        "sizes and times match its finished row is not read again)")
     p.add_argument("--include-phi", action="store_true",
                    help="identifiers in reports, history and error messages (see analyze)")
     p.add_argument("--no-dashboard", action="store_true", help="no Dask dashboard for the local cluster")
@@ -279,7 +282,7 @@ def _cmd_batch(args) -> int:
     from dicompipe import batch
     df = batch.run(args.source, out=args.out, organ=args.organ, formats=args.format,
                    history=False if args.no_history else args.history, scheduler=args.scheduler,
-                   workers=args.workers, model=args.model, limit=args.limit,
+                   workers=args.workers, model=args.model, limit=args.limit, rehash=args.rehash,
                    progress=not args.quiet, dashboard=not args.no_dashboard,
                    include_phi=args.include_phi, backend=args.backend, device=args.device)
     c = df.attrs["summary"]

@@ -116,6 +116,25 @@ def test_journal_survives_a_cut_last_line(tmp_path):
     assert list(batch.ResultTable(tmp_path).rows) == ["a", "c"]     # the journal says the same
 
 
+def test_hash_task_trusts_an_unchanged_fingerprint_only(tmp_path):
+    study = tmp_path / "s"
+    _study(study, seed=9)
+    s = batch.Study("s", str(study))
+    first = batch.hash_task(s)
+    assert first["input_hash"] and first["fingerprint"] == batch.fingerprint(study)
+    assert first["at"] is None                                 # not inside a Dask worker
+    # unchanged names, sizes and times: the earlier hash is taken without reading the files
+    assert batch.hash_task(s, known=(first["fingerprint"], "earlier"))["input_hash"] == "earlier"
+    f = sorted(study.iterdir())[0]
+    before = tree_hash(study)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))   # "touched"
+    assert tree_hash(study) != before
+    again = batch.hash_task(s, known=(first["fingerprint"], "earlier"))
+    assert again["input_hash"] == first["input_hash"] and again["fingerprint"] != first["fingerprint"]
+    bad = batch.hash_task(batch.Study("x", str(tmp_path / "missing")))
+    assert set(bad) == {"error"} and str(tmp_path) not in bad["error"]
+
+
 def test_default_workers_is_at_least_one():
     assert 1 <= batch.default_workers() <= os.cpu_count()
     assert batch.default_workers(memory_per_worker=1 << 60) == 1
