@@ -12,7 +12,10 @@ run a fresh process, repeats interleaved across contenders, in one run:
 - ``naive``: :mod:`benchmarks.naive`, the straightforward pydicom + eager torch + autograd
   Grad-CAM script writing the same outputs;
 - ``in-process``: one :class:`dicompipe.Analyzer` running the 60-slice study ``n`` times
-  in one process (run_case, default formats): the 2nd..Nth case's wall time.
+  in one process (run_case, default formats): the 2nd..Nth case's wall time;
+- ``cli-baseline`` (with ``--baseline-tree DIR``): the same ``analyze`` command run from
+  another checkout of dicompipe (e.g. ``git worktree add --detach DIR v1.0``) with this
+  environment's packages, warm: the before/after of a change, measured in one run.
 
 Wall time and peak RSS (``ru_maxrss`` of the child; the runner imports nothing heavy, so
 the fork does not inflate it) per run, medians with ranges, ratios to ``naive``.
@@ -50,15 +53,18 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict
 
 
 def _cli(study: Path, out: Path, extra=()) -> list[str]:
-    exe = str(Path(sys.executable).with_name("dicompipe"))
-    return [exe, "analyze", str(study), "--organ", "lung", "--out", str(out), "--no-history",
+    return [sys.executable, "-c", "import sys; from dicompipe.cli import main; sys.exit(main())",
+            "analyze", str(study), "--organ", "lung", "--out", str(out), "--no-history",
             "--quiet", *extra]
 
 
-def contenders(study: Path, work: Path, warm_cache: Path) -> dict:
+def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None = None) -> dict:
     """name -> () -> command result; each call uses a fresh output folder."""
-    def env(cache):
-        return {**os.environ, "DICOMPIPE_CACHE": str(cache)}
+    def env(cache, tree=None):
+        e = {**os.environ, "DICOMPIPE_CACHE": str(cache)}
+        if tree is not None:
+            e["PYTHONPATH"] = str(tree)
+        return e
 
     def fresh(name):
         d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
@@ -79,6 +85,8 @@ def contenders(study: Path, work: Path, warm_cache: Path) -> dict:
                                  env(warm_cache)),
         "naive": lambda: _run([sys.executable, "-m", "benchmarks.naive", str(study),
                                str(fresh("naive"))]),
+        **({"cli-baseline": lambda: _run(_cli(study, fresh("baseline")),
+                                         env(warm_cache, baseline))} if baseline else {}),
     }
 
 
@@ -103,7 +111,8 @@ def in_process(study: Path, out: Path, cache: Path, n: int = 4) -> dict:
             "peak_rss_mb": r["peak_rss_mb"]}
 
 
-def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 4) -> dict:
+def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 4,
+            baseline: Path | None = None) -> dict:
     from benchmarks.e2e import study as make_study
     res: dict = {"machine": machine(), "repeats": repeats, "studies": {}}
     work = Path(tempfile.mkdtemp(prefix="dicompipe-e2e-cli-"))
@@ -111,11 +120,11 @@ def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 
     try:
         for n in slices:
             study = make_study((n, 512, 512))
-            runs = contenders(study, work, warm_cache)
+            runs = contenders(study, work, warm_cache, baseline)
             names = [k for k in runs if which is None or k in which]
-            runs["cli-warm"]()                                  # fills the warm cache, untimed
-            if "cli-int8" in names:
-                runs["cli-int8"]()
+            for k in ("cli-warm", "cli-int8", "cli-baseline"):     # fill the caches, untimed
+                if k in names or k == "cli-warm":
+                    runs[k]()
             got: dict[str, list] = {k: [] for k in names}
             for _ in range(repeats):
                 for k in names:
@@ -166,11 +175,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--slices", default="60,300")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma list of contenders (cli-warm, cli-cold, cli-int8, "
-                                   "naive, in-process)")
+                                   "naive, in-process, cli-baseline)")
+    ap.add_argument("--baseline-tree", type=Path,
+                    help="also time `analyze` from this checkout (e.g. the previous release)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/e2e_cli-<machine>.json)")
     a = ap.parse_args(argv)
     res = measure(tuple(int(s) for s in a.slices.split(",")), a.repeats,
-                  a.only.split(",") if a.only else None)
+                  a.only.split(",") if a.only else None, baseline=a.baseline_tree)
+    res["baseline_tree"] = str(a.baseline_tree) if a.baseline_tree else None
     print(report_table(res))
     write_json(res, Path(a.out) if a.out else RESULTS / f"e2e_cli-{res['machine']['id']}.json")
     return res

@@ -13,6 +13,7 @@ from dicompipe.errors import (  # noqa: F401
     HistoryError,
     ModelError,
     NoSeriesFound,
+    PacsError,
     PreprocessError,
     ReportError,
     UnreadableSeries,

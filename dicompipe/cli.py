@@ -124,6 +124,10 @@ def _p_analyze(sub):
     p.add_argument("--cam-nifti", choices=["verdict", "all"], default="verdict",
                    help="with --format nifti: Grad-CAM volumes (uint8, scaled) for the verdict's "
                         "classes only (default) or for every class")
+    p.add_argument("--ct-nifti", action="store_true", default=None,
+                   help="with --format nifti: also write ct.nii.gz for DICOM/NIfTI input (a copy "
+                        "of the input, ~80 MB for 300 slices; written by default only for "
+                        "PNG/JPG input)")
     p.add_argument("--format", default=None,
                    help="comma list of outputs: txt,png,json,nifti,dicom (default: all but dicom)")
     p.add_argument("--include-phi", action="store_true",
@@ -171,6 +175,7 @@ def _cmd_analyze(args) -> int:
         res = run_case(args.input, organ=args.organ, out=args.out, formats=args.format,
                        history=False if args.no_history else args.history, progress=bar,
                        cam_slices=args.cam_slices, cam_nifti=args.cam_nifti,
+                       ct_nifti=args.ct_nifti,
                        include_phi=args.include_phi,
                        deidentify=args.deidentify, model=args.model, series=args.series,
                        device=args.device, backend=args.backend, cam=args.cam,
@@ -414,8 +419,20 @@ def _p_history(sub):
 
 
 def _cmd_history(args) -> int:
-    from dicompipe.history import main as history_main
-    return history_main(args)
+    import json
+
+    from dicompipe import history
+    if args.history_cmd == "list":
+        rows = history.list_records(args.db, patient=args.patient, since=args.since,
+                                    organ=args.organ)
+        print(json.dumps(rows, indent=2) if args.json else history.list_text(rows, args.db))
+    elif args.history_cmd == "show":
+        print(history.record_text(history.get(args.id, args.db)))
+    else:
+        n = history.export_csv(args.csv, args.db)
+        if args.csv not in (None, "-"):
+            print(f"{n} record(s) written to {args.csv}", file=sys.stderr)
+    return 0
 
 
 def _p_ui(sub):
@@ -445,6 +462,146 @@ def _cmd_ui(args) -> int:
     return launch(args)
 
 
+def _case_args(p, *, organ_default: str) -> None:
+    """The run_case options the PACS commands share with ``analyze``."""
+    p.add_argument("--organ", choices=[*organs.names(), "auto"], default=organ_default,
+                   help="organ model to use (auto: from headers, else from lung-air content)")
+    p.add_argument("--out", required=True, help="parent folder of the run folders")
+    p.add_argument("--format", default=None,
+                   help="comma list of outputs: txt,png,json,nifti,dicom (default: all but "
+                        "dicom; dicom is added when results are pushed or forwarded)")
+    p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--include-phi", action="store_true",
+                   help="patient identifiers, paths and descriptions in report.txt, "
+                        "analysis.json and the history (off by default: pseudonymised)")
+    p.add_argument("--deidentify", action="store_true",
+                   help="write the SR and SC (and so what is pushed/forwarded) without the "
+                        "patient's name, ID, birth date, accession number, physicians and "
+                        "institution (default: copied from the source, as a PACS needs)")
+    p.add_argument("--history", help="case-history database file (default: user data dir)")
+    p.add_argument("--no-history", action="store_true", help="do not record the cases")
+
+
+def _case_kwargs(args) -> dict:
+    return {"formats": args.format, "history": False if args.no_history else args.history,
+            "include_phi": args.include_phi, "deidentify": args.deidentify,
+            "model": args.model, "backend": args.backend, "device": args.device}
+
+
+def _p_pull(sub):
+    from dicompipe.pacs.dicomweb import AUTH_ENV
+    p = sub.add_parser(
+        "pull", help="analyse a study from a DICOMweb server (QIDO/WADO-RS), optionally push "
+                     "the SR and SC back (STOW-RS)",
+        description="Find a study on a DICOMweb server, retrieve its CT series into a "
+                    "temporary folder, analyse it like `dicompipe analyze` and, with --push, "
+                    "store the DICOM SR and the Secondary Capture series into the same study. "
+                    f"Credentials come from ${AUTH_ENV} or --auth-file, never from the "
+                    "command line. " + RESEARCH_USE)
+    p.add_argument("--dicomweb", required=True, metavar="URL",
+                   help="DICOMweb base URL, e.g. https://pacs.example/dicom-web")
+    p.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--series", metavar="UID",
+                   help="retrieve only this series (default: every CT series of the study)")
+    p.add_argument("--push", action="store_true",
+                   help="store sr.dcm and sc/ into the study on the same server (STOW-RS)")
+    p.add_argument("--auth", choices=["none", "bearer", "basic"], default="none",
+                   help=f"bearer: a token, basic: a user:password line, read from --auth-file "
+                        f"or ${AUTH_ENV} (default none)")
+    p.add_argument("--auth-file", metavar="FILE", help="file holding the credential (chmod 600)")
+    p.add_argument("--ca-bundle", metavar="PEM",
+                   help="CA certificates to verify the server's TLS certificate with "
+                        "(verification is always on)")
+    p.add_argument("--max-download", default="4G", metavar="SIZE",
+                   help="refuse studies larger than this (default %(default)s)")
+    p.add_argument("--tmp", metavar="DIR", help="where the temporary download folder goes "
+                                                "(default $TMPDIR; removed afterwards)")
+    _case_args(p, organ_default="auto")
+    p.set_defaults(func=_cmd_pull)
+
+
+def _cmd_pull(args) -> int:
+    from dicompipe.io.limits import parse_size
+    from dicompipe.pacs.dicomweb import pull
+
+    res = pull(args.dicomweb, args.study, series=args.series, organ=args.organ, out=args.out,
+               push_results=args.push, auth=args.auth, auth_file=args.auth_file,
+               ca_bundle=args.ca_bundle, max_download=parse_size(args.max_download),
+               tmp_dir=args.tmp, say=print, **_case_kwargs(args))
+    case = res.case
+    if case.history_error is not None:
+        print(f"warning: the case is not in the case history: {case.history_error}",
+              file=sys.stderr)
+    v = case.analysis.verdict
+    probs = ", ".join(f"{k} {p:.2f}" for k, p in v.probabilities.items())
+    state = "" if v.assessable else f" ({v.reason}; model output for transparency only)"
+    print(f"{case.analysis.organ}: {v.label.upper()}{state}  [{probs}]")
+    print(f"report: {case.run_dir}")
+    print(RESEARCH_USE)
+    return 0
+
+
+def _p_listen(sub):
+    p = sub.add_parser(
+        "listen", help="DICOM receiver (C-STORE SCP): analyse every series it is sent",
+        description="Receive series by DICOM C-STORE (and answer C-ECHO). A series is "
+                    "complete after --settle seconds without a new instance; complete series "
+                    "wait in a bounded queue for one worker that analyses each like "
+                    "`dicompipe analyze` and forwards the SR and SC with --forward. A new "
+                    "series is refused with status 0xA700 while the queue is full. Logs name "
+                    "no patient. SIGTERM stops cleanly; what was not analysed stays in the "
+                    "spool for the next start. " + RESEARCH_USE)
+    p.add_argument("--aet", default="DICOMPIPE", help="this receiver's AE title (default %(default)s)")
+    p.add_argument("--port", type=int, default=11112, help="port (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; use "
+                        "0.0.0.0 with --allow-aet for a PACS on the network)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT",
+                   help="send each result's SR and SC there (C-STORE)")
+    p.add_argument("--allow-aet", action="append", metavar="AE",
+                   help="accept associations only from this calling AE title (repeatable)")
+    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+                   help="seconds without a new instance after which a series is complete "
+                        "(default %(default)s)")
+    p.add_argument("--queue", type=int, default=4, metavar="N",
+                   help="complete series that may wait for analysis (default %(default)s)")
+    p.add_argument("--spool", metavar="DIR",
+                   help="where received instances are kept until analysed (default "
+                        "OUT/.dicompipe-spool)")
+    p.add_argument("--max-spool", default="8G", metavar="SIZE",
+                   help="refuse instances (0xA700) while the spool holds more (default %(default)s)")
+    _case_args(p, organ_default="auto")
+    p.set_defaults(func=_cmd_listen)
+
+
+def _cmd_listen(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from dicompipe.io.limits import parse_size
+    from dicompipe.pacs.common import parse_peer, setup_logging
+    from dicompipe.pacs.listener import Listener
+
+    setup_logging()                  # dicompipe's lines only: others may name UIDs or patients
+    lst = Listener(aet=args.aet, host=args.host, port=args.port, out=args.out,
+                   organ=args.organ, spool=args.spool,
+                   forward=parse_peer(args.forward) if args.forward else None,
+                   allow_aet=args.allow_aet, settle_s=args.settle, queue_size=args.queue,
+                   max_spool_bytes=parse_size(args.max_spool), case_options=_case_kwargs(args))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_aet:
+        logging.getLogger("dicompipe.pacs").warning(
+            "listening on %s with no --allow-aet: any AE that reaches this port can store "
+            "instances here", args.host)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    lst.serve_forever(stop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicompipe", description=__doc__.split("\n")[0],
                                      epilog=RESEARCH_USE)
@@ -452,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dicompipe._version import __version__
     parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_p_series, _p_analyze, _p_batch, _p_train, _p_evaluate, _p_history, _p_ui):
+    for add in (_p_series, _p_analyze, _p_batch, _p_train, _p_evaluate, _p_history, _p_ui,
+                _p_pull, _p_listen):
         add(sub)
     return parser
 

@@ -39,6 +39,11 @@ class HistoryError(DicompipeError):
     """The case-history database cannot be opened or written."""
 
 
+class PacsError(DicompipeError):
+    """A PACS exchange failed: a DICOMweb or DIMSE peer refused, could not be reached, or
+    sent something that cannot be used (the message names the server, never a secret)."""
+
+
 class BatchError(DicompipeError):
     """A cohort cannot be run: no studies, a bad manifest, an output folder in use or inside
     the input."""

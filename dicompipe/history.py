@@ -438,41 +438,35 @@ def _fmt_probs(p: dict) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in p.items())
 
 
-def main(args) -> int:
-    """``dicompipe history list|show|export`` (parser in :mod:`dicompipe.cli`)."""
-    db = getattr(args, "db", None)
-    cmd = args.history_cmd
-    if cmd == "list":
-        rows = list_records(db, patient=args.patient, since=args.since,
-                            organ=getattr(args, "organ", None))
-        if getattr(args, "json", False):
-            print(json.dumps(rows, indent=2))
-            return 0
-        if not rows:
-            print(f"No records in {_resolve(db)}.")
-            return 0
-        print(f"{'id':>5}  {'recorded':<20} {'status':<6} {'patient':<14} {'organ':<8} "
-              f"{'verdict':<16} probabilities")
-        for r in rows:
-            verdict = (r["label"] or "-") + ("?" if r["uncertain"] else "")
-            print(f"{r['id']:>5}  {r['recorded'][:19]:<20} {r['status']:<6} "
-                  f"{(r['patient'] or '-'):<14} {(r['organ'] or '-'):<8} {verdict:<16} "
-                  f"{_fmt_probs(r['probabilities'])}")
-        print(f"({len(rows)} record(s); '?' = uncertain; database {_resolve(db)})")
-        return 0
-    if cmd == "show":
-        r = get(args.id, db)
-        for k in COLUMNS:
-            v = r.get(k)
-            if k == "probabilities":
-                v = _fmt_probs(v)
-            elif k == "warnings":
-                v = "; ".join(v) or "-"
-            print(f"{k + ':':<15}{'-' if v in (None, '') else v}")
-        return 0
-    if cmd == "export":
-        n = export_csv(args.csv, db)
-        if args.csv not in (None, "-"):
-            print(f"{n} record(s) written to {args.csv}", file=sys.stderr)
-        return 0
-    raise HistoryError(f"Unknown history command {cmd!r}: use list, show or export.")
+def list_text(rows: list[dict], db=None) -> str:
+    """``dicompipe history list``'s table of ``rows`` (from :func:`list_records`).
+
+    >>> print(list_text(list_records(organ="lung")))
+    """
+    if not rows:
+        return f"No records in {_resolve(db)}."
+    lines = [f"{'id':>5}  {'recorded':<20} {'status':<6} {'patient':<14} {'organ':<8} "
+             f"{'verdict':<16} probabilities"]
+    for r in rows:
+        verdict = (r["label"] or "-") + ("?" if r["uncertain"] else "")
+        lines.append(f"{r['id']:>5}  {r['recorded'][:19]:<20} {r['status']:<6} "
+                     f"{(r['patient'] or '-'):<14} {(r['organ'] or '-'):<8} {verdict:<16} "
+                     f"{_fmt_probs(r['probabilities'])}")
+    lines.append(f"({len(rows)} record(s); '?' = uncertain; database {_resolve(db)})")
+    return "\n".join(lines)
+
+
+def record_text(r: dict) -> str:
+    """``dicompipe history show``'s view of one record (from :func:`get`).
+
+    >>> print(record_text(get(1)))
+    """
+    lines = []
+    for k in COLUMNS:
+        v = r.get(k)
+        if k == "probabilities":
+            v = _fmt_probs(v)
+        elif k == "warnings":
+            v = "; ".join(v) or "-"
+        lines.append(f"{k + ':':<15}{'-' if v in (None, '') else v}")
+    return "\n".join(lines)

@@ -145,14 +145,15 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
 
 def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=None,
              history: str | Path | bool | None = None, progress: Progress | None = None,
-             cam_slices: str = "key", cam_nifti: str = "verdict", include_phi: bool = False,
+             cam_slices: str = "key", cam_nifti: str = "verdict", ct_nifti: bool | None = None,
+             include_phi: bool = False,
              deidentify: bool = False, user: str | None = None, **options) -> CaseResult:
     """Analyse one case, write its report folder and record it in the case history.
 
     ``formats``: report formats, a list or "txt,png" (default: all but dicom, see
     :func:`dicompipe.report.parse_formats`); ``out``: parent of the new run folder;
     ``history``: the case-history database (None or True: the default one, False: do not
-    record); ``cam_slices``, ``cam_nifti``, ``deidentify``: see :func:`dicompipe.report.write`; ``user``:
+    record); ``cam_slices``, ``cam_nifti``, ``ct_nifti``, ``deidentify``: see :func:`dicompipe.report.write`; ``user``:
     the signed-in user recorded with the case (the web app's per-user history);
     ``include_phi`` goes to the analysis and the reports; other ``options`` (model, series,
     device, backend, cam, select_slices, config, batch_size, max_memory, allow_untrained)
@@ -186,7 +187,8 @@ def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=No
         progress("report", 0.95, ", ".join(f.upper() for f in fmts))
     try:
         res.run_dir = report.write(a, out, formats=fmts, cam_slices=cam_slices,
-                                   cam_nifti=cam_nifti, include_phi=include_phi,
+                                   cam_nifti=cam_nifti, ct_nifti=ct_nifti,
+                                   include_phi=include_phi,
                                    deidentify=deidentify)
     except Exception as e:  # noqa: BLE001 - recorded as failed, returned to the caller
         res.report_error = e
@@ -250,7 +252,8 @@ class Analyzer:
 
 
 #: run_case's own parameters (not analyze's)
-_CASE_ONLY = ("out", "formats", "history", "cam_slices", "cam_nifti", "deidentify", "user")
+_CASE_ONLY = ("out", "formats", "history", "cam_slices", "cam_nifti", "ct_nifti", "deidentify",
+              "user")
 
 
 class _Bundles(Mapping):

@@ -141,3 +141,18 @@ def physical_cores() -> int:
         except OSError:
             cores.add(str(c))
     return max(1, len(cores))
+
+
+def cpu_key() -> str:
+    """A short hash of the CPU model name and its flags (``/proc/cpuinfo``; else the
+    platform's processor string)."""
+    import hashlib
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        text = "\n".join(dict.fromkeys(lines))
+    except OSError:
+        text = platform.processor() or platform.machine()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dicompipe"
 STAGES = {"io", "preprocess", "model", "explain", "report", "train"}
-FRONT = {"cli", "ui", "batch", "pipeline", "__init__"}
+FRONT = {"cli", "ui", "pacs", "batch", "pipeline", "__init__"}
 
 
 def _components() -> set[str]:
@@ -96,6 +96,7 @@ def test_the_graph_sees_the_package():
     g = graph()
     assert STAGES <= set(g) and {"pipeline", "cli", "ui", "types"} <= set(g)
     assert "io" in g["pipeline"] and "report" in g["pipeline"]
+    assert "pipeline" in g["pacs"] and "cli" not in g["pacs"] and "ui" not in g["pacs"]
 
 
 def test_stages_never_import_front_ends():

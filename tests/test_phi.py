@@ -83,7 +83,7 @@ def _leaks(texts):
 def test_nothing_identifying_without_include_phi(case, capsys, tmp_path):
     base, root, bundle = case
     run, db = _run(base, root, bundle, "plain", "--format", "txt,png,json,nifti,dicom",
-                   "--deidentify")
+                   "--deidentify", "--ct-nifti")
     texts = _texts(run, db, capsys, tmp_path)
     assert {"report.txt", "analysis.json", "ct.nii.gz", "sr.dcm", "stdout", "history.csv"} <= set(texts)
     assert any(n.endswith(".png") for n in texts) and any(n.startswith("sc/") for n in texts)

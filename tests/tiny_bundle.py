@@ -13,13 +13,15 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dicompipe.model.bundle import save_bundle
-from dicompipe.model.network import resnet50
 from dicompipe.types import PreprocessSpec
+
+if TYPE_CHECKING:
+    import torch
 
 LABELS = {"lung": ["normal", "benign", "malignant"], "pancreas": ["normal", "tumour"]}
 POSITIVE = {"lung": ["malignant"], "pancreas": ["tumour"]}
@@ -33,6 +35,10 @@ def make_net(n_labels: int = 3, in_channels: int = 3, seed: int = 0,
     ``head_scale`` shrinks the random head so logits are O(1) (an untouched random head
     gives logits of +-30 and saturated, meaningless probabilities).
     """
+    import torch  # here, not at the top: importing torch and MONAI slows test collection
+
+    from dicompipe.model.network import resnet50
+
     torch.manual_seed(seed)
     net = resnet50(num_classes=n_labels, in_channels=in_channels).eval()
     with torch.no_grad():

@@ -7,12 +7,6 @@ Example::
     >>> cams = explain.gradcam(predictions)      # CamStack, all classes, no second pass
     >>> cams.volumes["malignant"]                # SimpleITK image on the source CT grid
 """
-from dicompipe.explain.autograd import autograd_cam, default_target_layer  # noqa: F401
-from dicompipe.explain.faithfulness import (  # noqa: F401
-    deletion_insertion,
-    randomisation_check,
-    volume_faithfulness,
-)
 from dicompipe.explain.gradcam import (  # noqa: F401
     cam_volume,
     class_maps,
@@ -21,3 +15,18 @@ from dicompipe.explain.gradcam import (  # noqa: F401
     normalise_like_grad_cam,
     upsample,
 )
+
+#: the torch parts (autograd Grad-CAM, faithfulness checks) are imported on first use, so
+#: the ONNX Runtime / OpenVINO path never imports torch
+_TORCH = {"autograd_cam": "autograd", "default_target_layer": "autograd",
+          "deletion_insertion": "faithfulness", "randomisation_check": "faithfulness",
+          "volume_faithfulness": "faithfulness"}
+
+
+def __getattr__(name):
+    if name not in _TORCH:
+        raise AttributeError(f"module 'dicompipe.explain' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"dicompipe.explain.{_TORCH[name]}"), name)
+    globals()[name] = value
+    return value

@@ -27,10 +27,9 @@ from __future__ import annotations
 from collections.abc import MutableMapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from dicompipe.errors import ModelError
+from dicompipe.preprocess.resize import resize
 from dicompipe.types import CamStack, SlicePredictions
 
 METHODS = ("gradcam", "gradcam++")
@@ -84,11 +83,7 @@ def upsample(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     hw = (size, size) if np.isscalar(size) else tuple(size)
     if m.shape[-2:] == hw:
         return m.copy()
-    lead = m.shape[:-2]
-    t = torch.from_numpy(np.ascontiguousarray(m.reshape((-1, 1) + m.shape[-2:])))
-    shrink = hw[0] < m.shape[-2] or hw[1] < m.shape[-1]
-    out = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
-    return out.numpy().reshape(lead + hw)
+    return resize(m, hw)
 
 
 def normalise_like_grad_cam(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -96,7 +91,7 @@ def normalise_like_grad_cam(maps: np.ndarray, size: int | tuple[int, int]) -> np
 
     pytorch-grad-cam does ReLU -> min-max -> cv2.resize (INTER_LINEAR) -> min-max; min-max is
     affine and bilinear weights sum to one, so that equals ReLU -> resize -> min-max, which
-    is what this computes (torch bilinear, align_corners=False = cv2's half-pixel mapping).
+    is what this computes (bilinear, align_corners=False = cv2's half-pixel mapping).
 
     Example::
 

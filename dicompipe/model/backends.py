@@ -16,18 +16,33 @@ Example::
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dicompipe.errors import ModelError
 
+if TYPE_CHECKING:
+    import torch
+
+
+def _gpu_driver() -> bool:
+    """Whether an NVIDIA or AMD GPU driver is present (cheap: no torch import)."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd"))
+
 
 def resolve_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" when a CUDA device is present, else "cpu"; checks explicit choices."""
+    """"auto" -> "cuda" when a CUDA device is present, else "cpu"; checks explicit choices.
+    Without a GPU driver on the machine "auto" is "cpu" without importing torch."""
     if device in (None, "", "auto"):
+        if "torch" not in sys.modules and not _gpu_driver():
+            return "cpu"
+        import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda"):
+        import torch
         if not torch.cuda.is_available():
             raise ModelError(f"Device {device!r} was asked for but no CUDA GPU is available to "
                              "this torch build; use --device cpu (or auto).")
@@ -48,6 +63,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle, device: str = "cpu", fuse_bn: bool = True):
+        import torch
+
         from dicompipe.model.network import WithFeatures
         self.device = resolve_device(device)
         net = copy.deepcopy(bundle.network()).eval()
@@ -56,6 +73,7 @@ class TorchBackend:
         self.net = WithFeatures(net).to(self.device, memory_format=torch.channels_last).eval()
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(
                 self.device, memory_format=torch.channels_last)
@@ -73,6 +91,7 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
 
     >>> fast = fold_batchnorm(copy.deepcopy(bundle.network()))
     """
+    import torch
     conv_t, bn_t = torch.nn.Conv2d, torch.nn.BatchNorm2d
     pairs = []
     for module in net.modules():

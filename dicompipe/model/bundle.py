@@ -27,20 +27,22 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from dicompipe.errors import ModelError
 from dicompipe.types import RESEARCH_USE, PreprocessSpec
+
+if TYPE_CHECKING:           # torch is imported where weights are read: not on the ONNX/OpenVINO path
+    import torch
 
 SCHEMA = "dicompipe-bundle/1"
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "bundles"
 WEIGHTS_FILE = "models/model.safetensors"
 METADATA_FILE = "configs/metadata.json"
 DEFAULT_AGGREGATION = {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = ("float16", "bfloat16", "float32")
 
 
 # --------------------------------------------------------------------------- saving
@@ -55,6 +57,7 @@ def save_bundle(path, net, metadata: Mapping[str, Any], dtype: str = "float16",
     >>> save_bundle("out/lung-resnet50", net, {"name": "lung-resnet50", "organ": "lung",
     ...             "labels": ["normal", "benign", "malignant"], "trained": True})
     """
+    import torch
     from safetensors.torch import save_file
 
     if dtype not in _DTYPES:
@@ -74,7 +77,7 @@ def save_bundle(path, net, metadata: Mapping[str, Any], dtype: str = "float16",
     if md["preprocessing"]["channels"] != in_ch:
         raise ModelError(f"save_bundle: preprocessing declares {md['preprocessing']['channels']} "
                          f"channels but the network takes {in_ch}.")
-    tdt = _DTYPES[dtype]
+    tdt = getattr(torch, dtype)
     out = {k: (v.detach().to("cpu", tdt) if v.is_floating_point() else v.detach().cpu()).contiguous()
            for k, v in state.items()}
 
@@ -223,17 +226,17 @@ class Bundle:
         if p.suffix == ".safetensors":
             from safetensors import safe_open
             try:
-                with safe_open(str(p), framework="pt") as f:
+                with safe_open(str(p), framework="numpy") as f:     # no torch import
                     w, b = f.get_tensor("fc.weight"), f.get_tensor("fc.bias")
             except Exception as e:  # noqa: BLE001 - safetensors errors are untyped
                 raise ModelError(f"Cannot read the head (fc.weight, fc.bias) from {p}: {e}.") from e
         else:
             state = read_weights(p)
-            w, b = state["fc.weight"], state["fc.bias"]
+            w, b = state["fc.weight"].float().numpy(), state["fc.bias"].float().numpy()
         if tuple(w.shape) != (len(self.labels), 2048) or tuple(b.shape) != (len(self.labels),):
             raise ModelError(f"Weights {p}: head fc.weight {tuple(w.shape)} does not fit "
                              f"{len(self.labels)} labels x 2048 features.")
-        return w.float().numpy().copy(), b.float().numpy().copy()
+        return np.array(w, np.float32), np.array(b, np.float32)
 
     @property
     def builtin(self) -> bool:
@@ -349,6 +352,7 @@ def _read_metadata(root: Path) -> dict:
 
 def read_weights(path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or .pt/.pth via ``torch.load(weights_only=True)``."""
+    import torch
     p = Path(path)
     try:
         if p.suffix == ".safetensors":

@@ -11,6 +11,9 @@ removed):
   ``$DICOMPIPE_CACHE`` or ``$XDG_CACHE_HOME/dicompipe/onnx`` (``~/.cache/dicompipe/onnx``).
 
 Every file is written to a temporary name in the target folder and renamed (atomic).
+ONNX Runtime's graph optimisation (about 0.3 s per process for ResNet50) is cached as well:
+the optimised model is saved once per export, runtime version and CPU under
+``$DICOMPIPE_CACHE/onnx-optimized`` (``DICOMPIPE_ORT_CACHE=0`` turns that off).
 
 ``precision="int8"``: ONNX Runtime static quantization (QDQ, per-channel int8 weights,
 uint8 activations, MinMax ranges). The activation ranges come from the bundle's
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.util import atomic_path, physical_cores
+from dicompipe.util import atomic_path, cpu_key, physical_cores
 
 try:  # the extra: fail at import so backends.get_backend falls back to torch on "auto"
     import onnxruntime as ort
@@ -288,7 +291,9 @@ class OnnxBackend:
         self.options = session_options(threads)
         self.threads = self.options.intra_op_num_threads
         try:
-            self.session = ort.InferenceSession(str(self.path), self.options, providers=providers)
+            self.session = self._cached_session(providers) if self.device == "cpu" else None
+            if self.session is None:
+                self.session = ort.InferenceSession(str(self.path), self.options, providers=providers)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load {self.path}: {e}. Delete the file "
                              "(it is rebuilt) or use --backend torch.") from e
@@ -296,6 +301,26 @@ class OnnxBackend:
         self._outputs = [o.name for o in self.session.get_outputs()]
         if len(self._outputs) != 2:
             raise ModelError(f"{self.path} has outputs {self._outputs}; expected (logits, layer4).")
+
+    def _cached_session(self, providers):
+        """The session from ONNX Runtime's optimised model file in the user cache (keyed by
+        the export's name, the runtime version and the CPU, as the optimised graph is CPU
+        specific); the first run optimises and saves it. None when the cache is off
+        (``DICOMPIPE_ORT_CACHE=0``) or not writable."""
+        if os.environ.get("DICOMPIPE_ORT_CACHE", "1") == "0":
+            return None
+        folder = _user_cache("onnx-optimized") / f"{ort.__version__}-{cpu_key()}"
+        if not _writable(folder):
+            return None
+        target = folder / f"{self.path.stem}.opt.onnx"
+        if target.exists():
+            so = session_options(self.threads)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return ort.InferenceSession(str(target), so, providers=providers)
+        with _atomic(target) as tmp:
+            self.options.optimized_model_filepath = str(tmp)
+            session = ort.InferenceSession(str(self.path), self.options, providers=providers)
+        return session
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)

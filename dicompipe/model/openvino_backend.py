@@ -35,7 +35,7 @@ import openvino as ov  # noqa: E402  (ImportError here = extra not installed; ge
 
 from dicompipe.errors import ModelError
 from dicompipe.model.onnx_backend import _user_cache, _writable, export, quantize
-from dicompipe.util import physical_cores
+from dicompipe.util import cpu_key, physical_cores
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -43,20 +43,6 @@ PRECISIONS = ("fp32", "bf16", "int8")
 def native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin has native bf16 on this machine (AMX / AVX512-BF16)."""
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def cpu_key() -> str:
-    """A short hash of the CPU model name and its flags (``/proc/cpuinfo``; else the
-    platform's processor string)."""
-    import hashlib
-    import platform
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        text = "\n".join(dict.fromkeys(lines))
-    except OSError:
-        text = platform.processor() or platform.machine()
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def compile_cache_dir() -> Path | None:

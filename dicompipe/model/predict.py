@@ -12,11 +12,11 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from dicompipe.errors import ModelError
 from dicompipe.model.aggregate import softmax
@@ -48,9 +48,11 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
         raise ModelError(f"batch_size must be >= 1, got {batch_size}.")
     t0 = time.perf_counter()
     run = get_backend(bundle, backend, device)
-    old_threads = torch.get_num_threads()
+    torch = sys.modules.get("torch")     # its thread count matters only when it is in use
+    old_threads = torch.get_num_threads() if torch else 0
     n_threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or cpu_count())
-    torch.set_num_threads(n_threads)
+    if torch:
+        torch.set_num_threads(n_threads)
     t_inf = time.perf_counter()
     try:
         logits, feats = [], []
@@ -64,7 +66,8 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
                 progress(min(1.0, (i + batch_size) / n))
         t_inf = time.perf_counter() - t_inf
     finally:
-        torch.set_num_threads(old_threads)
+        if torch:
+            torch.set_num_threads(old_threads)
     k = len(labels)
     logits = np.concatenate(logits).astype(np.float32) if logits else np.zeros((0, k), np.float32)
     features = np.concatenate(feats).astype(np.float32, copy=False) if feats else None

@@ -19,20 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
 from dicompipe.errors import PreprocessError
+from dicompipe.preprocess.resize import resize
 from dicompipe.types import SliceBatch
 
 _CHUNK = 32
-
-
-def _resize(t: torch.Tensor, n: int) -> torch.Tensor:
-    if t.shape[-1] == n and t.shape[-2] == n:
-        return t
-    return F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False,
-                         antialias=n < t.shape[-1])
 
 
 def _validate(batch: SliceBatch, m: np.ndarray) -> tuple[int, int, int, int, int, int]:
@@ -76,9 +68,8 @@ def to_grid(batch: SliceBatch, maps) -> np.ndarray:
     for i in range(0, len(included), _CHUNK):
         part = included[i:i + _CHUNK]
         rows = [s.row for s in part]
-        t = torch.from_numpy(np.ascontiguousarray(m[rows]))[:, None]
-        t = _resize(_resize(t, size), side)          # model input size, then the padded square
-        out[[s.z for s in part]] = t[:, 0, y0:y0 + ny, x0:x0 + nx].numpy()
+        t = resize(resize(m[rows], (size, size)), (side, side))   # model size, padded square
+        out[[s.z for s in part]] = t[:, y0:y0 + ny, x0:x0 + nx]
     return out
 
 
@@ -183,9 +174,9 @@ def _separable(batch: SliceBatch, maps, default: float) -> sitk.Image:
     wz = _axis_weights(gz, nzg, gz, nzg)
     wz[_uncovered(batch, ref.GetSize()[2])] = 0.0
     s1 = (wz @ stack.reshape(nzg, h * w).astype(np.float64)).reshape(-1, h, w)
-    t = torch.from_numpy(np.matmul(s1, wx.T).astype(np.float32))     # (nzv, h, nxv)
+    t = np.matmul(s1, wx.T).astype(np.float32)                        # (nzv, h, nxv)
     out = np.empty((t.shape[0], wy.shape[0], t.shape[2]), np.float32)
-    torch.matmul(torch.from_numpy(wy.astype(np.float32)), t, out=torch.from_numpy(out))
+    np.matmul(wy.astype(np.float32), t, out=out)
     if default != 0.0:
         inside = (wz.sum(1)[:, None, None] > 0) & (wy.sum(1)[None, :, None] > 0) \
             & (wx.sum(1)[None, None, :] > 0)

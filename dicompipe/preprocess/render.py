@@ -14,9 +14,8 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from dicompipe.preprocess import resize as _resize
 from dicompipe.preprocess.body import body_box, body_mask, to_u8
 from dicompipe.types import PreprocessSpec
 
@@ -38,13 +37,16 @@ def square_pad(img: np.ndarray, fill: float = 0.0) -> tuple[np.ndarray, tuple[in
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """(C, s, s) -> (C, size, size), bilinear with antialiasing when shrinking."""
+    """(C, s, s) -> (C, size, size), bilinear with antialiasing when shrinking (torch's
+    numbers, :mod:`dicompipe.preprocess.resize`); repeated channels are resized once."""
+    img = np.asarray(img, np.float32)
     if img.shape[-1] == size and img.shape[-2] == size:
-        return img.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
-    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=img.shape[-1] > size)
-    return out[0].numpy()
+        return img
+    if img.ndim == 3 and len(img) > 1 and all(np.shares_memory(img[0], c) or np.array_equal(img[0], c)
+                                              for c in img[1:]):
+        one = _resize.resize(img[:1], (size, size))
+        return np.repeat(one, len(img), axis=0)
+    return _resize.resize(img, (size, size))
 
 
 def channels(stack: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:

@@ -14,7 +14,10 @@ Run folder contents (all formats)::
 
 ``cam_<label>.nii.gz`` is written for the verdict's classes (its label and the class whose
 evidence decided it) unless ``cam_nifti="all"``; maps are stored as uint8 with the NIfTI
-scale (scl_slope), the CT as int16 HU. The NIfTI files are compressed in a second thread
+scale (scl_slope). ``ct.nii.gz`` (int16 HU; ~0.27 MB a slice compressed, 80 MB for 300) is a
+copy of the input, so by default it is written only for PNG/JPG input, which has no CT
+volume file of its own; a DICOM series or NIfTI is already one, and the CAM NIfTIs share
+its exact geometry (``ct_nifti=True`` writes the copy anyway). The NIfTI files are compressed in a second thread
 while the PNGs are drawn (zlib and the map resampling release the GIL).
 
 Example::
@@ -64,13 +67,14 @@ def parse_formats(formats: str | Iterable[str] | None) -> list[str]:
 
 def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[str] | None = None,
           cam_slices: str = "key", include_phi: bool = False, deidentify: bool = False,
-          cam_nifti: str = "verdict") -> Path:
+          cam_nifti: str = "verdict", ct_nifti: bool | None = None) -> Path:
     """Write the reports of ``analysis`` into a new run folder under ``out_dir``; return it.
 
     ``formats``: any of txt, png, json, nifti, dicom (default: all but dicom).
     ``cam_slices``: "key" (annotated PNGs of the key slices), "all" (also one per analysed
     slice under ``slices/``) or "none". ``cam_nifti``: "verdict" (Grad-CAM NIfTIs of the
-    verdict's classes) or "all" (every class). ``include_phi``: patient identifiers, input paths,
+    verdict's classes) or "all" (every class). ``ct_nifti``: write ``ct.nii.gz`` (None: only
+    for PNG/JPG input, see above). ``include_phi``: patient identifiers, input paths,
     file names and series descriptions in report.txt and analysis.json (otherwise
     pseudonymised). DICOM outputs carry the source's patient module, which a PACS needs to
     file them with the study, whatever ``include_phi`` says; ``deidentify=True`` writes them
@@ -94,7 +98,7 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
     nifti = None
     try:
         if "nifti" in fmts:
-            nifti = _start_nifti(analysis, stage, cam_nifti)
+            nifti = _start_nifti(analysis, stage, cam_nifti, ct_nifti)
         if "png" in fmts:
             _write_pngs(analysis, stage, cam_slices, written, key_rgb)
         if nifti is not None:
@@ -177,28 +181,38 @@ def _nifti_labels(analysis: Analysis, which: str) -> list[str]:
     return [lb for lb in dict.fromkeys([vd.class_label, vd.evidence]) if lb in labels]
 
 
-def _start_nifti(analysis: Analysis, stage: Path, which: str) -> Future:
+def _start_nifti(analysis: Analysis, stage: Path, which: str, ct: bool | None) -> Future:
     """Write the NIfTIs in a worker thread; its result is (files written, notes)."""
     labels = _nifti_labels(analysis, which)
     if labels:                    # the figures need the evidence map too: make it once, here
         from dicompipe.explain import cam_volume
         cam_volume(analysis.cams, analysis.batch, labels[-1])
     pool = ThreadPoolExecutor(1, thread_name_prefix="dicompipe-nifti")
-    future = pool.submit(_write_nifti, analysis, stage, labels)
+    if ct is None:
+        ct = analysis.series.kind not in ("dicom", "nifti")
+    future = pool.submit(_write_nifti, analysis, stage, labels, ct)
     pool.shutdown(wait=False)
     return future
 
 
-def _write_nifti(analysis: Analysis, stage: Path, labels: list[str]) -> tuple[list[str], list[str]]:
+def _write_nifti(analysis: Analysis, stage: Path, labels: list[str],
+                 ct: bool) -> tuple[list[str], list[str]]:
     import numpy as np
 
     from dicompipe.report.nifti import write_nifti
 
-    windowed = analysis.volume.windowed
-    write_nifti(analysis.volume.image, stage / "ct.nii.gz",
-                description="dicompipe CT (8-bit windowed)" if windowed else "dicompipe CT (HU)",
-                dtype=np.uint8 if windowed else np.int16)
-    written, notes = ["ct.nii.gz"], []
+    written: list[str] = []
+    notes: list[str] = []
+    if ct:
+        windowed = analysis.volume.windowed
+        write_nifti(analysis.volume.image, stage / "ct.nii.gz",
+                    description="dicompipe CT (8-bit windowed)" if windowed else "dicompipe CT (HU)",
+                    dtype=np.uint8 if windowed else np.int16)
+        written.append("ct.nii.gz")
+    elif labels:
+        notes.append(f"No ct.nii.gz: the input {analysis.series.kind} is the CT, and "
+                     "cam_*.nii.gz share its exact geometry (open them over it); --ct-nifti "
+                     "writes a copy.")
     cams = analysis.cams
     if cams is None:
         return written, notes

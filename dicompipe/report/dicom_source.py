@@ -202,6 +202,8 @@ def deidentify(ds: Dataset, study_uid: str | None = None) -> Dataset:
     scrub(ds)
     ds.PatientName, ds.PatientID = "ANONYMOUS", pid
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = ("dicompipe --deidentify: name/ID replaced; birth date, sex, "
-                                 "accession, physicians, institution removed; UIDs and dates kept")
+    # LO is at most 64 characters a value; the attribute takes several (VM 1-n)
+    ds.DeidentificationMethod = ["dicompipe --deidentify: name/ID replaced",
+                                 "birth date, sex, accession, physicians, institution removed",
+                                 "UIDs and dates kept"]
     return ds

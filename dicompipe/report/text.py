@@ -196,6 +196,8 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
                                   for r in table if not r["included"])
     out += _h("Slices")
     out.append(f"  {n_inc} of {len(table)} model slices analysed, {len(table) - n_inc} skipped.")
+    out.append("  Slices are counted from 0 (z 0 = the first slice), as in the figures and the "
+               "web app.")
     for why, n in reasons.most_common():
         out.append(f"    skipped {n}: {why}")
     labels = a.predictions.labels

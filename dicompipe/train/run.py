@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe import organs
-from dicompipe.train import data as D
 from dicompipe.types import PreprocessSpec
 
 CACHE_SIZE = 256
@@ -43,6 +42,8 @@ def spec_v2(organ: str, size: int = 160) -> PreprocessSpec:
 def prepare_data(data, organ: str, split_file, workdir="training", log=print):
     """(images uint8 (n, 256, 256), y, parts, lesion-free training+val indices, items, labels),
     with the split read from ``split_file`` (a bundle's docs/split.json: relative path -> part)."""
+    from dicompipe.train import data as D  # imports torch: only when data are prepared
+
     spec = replace(spec_v2(organ), size=CACHE_SIZE)
     items, labels = D.scan(data, organ)
     images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}.npz", log=log)
@@ -101,6 +102,7 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
 
     from dicompipe.model.bundle import save_bundle
     from dicompipe.model.network import resnet50
+    from dicompipe.train import data as D
     from dicompipe.train.calibration import calibrate
     from dicompipe.train.metrics import classification_metrics
     from dicompipe.train.train import predict_logits

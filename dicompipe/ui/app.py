@@ -104,17 +104,7 @@ def _series_label(s) -> str:
 
 def _series_table(candidates, chosen, include_phi: bool):
     import pandas as pd
-    rows = []
-    for s in candidates:
-        r = {"chosen": "●" if s.key == chosen.key else "",
-             "series": s.series_number, "description": s.series_description or "—",
-             "type": s.modality or s.kind, "images": s.n_instances,
-             "thickness mm": s.slice_thickness, "orientation": s.orientation or "—",
-             "usable": "yes" if s.usable else f"no — {s.unusable_reason or 'not a volume'}"}
-        if include_phi:
-            r.update(patient=s.patient_name, patient_id=s.patient_id, study_date=s.study_date)
-        rows.append(r)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(views.series_rows(candidates, chosen, include_phi))
 
 
 # --------------------------------------------------------------------------- input
@@ -272,23 +262,25 @@ def _viewer(res):
         st.info("No slices to show.")
         return
     keys = {k.z: k for k in a.verdict.key_slices}
-    pos_of_z = {s.z: i for i, s in enumerate(slices, start=1)}
-    if not (1 <= int(ss.get("slice") or 0) <= n):
+    by_z = {s.z: s for s in slices}                  # slices are counted from 0 (z), as in
+    z0, z1 = min(by_z), max(by_z)                     # report.txt and the report images
+    if ss.get("slice") not in by_z:
         first = a.verdict.key_slices[0].z if a.verdict.key_slices else None
-        ss.slice = pos_of_z.get(first, 1)
+        ss.slice = first if first in by_z else z0
 
     img_col, ctl_col = st.columns([0.95, 1.1], gap="medium")
     with ctl_col:
         st.markdown('<div class="dp-h">Probability along the slices</div>', unsafe_allow_html=True)
-        ev = st.altair_chart(views.z_curve(a, int(ss.slice), n), width="stretch", height=150,
-                             on_select="rerun", selection_mode="pick", key=f"zc-{res['id']}")
+        ev = st.altair_chart(views.z_curve(a, int(ss.slice), (z0, z1)), width="stretch",
+                             height=170, on_select="rerun", selection_mode="pick",
+                             key=f"zc-{res['id']}")
         picked = None
         try:
             pts = (ev.selection.get("pick") if ev is not None else None) or []
             picked = int(pts[0]["slice"]) if pts else None
         except (AttributeError, KeyError, TypeError, ValueError, IndexError):
             picked = None
-        if picked is not None and picked != ss.get("last_pick") and 1 <= picked <= n:
+        if picked is not None and picked != ss.get("last_pick") and picked in by_z:
             ss.last_pick = picked
             ss.slice = picked
             st.rerun()
@@ -298,13 +290,13 @@ def _viewer(res):
                     'slice · ◇ key slices behind the verdict</div>', unsafe_allow_html=True)
         s1, s2 = st.columns([1.6, 1])
         with s1:
-            st.slider("Slice", 1, n, key="slice")
+            st.slider("Slice z (from 0)", z0, max(z1, z0), key="slice", disabled=z1 == z0)
         with s2:
-            opts = [pos_of_z[z] for z in sorted(keys) if z in pos_of_z]
+            opts = [z for z in sorted(keys) if z in by_z]
             st.selectbox("Jump to a key slice", [None] + opts, key="key_jump",
                          on_change=_jump_to_key, disabled=not opts,
-                         format_func=lambda p: "—" if p is None else
-                         f"slice {p} ({views.pct(keys[slices[p - 1].z].probability)})")
+                         format_func=lambda z: "—" if z is None else
+                         f"z {z} ({views.pct(keys[z].probability)})")
         if a.volume.windowed:
             win_name = None
             st.caption("PNG/JPG slices are already windowed; window presets do not apply.")
@@ -331,8 +323,7 @@ def _viewer(res):
         else:
             st.caption("Grad-CAM was not computed for this analysis.")
 
-    pos = int(ss.slice)
-    ms = slices[pos - 1]
+    ms = by_z[int(ss.slice)]
     vz = ms.volume_z[len(ms.volume_z) // 2] if ms.volume_z else None
     with img_col:
         if vz is None:
@@ -341,16 +332,16 @@ def _viewer(res):
         window = None if a.volume.windowed else views.WINDOWS.get(
             win_name or views.DEFAULT_WINDOW.get(a.organ, "Lung"))
         cam = None
-        if cams is not None and show_cam and ms.included:
-            raw = services.cam_slice(a, label, vz)
-            top = cams.scale.get(label, 0.0)
-            if raw is not None and top > 0:
-                cam = raw / top
+        if cams is not None and show_cam and ms.included and cams.scale.get(label, 0.0) > 0:
+            cam = services.cam_display(a, label, vz)      # drawn as in the report images
         sx, sy = a.volume.image.GetSpacing()[:2]
-        rgb = views.slice_rgb(a.volume.array[vz], window, cam, opacity, (sx, sy))
+        rgb = views.slice_rgb(a.volume.array[vz], window, cam, opacity, (sx, sy),
+                              edges=views.orientation(a))
         st.image(rgb, width="stretch", output_format="PNG")
         inst = [i.instance_number for i in ms.sources if i.instance_number is not None]
-        desc = [f"Slice {pos} of {n}", f"volume z {vz}"]
+        desc = [f"Slice z {ms.z} of {z0}–{z1} (counted from 0, as in the reports)"]
+        if vz != ms.z:
+            desc.append(f"CT slice z {vz}")
         if inst:
             desc.append("instance #" + ", ".join(map(str, inst[:3])) + ("…" if len(inst) > 3 else ""))
         if ms.included and ms.row is not None:
@@ -552,7 +543,10 @@ with st.sidebar:
     _stage_input(source)
     if ss.get("input_error"):
         st.error(ss.input_error)
+    # what is needed to press Analyse comes first, so that the button stays above the fold
+    # (1280x800) after an upload; the reason for the series and the options follow it
     chosen = ss.get("chosen")
+    usable = []
     if chosen is not None:
         usable = [s for s in ss.candidates if s.usable] or [chosen]
         keys = [s.key for s in usable]
@@ -561,22 +555,24 @@ with st.sidebar:
             ss.series_key = chosen.key
         st.selectbox("Series", keys, key="series_key",
                      format_func=lambda k: _series_label(by_key[k]) + (" (chosen)" if k == chosen.key else ""))
-        st.caption(f"Chosen automatically: {chosen.reason or '—'}"
-                   + (f" · {len(ss.candidates) - len(usable)} other(s) not usable"
-                      if len(ss.candidates) > len(usable) else ""))
     images_input = chosen is not None and chosen.kind == "images"
     organ = st.selectbox("Organ", list(ORGAN_NAMES), key="organ", format_func=ORGAN_NAMES.get)
     need_organ = images_input and organ == "auto"
     if need_organ:
         st.caption(f"PNG/JPG slices carry no headers: choose {' or '.join(organs.names())}.")
-    include_phi = st.toggle("Show patient identifiers", value=False, key="phi",
-                            help="Off by default: names, IDs and dates stay out of the screen, "
-                                 "the reports and the case history.")
-    all_slices = st.toggle("Analyse every slice", value=False, key="all_slices",
-                           help="Turn off slice selection (slices without the organ are "
-                                "normally skipped, each with its reason).")
     run = st.button("Analyse", type="primary", width="stretch", key="run",
                     disabled=chosen is None or need_organ)
+    if chosen is not None:
+        st.caption(f"Series chosen automatically: {chosen.reason or '—'}"
+                   + (f" · {len(ss.candidates) - len(usable)} other(s) not usable"
+                      if len(ss.candidates) > len(usable) else ""))
+    with st.expander("Options"):
+        include_phi = st.toggle("Show patient identifiers", value=False, key="phi",
+                                help="Off by default: names, IDs and dates stay out of the "
+                                     "screen, the reports and the case history.")
+        all_slices = st.toggle("Analyse every slice", value=False, key="all_slices",
+                               help="Turn off slice selection (slices without the organ are "
+                                    "normally skipped, each with its reason).")
     st.markdown(f'<div class="dp-disclaimer">{RESEARCH_USE}</div>', unsafe_allow_html=True)
 
 tab_a, tab_h = st.tabs(["Analysis", "Case history"])

@@ -144,3 +144,10 @@ def cam_slice(analysis: Analysis, label: str, z: int) -> np.ndarray | None:
         return None
     import SimpleITK as sitk
     return np.array(sitk.GetArrayViewFromImage(img)[z])   # copied while the image is held
+
+
+def cam_display(analysis: Analysis, label: str, z: int) -> np.ndarray | None:
+    """Grad-CAM of ``label`` on CT slice ``z`` as the report images draw it: smoothed and in
+    [0, 1] of the volume-wide maximum (:func:`dicompipe.report.figures.display_cam`)."""
+    from dicompipe.report.figures import display_cam
+    return display_cam(analysis, label, z)

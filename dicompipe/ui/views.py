@@ -1,9 +1,15 @@
 """Display helpers for the app: window presets, the slice + CAM composite, the colour bar,
 the verdict card and the charts. Display only; every number comes from the Analysis.
 
+The Grad-CAM overlay is drawn with the report's own colour function
+(:func:`dicompipe.report.figures.cam_rgba`) on the same smoothed map
+(:func:`dicompipe.report.figures.display_cam`), so the viewer and the report PNGs agree.
+Slices are counted from 0 (z), as in the reports.
+
 Example::
 
-    >>> rgb = slice_rgb(hu_slice, window=(-600, 1500), cam=cam01, opacity=0.45)
+    >>> rgb = slice_rgb(hu_slice, window=(-600, 1500), cam=cam01, opacity=0.45,
+    ...                 edges={"left": "R", "right": "L", "top": "A", "bottom": "P"})
 """
 from __future__ import annotations
 
@@ -26,7 +32,6 @@ WINDOWS: dict[str, tuple[float, float]] = {
 }
 WINDOWS.update({o.display.name: o.display_window for o in organs.all_organs()})
 DEFAULT_WINDOW = {o.name: o.display.name for o in organs.all_organs()}
-CMAP = "inferno"
 
 CSS = """
 <style>
@@ -85,11 +90,6 @@ def pct(p: float) -> str:
 
 
 # --------------------------------------------------------------------------- image
-def _cmap_lut(name: str = CMAP) -> np.ndarray:
-    from matplotlib import colormaps
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-
-
 def gray(slice2d: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """uint8 grey image: HU under (level, width), or 8-bit input as is (``window`` None)."""
     if window is None:
@@ -98,36 +98,49 @@ def gray(slice2d: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     return (hu_window(slice2d, *window) * 255).astype(np.uint8)
 
 
-def cam_rgba(m: np.ndarray, opacity: float) -> tuple[np.ndarray, np.ndarray]:
-    """Colour (…, 3) float and blend weight (…, 1) for CAM values ``m`` in [0, 1].
+def orientation(a: Analysis) -> dict[str, str]:
+    """Patient direction letter of each edge of the viewer's image, from the series'
+    direction cosines (:func:`dicompipe.report.figures.edge_letters`)."""
+    from dicompipe.report.figures import edge_letters
+    return edge_letters(a.volume.image.GetDirection())
 
-    Values under 0.1 of the volume maximum stay transparent; the weight then rises to
-    ``opacity`` at 0.6, so weak evidence looks weak and the CT stays readable.
-    """
-    m = np.clip(np.asarray(m, np.float32), 0, 1)
-    lut = _cmap_lut()
-    col = lut[(55 + m * 200).astype(np.uint8)].astype(np.float32)     # skip the black end
-    t = np.clip((m - 0.1) / 0.5, 0, 1)
-    a = (opacity * t * t * (3 - 2 * t))[..., None]                     # smoothstep
-    return col, a
+
+def _draw_letters(img, edges: dict[str, str]) -> None:
+    """White R/L/A/P letters with a dark outline in the middle of each edge of ``img``."""
+    from PIL import ImageDraw, ImageFont
+
+    w, h = img.size
+    size = max(14, round(min(w, h) / 24))
+    try:
+        font: Any = ImageFont.load_default(size=size)
+    except TypeError:                                    # Pillow < 10.1: fixed bitmap font
+        font = ImageFont.load_default()
+    d = ImageDraw.Draw(img)
+    m = max(4, size // 3)
+    spots = {"left": ((m, h / 2), "lm"), "right": ((w - m, h / 2), "rm"),
+             "top": ((w / 2, m), "mt"), "bottom": ((w / 2, h - m), "mb")}
+    for edge, (xy, anchor) in spots.items():
+        if edges.get(edge):
+            d.text(xy, edges[edge], fill=(255, 255, 255), font=font, anchor=anchor,
+                   stroke_width=max(2, size // 8), stroke_fill=(0, 0, 0))
 
 
 def slice_rgb(slice2d: np.ndarray, window: tuple[float, float] | None,
               cam: np.ndarray | None = None, opacity: float = 0.5,
-              spacing_xy: tuple[float, float] = (1.0, 1.0), min_side: int = 512) -> np.ndarray:
-    """The viewer image: windowed CT with the CAM (already in [0, 1]) blended on top.
+              spacing_xy: tuple[float, float] = (1.0, 1.0), min_side: int = 512,
+              edges: dict[str, str] | None = None) -> np.ndarray:
+    """The viewer image: windowed CT with the CAM (already in [0, 1]) blended on top by the
+    report's colour function, and the orientation letters ``edges`` (see
+    :func:`orientation`) at the image's edges.
 
     The image is enlarged to at least ``min_side`` pixels and corrected for non-square
     pixels (``spacing_xy`` in mm).
     """
     from PIL import Image
 
-    g = gray(slice2d, window)
-    rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32)
-    if cam is not None:
-        col, a = cam_rgba(cam, opacity)
-        rgb = (1 - a) * rgb + a * col
-    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    from dicompipe.report.figures import blend
+
+    img = Image.fromarray(blend(gray(slice2d, window), cam, opacity))
     sx, sy = spacing_xy
     w, h = img.size
     h_mm = h * (sy / sx if sx > 0 else 1.0)
@@ -135,19 +148,43 @@ def slice_rgb(slice2d: np.ndarray, window: tuple[float, float] | None,
     size = (max(1, round(w * f)), max(1, round(h_mm * f)))
     if size != (w, h):
         img = img.resize(size, Image.BILINEAR)
+    if edges:
+        _draw_letters(img, edges)
     return np.asarray(img)
 
 
 def colorbar_html(label: str, scale: float, opacity: float = 1.0) -> str:
-    """Colour bar of the overlay (on mid-grey; the low end stays transparent)."""
+    """Colour bar of the overlay (on mid-grey; the low end fades out as on the image)."""
+    from dicompipe.report.figures import blend
+
     m = np.linspace(0, 1, 11)
-    col, a = cam_rgba(m, opacity)
-    rgb = ((1 - a) * 128 + a * col).astype(int)
+    rgb = blend(np.full((1, 11), 128, np.uint8), m[None], opacity)[0].astype(int)
     stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 10:.0f}%" for i, (r, g, b) in enumerate(rgb))
     return (f'<div class="dp-cbar"><span>0</span><div class="bar" style="background: '
             f'linear-gradient(90deg, {stops});"></div><span>{scale:.3g}</span></div>'
             f'<div class="dp-caption">Grad-CAM for <b>{html.escape(label)}</b> · one colour scale '
-            f'for the whole volume (0 to its maximum), so a faint slice looks faint.</div>')
+            f'for the whole volume (0 to its maximum), so a faint slice looks faint; the same '
+            f'colours as the report images.</div>')
+
+
+def series_rows(candidates, chosen, include_phi: bool) -> list[dict]:
+    """The "Series found" table's rows: every value a readable string ("—" where the header
+    has none, never "None")."""
+    def txt(v, fmt: str = "{}") -> str:
+        return "—" if v is None or v == "" else fmt.format(v)
+
+    rows = []
+    for s in candidates:
+        r = {"chosen": "●" if s.key == chosen.key else "",
+             "series": txt(s.series_number), "description": txt(s.series_description),
+             "type": txt(s.modality or s.kind), "images": txt(s.n_instances),
+             "thickness mm": txt(s.slice_thickness, "{:g}"), "orientation": txt(s.orientation),
+             "usable": "yes" if s.usable else f"no — {s.unusable_reason or 'not a volume'}"}
+        if include_phi:
+            r.update(patient=txt(s.patient_name), patient_id=txt(s.patient_id),
+                     study_date=txt(s.study_date))
+        rows.append(r)
+    return rows
 
 
 # --------------------------------------------------------------------------- verdict
@@ -218,6 +255,9 @@ def notes_html(warnings: list[str], title: str = "Notes from the pipeline") -> s
 
 # --------------------------------------------------------------------------- charts
 def prob_chart(a: Analysis):
+    """Volume-level probability per class: one bar each, the value written at the bar's end
+    (inside it when it is long), the uncertain band shaded; at least 150 px tall, so two
+    classes read as easily as three."""
     import altair as alt
     import pandas as pd
 
@@ -227,43 +267,54 @@ def prob_chart(a: Analysis):
                        "colour": [class_colour(l, i) for i, l in enumerate(labels)]})
     df["text"] = df["probability"].map(pct)
     base = alt.Chart(df).encode(
-        y=alt.Y("class:N", sort=None, title=None, axis=alt.Axis(labelFontSize=13)),
-        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), title=None,
-                axis=alt.Axis(format="%", tickCount=5)))
-    bars = base.mark_bar(cornerRadiusEnd=3, height=22).encode(
+        y=alt.Y("class:N", sort=None, title=None,
+                axis=alt.Axis(labelFontSize=14, labelPadding=8, ticks=False, domain=False)),
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]),
+                title="calibrated probability (whole volume)",
+                axis=alt.Axis(format="%", tickCount=5, labelFontSize=12, titleFontSize=12,
+                              titleFontWeight="normal", titleColor="#5b6775", grid=True)))
+    bars = base.mark_bar(cornerRadiusEnd=3, height=30).encode(
         color=alt.Color("colour:N", scale=None), tooltip=["class", "text"])
-    text = base.mark_text(align="left", dx=4, fontSize=13, color="#1f2a37").encode(text="text:N")
+    outside = base.transform_filter(alt.datum.probability < 0.8).mark_text(
+        align="left", dx=6, fontSize=14, fontWeight="bold", color="#1f2a37").encode(text="text:N")
+    inside = base.transform_filter(alt.datum.probability >= 0.8).mark_text(
+        align="right", dx=-6, fontSize=14, fontWeight="bold", color="white").encode(text="text:N")
     lo, hi = a.verdict.uncertain_band
     band = alt.Chart(pd.DataFrame({"lo": [lo], "hi": [hi]})).mark_rect(
         color="#f0d9a6", opacity=0.35).encode(x="lo:Q", x2="hi:Q")
-    return (band + bars + text).properties(height=24 + 30 * len(labels))
+    return (band + bars + outside + inside).properties(height=max(150, 46 * len(labels) + 40))
 
 
 def z_curve_frame(a: Analysis) -> Any:
-    """Long table for the per-slice curve: slice number (1-based, slider units), class, p."""
+    """Long table for the per-slice curve: slice z (from 0, the slider's and the reports'
+    numbering), class, p."""
     import pandas as pd
 
     rows = []
     key_z = {k.z for k in a.verdict.key_slices}
-    for i, r in enumerate(a.slice_table(), start=1):
+    for r in a.slice_table():
         if not r.get("included") or "probabilities" not in r:
             continue
         for l, p in r["probabilities"].items():
-            rows.append({"slice": i, "class": l.title(), "probability": float(p),
+            rows.append({"slice": int(r["z"]), "class": l.title(), "probability": float(p),
                          "key": r["z"] in key_z})
     return pd.DataFrame(rows, columns=["slice", "class", "probability", "key"])
 
 
-def z_curve(a: Analysis, current: int, n_slices: int):
-    """Per-slice calibrated probabilities along z; key slices ringed; click a point to jump."""
+def z_curve(a: Analysis, current: int, z_range: tuple[int, int]):
+    """Per-slice calibrated probabilities along z (from 0, ``z_range`` = first and last
+    slice); key slices ringed; the current slice ``current`` marked; click a point to jump."""
     import altair as alt
     import pandas as pd
 
     df = z_curve_frame(a)
     labels = [l.title() for l in a.predictions.labels]
     colours = [class_colour(l, i) for i, l in enumerate(a.predictions.labels)]
-    x = alt.X("slice:Q", title=None, scale=alt.Scale(domain=[1, max(2, n_slices)], nice=False),
-              axis=alt.Axis(format="d", tickMinStep=1))
+    z0, z1 = z_range
+    x = alt.X("slice:Q", title="slice z (from 0)",
+              scale=alt.Scale(domain=[z0, max(z0 + 1, z1)], nice=False),
+              axis=alt.Axis(format="d", tickMinStep=1, titleFontWeight="normal",
+                            titleColor="#5b6775"))
     y = alt.Y("probability:Q", title=None, scale=alt.Scale(domain=[0, 1]),
               axis=alt.Axis(format="%", tickCount=3))
     colour = alt.Color("class:N", scale=alt.Scale(domain=labels, range=colours),

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from geometry import OBLIQUE, blob, make_batch, make_volume
 from skimage.transform import resize as sk_resize
 
 from dicompipe.errors import ModelError
-from dicompipe.explain import autograd_cam, class_maps, gradcam, normalise_like_grad_cam
-from dicompipe.model.network import forward_with_features, resnet50
+from dicompipe.explain import class_maps, gradcam, normalise_like_grad_cam
 from dicompipe.types import PreprocessSpec, SlicePredictions
 
 SIZE = 160      # the standard ResNet50; 160 (layer4 5x5) instead of 224 (7x7) keeps CPU tests fast
@@ -26,6 +24,10 @@ SIZE = 160      # the standard ResNet50; 160 (layer4 5x5) instead of 224 (7x7) k
 
 @pytest.fixture(scope="module")
 def resnet_case():
+    import torch  # torch and MONAI are imported by the tests that use them, not at collection
+
+    from dicompipe.model.network import forward_with_features, resnet50
+
     torch.manual_seed(0)
     net = resnet50(num_classes=3).eval()
     with torch.no_grad():                        # a head with clearly different class rows
@@ -97,6 +99,8 @@ def test_closed_form_matches_pytorch_grad_cam_reference(resnet_case):
 
 
 def test_closed_form_equals_autograd_raw_and_normalised(resnet_case):
+    from dicompipe.explain import autograd_cam
+
     net, x, _, feats = resnet_case
     w = net.fc.weight.detach().numpy()
     hw = feats.shape[2] * feats.shape[3]
@@ -114,6 +118,11 @@ def test_closed_form_equals_autograd_raw_and_normalised(resnet_case):
 
 
 def test_autograd_on_wrapped_model_and_general_head(resnet_case):
+    import torch
+
+    from dicompipe.explain import autograd_cam
+    from dicompipe.model.network import forward_with_features
+
     net, x, _, feats = resnet_case
 
     class TwoLayerHead(torch.nn.Module):           # not GAP+linear: closed form does not hold
@@ -135,6 +144,8 @@ def test_autograd_on_wrapped_model_and_general_head(resnet_case):
 
 def make_predictions(batch, net_features, head, labels):
     """SlicePredictions as model.predict returns them, from a features function and a head."""
+    import torch
+
     with torch.no_grad():
         feats = net_features(torch.from_numpy(batch.tensors))
         logits = head(feats.mean(dim=(2, 3)))
@@ -145,6 +156,8 @@ def make_predictions(batch, net_features, head, labels):
 
 
 def test_gradcam_stack_scale_display_and_volumes():
+    import torch
+
     arr = blob((10, 20, 28), (5, 9, 14), (2, 4, 5)) * 100.0
     vol = make_volume(arr, spacing=(0.9, 0.9, 2.0), direction=OBLIQUE)
     batch, _ = make_batch(vol, PreprocessSpec(size=32, spacing=1.2, slab_mm=2.5), skip=(0,))
@@ -184,6 +197,10 @@ def test_gradcam_stack_scale_display_and_volumes():
 
 
 def test_autograd_with_frozen_parameters_equals_closed_form():
+    import torch
+
+    from dicompipe.explain import autograd_cam
+
     torch.manual_seed(3)
     net = torch.nn.Module()
     net.layer4 = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, stride=2, padding=1), torch.nn.ReLU())

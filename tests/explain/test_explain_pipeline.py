@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import nibabel as nib
 import numpy as np
 import pytest
 from synth import write_ct_series
@@ -51,8 +50,10 @@ def test_analysis_carries_cams_for_every_slice_and_class(analysis):
 
 
 def test_run_folder_nifti_pair_shares_the_affine(analysis, tmp_path):
+    import nibabel as nib  # nibabel: imported by the tests that read NIfTI, not at collection
+
     a, _ = analysis
-    run = report.write(a, tmp_path, formats=["nifti"], cam_nifti="all")
+    run = report.write(a, tmp_path, formats=["nifti"], cam_nifti="all", ct_nifti=True)
     ct = nib.load(run / "ct.nii.gz")
     for label in a.cams.labels:
         cam = nib.load(run / f"cam_{label}.nii.gz")

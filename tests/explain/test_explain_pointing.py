@@ -8,13 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from geometry import OBLIQUE, make_batch, make_volume
-from torch import nn
 
 from dicompipe.errors import ModelError
-from dicompipe.explain import deletion_insertion, gradcam, randomisation_check, upsample, volume_faithfulness
-from dicompipe.explain.faithfulness import spearman
+from dicompipe.explain import gradcam, upsample
 from dicompipe.preprocess.render import square_pad
 from dicompipe.types import PreprocessSpec, SlicePredictions
 
@@ -23,21 +20,29 @@ H, W = 40, 48                  # phantom slice (rows < columns: the batch pads i
 R = 3.5                        # lesion radius, pixels
 
 
-class TinyResNetLike(nn.Module):
-    """conv stem -> ``layer4`` (stride 4 overall) -> global average pool -> ``fc``."""
+def tiny_resnet_like(n_classes=2):
+    """A new TinyResNetLike. The class is defined in here, not at module level, so that
+    collecting this file does not import torch (the tests import torch and the torch-based
+    explain functions when they run)."""
+    from torch import nn
 
-    def __init__(self, n_classes=2):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.layer4 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                    nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(16, n_classes)
+    class TinyResNetLike(nn.Module):
+        """conv stem -> ``layer4`` (stride 4 overall) -> global average pool -> ``fc``."""
 
-    def features(self, x):
-        return self.layer4(self.stem(x))
+        def __init__(self, n_classes=2):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.layer4 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+            self.fc = nn.Linear(16, n_classes)
 
-    def forward(self, x):
-        return self.fc(self.features(x).mean(dim=(2, 3)))
+        def features(self, x):
+            return self.layer4(self.stem(x))
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    return TinyResNetLike(n_classes)
 
 
 def phantom_slice(rng, lesion_at=None, radius=R):
@@ -64,6 +69,8 @@ def to_input(img):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny convolutions run far faster on one thread when the CPUs are shared."""
+    import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -72,9 +79,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained():
+    import torch
+    from torch import nn
+
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    net = TinyResNetLike()
+    net = tiny_resnet_like()
     opt = torch.optim.Adam(net.parameters(), lr=5e-3)
     for _ in range(50):
         ys = rng.integers(0, 2, 32)
@@ -87,6 +97,8 @@ def trained():
 
 
 def test_model_learned_the_task(trained):
+    import torch
+
     rng = np.random.default_rng(1)
     ys = np.array([0, 1] * 10)
     xs = np.stack([to_input(phantom_slice(rng, lesion_position(rng) if y else None)) for y in ys])
@@ -96,6 +108,8 @@ def test_model_learned_the_task(trained):
 
 
 def test_pointing_game_per_slice(trained):
+    import torch
+
     rng = np.random.default_rng(2)
     hits = 0
     n = 12
@@ -128,6 +142,8 @@ def phantom_volume(rng, centre_zyx, radius_mm=(4.0, 3.5, 3.5)):
 
 
 def test_pointing_game_in_3d_on_an_oblique_ct(trained):
+    import torch
+
     rng = np.random.default_rng(3)
     arr, inside = phantom_volume(rng, (6, 22, 30))
     vol = make_volume(arr, spacing=(1.0, 1.0, 2.0), direction=OBLIQUE)
@@ -149,6 +165,10 @@ def test_pointing_game_in_3d_on_an_oblique_ct(trained):
 
 
 def test_faithfulness_beats_random_order(trained):
+    import torch
+
+    from dicompipe.explain import deletion_insertion, volume_faithfulness
+
     rng = np.random.default_rng(4)
     xs = np.stack([to_input(phantom_slice(rng, lesion_position(rng))) for _ in range(4)])
     with torch.no_grad():
@@ -171,6 +191,8 @@ def test_faithfulness_beats_random_order(trained):
 
 
 def test_randomisation_check_maps_change(trained):
+    from dicompipe.explain import randomisation_check
+
     rng = np.random.default_rng(5)
     xs = np.stack([to_input(phantom_slice(rng, lesion_position(rng))) for _ in range(3)])
     rho = randomisation_check(trained, xs, classes=[1], layers=("fc", "layer4"))
@@ -181,6 +203,8 @@ def test_randomisation_check_maps_change(trained):
 
 
 def test_spearman_is_a_rank_correlation():
+    from dicompipe.explain.faithfulness import spearman
+
     a = np.arange(16.0).reshape(4, 4)
     assert spearman(a, a ** 3) == pytest.approx(1.0)          # monotone transform: identical ranks
     assert spearman(a, -a) == pytest.approx(-1.0)

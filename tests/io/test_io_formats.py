@@ -8,7 +8,6 @@ import stat
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -136,6 +135,8 @@ def test_dicom_preferred_over_images(tmp_path):
 
 # --------------------------------------------------------------------------- NIfTI
 def test_nifti_ras_to_lps(tmp_path):
+    import nibabel as nib  # nibabel: imported by the tests that read NIfTI, not at collection
+
     hu = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) - 30
     d = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])   # a sagittal-like frame
     p = synth.write_nifti(tmp_path / "v.nii.gz", hu, spacing=(0.5, 0.75, 2.0),
@@ -156,6 +157,8 @@ def test_nifti_ras_to_lps(tmp_path):
 
 
 def test_nifti_4d_is_not_a_volume(tmp_path):
+    import nibabel as nib
+
     p = tmp_path / "t.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.int16), np.eye(4)), p)
     found = io.discover(p)

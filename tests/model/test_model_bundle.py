@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tiny_bundle import make_bundle, make_net
 
 from dicompipe.errors import ModelError
-from dicompipe.model import Bundle, load_bundle, resnet50, resnet50_from_torchvision, save_bundle
+from dicompipe.model import Bundle, load_bundle, resnet50_from_torchvision, save_bundle
 from dicompipe.model.bundle import METADATA_FILE, WEIGHTS_FILE, read_weights
 from dicompipe.types import PreprocessSpec
 
@@ -21,6 +20,8 @@ def lung_path(tmp_path_factory):
 
 
 def test_round_trip_metadata_and_weights(lung_path):
+    import torch  # in the tests that use it: importing torch at collection is slow
+
     b = load_bundle(lung_path, organ="lung", allow_untrained=True)
     assert isinstance(b, Bundle)
     md = json.loads((lung_path / METADATA_FILE).read_text())
@@ -95,6 +96,8 @@ def test_save_refuses_inconsistent_metadata(tmp_path):
 
 
 def test_pt_weights_are_read_without_pickled_objects(tmp_path):
+    import torch
+
     sd = make_net(2).state_dict()
     torch.save(sd, tmp_path / "w.pt")
     got = read_weights(tmp_path / "w.pt")
@@ -105,6 +108,10 @@ def test_pt_weights_are_read_without_pickled_objects(tmp_path):
 
 
 def test_torchvision_state_dict_loads_by_name():
+    import torch
+
+    from dicompipe.model import resnet50
+
     # a torchvision-named resnet50 state dict (same names, ImageNet head of 1000 classes)
     torch.manual_seed(1)
     tv = {k: torch.randn_like(v.float()) if v.is_floating_point() else v

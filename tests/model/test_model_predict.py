@@ -2,13 +2,11 @@
 temperature, uncertain band, key slices)."""
 import numpy as np
 import pytest
-import torch
 from tiny_bundle import chest_phantom, make_bundle, make_volume
 
 from dicompipe.errors import ModelError
 from dicompipe.model import aggregate, get_backend, load_bundle, predict, softmax
 from dicompipe.model.aggregate import negative_index
-from dicompipe.model.network import forward_with_features
 from dicompipe.preprocess import prepare
 from dicompipe.types import PreprocessSpec, SlicePredictions
 
@@ -28,6 +26,10 @@ def batch(bundle):
 
 
 def test_predict_outputs_and_features(bundle, batch):
+    import torch  # torch and MONAI are imported by the tests that use them, not at collection
+
+    from dicompipe.model.network import forward_with_features
+
     seen = []
     before = torch.get_num_threads()
     p = predict(bundle, batch, device="cpu", backend="torch", batch_size=3, threads=1,
@@ -63,6 +65,8 @@ def test_predict_is_deterministic_and_batch_size_invariant(bundle, batch):
 
 
 def test_predict_rejects_wrong_tensors_and_options(bundle, batch):
+    import torch
+
     wrong = prepare(batch.volume, PreprocessSpec(size=32), select_slices=False)
     with pytest.raises(ModelError, match=r"expects tensors \(n, 3, 64, 64\)"):
         predict(bundle, wrong, backend="torch")
@@ -177,7 +181,11 @@ def test_binary_pancreas_labels(batch):
 def test_fold_batchnorm_keeps_outputs_and_leaves_bundle_untouched(bundle):
     import copy
 
+    import torch
+
     from dicompipe.model.backends import fold_batchnorm
+    from dicompipe.model.network import forward_with_features
+
     net = bundle.network()
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     folded = fold_batchnorm(copy.deepcopy(net))

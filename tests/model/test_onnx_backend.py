@@ -2,7 +2,11 @@
 
 Skipped when onnxruntime is not installed (``pip install dicompipe[fast]``). One export of a
 random-weight ResNet50 per module (~10 s), inputs at 64x64 to keep the forwards cheap.
+
+onnxruntime, onnx and torch are imported when the tests run, not when pytest collects them
+(``find_spec`` only looks the packages up; the ``ob`` fixture imports the backend module).
 """
+import importlib.util
 import json
 import os
 import sys
@@ -10,20 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+for _extra in ("onnxruntime", "onnx"):
+    if importlib.util.find_spec(_extra) is None:
+        pytest.skip(f"{_extra} is not installed (pip install 'dicompipe[fast]')", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
 from tiny_bundle import make_bundle  # noqa: E402
 
 from dicompipe.errors import ModelError  # noqa: E402
 from dicompipe.explain import class_maps  # noqa: E402
-from dicompipe.model import onnx_backend as ob  # noqa: E402
 from dicompipe.model.backends import get_backend  # noqa: E402
 from dicompipe.model.bundle import load_bundle  # noqa: E402
-from dicompipe.model.network import forward_with_features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ob():
+    """The module ``dicompipe.model.onnx_backend`` (it imports onnxruntime)."""
+    from dicompipe.model import onnx_backend
+    return onnx_backend
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +42,15 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(bundle):
+def backend(ob, bundle):
     return ob.OnnxBackend(bundle, "cpu")
 
 
 def _torch(bundle, x):
+    import torch
+
+    from dicompipe.model.network import forward_with_features
+
     with torch.inference_mode():
         lg, a = forward_with_features(bundle.network(), torch.from_numpy(x))
     return lg.numpy(), a.numpy()
@@ -57,7 +70,7 @@ def test_agrees_with_torch(bundle, backend):
     assert np.abs(cam - tcam).max() <= 1e-4 * tcam.max()
 
 
-def test_dynamic_batch_and_get_backend(bundle, backend):
+def test_dynamic_batch_and_get_backend(ob, bundle, backend):
     x = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
     assert backend(x)[0].shape == (1, 3)
     run = get_backend(bundle, "onnx", "cpu")
@@ -65,7 +78,7 @@ def test_dynamic_batch_and_get_backend(bundle, backend):
     assert run.name == "onnx" and run.device == "cpu" and run.threads >= 1
 
 
-def test_cache_beside_bundle_keyed_by_sha(bundle, backend):
+def test_cache_beside_bundle_keyed_by_sha(ob, bundle, backend):
     p = backend.path
     assert p.parent == Path(bundle.path) / "models" / "onnx"
     assert bundle.sha256 in p.name and p.name.endswith(".fp32.onnx")
@@ -82,7 +95,7 @@ def test_cache_beside_bundle_keyed_by_sha(bundle, backend):
     assert not stale.exists() and p.exists()
 
 
-def test_builtin_bundles_use_user_cache(monkeypatch, tmp_path):
+def test_builtin_bundles_use_user_cache(ob, monkeypatch, tmp_path):
     from dicompipe.model.bundle import BUILTIN_DIR
     monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path / "cache"))
 
@@ -91,7 +104,7 @@ def test_builtin_bundles_use_user_cache(monkeypatch, tmp_path):
     assert ob.cache_dir(Builtin) == tmp_path / "cache" / "onnx"
 
 
-def test_int8_needs_calibration(bundle):
+def test_int8_needs_calibration(ob, bundle):
     with pytest.raises(ModelError, match="int8"):
         ob.OnnxBackend(bundle, precision="int8")
     with pytest.raises(ModelError, match="precision"):
@@ -101,7 +114,7 @@ def test_int8_needs_calibration(bundle):
 
 
 @pytest.mark.slow
-def test_int8_from_stored_calibration(bundle, backend, tmp_path):
+def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
     """The int8 path end to end on random data: calibrate, store ranges, quantize, run."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -130,3 +143,17 @@ def test_int8_from_stored_calibration(bundle, backend, tmp_path):
         assert np.corrcoef(lg.ravel(), tl.ravel())[0, 1] > 0.9
     finally:
         os.unlink(cal)
+
+
+def test_optimised_model_is_cached_per_runtime_and_cpu(ob, bundle, tmp_path, monkeypatch):
+    from dicompipe.util import cpu_key
+    monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path))
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    first = ob.OnnxBackend(bundle, "cpu")                        # optimises and saves
+    saved = list((tmp_path / "onnx-optimized").glob(f"*-{cpu_key()}/*.opt.onnx"))
+    assert [p.name for p in saved] == [f"{first.path.stem}.opt.onnx"]
+    second = ob.OnnxBackend(bundle, "cpu")                       # loads the saved graph
+    assert np.allclose(first(x)[0], second(x)[0], atol=1e-5)
+    assert not list(saved[0].parent.glob(".*"))                  # no temporary file left
+    monkeypatch.setenv("DICOMPIPE_ORT_CACHE", "0")
+    assert np.allclose(ob.OnnxBackend(bundle, "cpu")(x)[1], first(x)[1], atol=1e-5)

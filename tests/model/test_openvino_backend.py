@@ -1,24 +1,34 @@
 """OpenVINO backend (optional extra ``dicompipe[openvino]``): agreement with torch at fp32,
-the same export cache as ONNX Runtime, bf16 only where the CPU has it, int8 gate."""
+the same export cache as ONNX Runtime, bf16 only where the CPU has it, int8 gate.
+
+openvino, onnxruntime and torch are imported when the tests run, not when pytest collects
+them (``find_spec`` only looks the packages up; the ``vb`` fixture imports the backend module).
+"""
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-pytest.importorskip("openvino")
-pytest.importorskip("onnxruntime")
+for _extra in ("openvino", "onnxruntime"):
+    if importlib.util.find_spec(_extra) is None:
+        pytest.skip(f"{_extra} is not installed (pip install 'dicompipe[openvino]')",
+                    allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: tiny_bundle
 from tiny_bundle import make_bundle  # noqa: E402
 
 from dicompipe.errors import ModelError  # noqa: E402
-from dicompipe.model import onnx_backend as ob  # noqa: E402
-from dicompipe.model import openvino_backend as vb  # noqa: E402
 from dicompipe.model.backends import get_backend  # noqa: E402
 from dicompipe.model.bundle import load_bundle  # noqa: E402
-from dicompipe.model.network import forward_with_features  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vb():
+    """The module ``dicompipe.model.openvino_backend`` (it imports openvino)."""
+    from dicompipe.model import openvino_backend
+    return openvino_backend
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +37,12 @@ def bundle(tmp_path_factory):
                        allow_untrained=True)
 
 
-def test_fp32_agrees_with_torch_and_shares_the_onnx_export(bundle):
+def test_fp32_agrees_with_torch_and_shares_the_onnx_export(vb, bundle):
+    import torch
+
+    from dicompipe.model import onnx_backend as ob
+    from dicompipe.model.network import forward_with_features
+
     run = get_backend(bundle, "openvino", "cpu")
     assert isinstance(run, vb.OpenVinoBackend) and run.name == "openvino"
     assert run.path == ob.model_path(bundle, "fp32")              # the ONNX Runtime cache file
@@ -44,7 +59,7 @@ def test_fp32_agrees_with_torch_and_shares_the_onnx_export(bundle):
     assert np.abs(lg - run(x)[0]).max() == 0                      # outputs are not aliased
 
 
-def test_bf16_only_with_native_support(bundle):
+def test_bf16_only_with_native_support(vb, bundle):
     if not vb.native_bf16():
         with pytest.raises(ModelError, match="bfloat16"):
             vb.OpenVinoBackend(bundle, precision="bf16")
@@ -57,7 +72,7 @@ def test_bf16_only_with_native_support(bundle):
     assert np.corrcoef(lg.ravel(), ref.ravel())[0, 1] > 0.99      # close, not exact
 
 
-def test_refusals_are_clear(bundle):
+def test_refusals_are_clear(vb, bundle):
     with pytest.raises(ModelError, match="int8"):
         get_backend(bundle, "openvino-int8", "cpu")              # no validated calibration
     with pytest.raises(ModelError, match="precision"):
@@ -68,12 +83,12 @@ def test_refusals_are_clear(bundle):
         get_backend(bundle, "tensorrt", "cpu")
 
 
-def test_auto_prefers_openvino_fp32_on_cpu(bundle):
+def test_auto_prefers_openvino_fp32_on_cpu(vb, bundle):
     run = get_backend(bundle, "auto", "cpu")
     assert isinstance(run, vb.OpenVinoBackend) and run.precision == "fp32"
 
 
-def test_compiled_model_cache_is_keyed_by_runtime_and_cpu(bundle, tmp_path, monkeypatch):
+def test_compiled_model_cache_is_keyed_by_runtime_and_cpu(vb, bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("DICOMPIPE_CACHE", str(tmp_path))
     x = np.zeros((1, 3, 64, 64), np.float32)
     first = vb.OpenVinoBackend(bundle)

@@ -6,12 +6,9 @@ through the forward transform and back.
 """
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 from geometry import OBLIQUE, blob, centroid_lps, make_batch, make_volume, rotation
 
 from dicompipe.errors import PreprocessError, ReportError
@@ -50,6 +47,9 @@ def test_round_trip_puts_blob_back_where_it_was(oblique_case):
 
 
 def test_layer4_resolution_maps_land_on_the_blob(oblique_case):
+    import torch  # here, not at the top: importing torch at collection is slow
+    import torch.nn.functional as F
+
     vol, batch, _ = oblique_case
     # a coarse map like layer4's: average-pool the rendered slices 32 -> 8 (stride 4)
     coarse = F.avg_pool2d(torch.from_numpy(batch.tensors[:, :1]), 4)[:, 0].numpy()
@@ -83,6 +83,9 @@ def test_edge_rim_is_covered_not_zeroed():
 def test_separable_and_resample_paths_agree(oblique_case):
     """Both paths reproduce a linear map exactly (any linear interpolation does), so any
     geometric mismatch between them would show; peaks differ only by interpolation smoothing."""
+    import torch
+    import torch.nn.functional as F
+
     vol, _, _ = oblique_case
     batch, _ = make_batch(vol, PreprocessSpec(size=32, spacing=1.1, slab_mm=3.0))
     ii, jj = np.mgrid[0:8, 0:8].astype(np.float32)
@@ -142,6 +145,8 @@ def expected_ras_affine(img):
 
 
 def test_ct_and_cam_nifti_share_the_affine(tmp_path, oblique_case):
+    import nibabel as nib  # nibabel: imported by the tests that read NIfTI, not at collection
+
     vol, batch, _ = oblique_case
     cam = to_volume(batch, batch.tensors[:, 0])
     p_ct = write_nifti(vol.image, tmp_path / "ct.nii.gz", dtype=np.int16)

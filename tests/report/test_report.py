@@ -12,8 +12,15 @@ from PIL import Image
 
 from dicompipe import report
 from dicompipe.errors import ReportError
-from dicompipe.report import figures, text
+from dicompipe.report import text
 from dicompipe.types import RESEARCH_USE
+
+
+@pytest.fixture(scope="module")
+def figures():
+    """The module ``dicompipe.report.figures``, imported when a test runs (it imports matplotlib)."""
+    from dicompipe.report import figures
+    return figures
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +34,10 @@ def test_default_run_folder_contents(tmp_path):
     assert run.parent == tmp_path
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     expected = {"report.txt", "analysis.json", "slice_scores.png", "probabilities.png",
-                "montage.png", "ct.nii.gz", f"cam_{small.verdict.label}.nii.gz",
-                "key_01.png", "key_02.png"}
-    assert names == expected          # no DICOM, and Grad-CAM NIfTI of the verdict's class only
+                "montage.png", f"cam_{small.verdict.label}.nii.gz", "key_01.png", "key_02.png"}
+    # no DICOM, Grad-CAM NIfTI of the verdict's class only, no copy of the input DICOM as NIfTI
+    assert names == expected
+    assert "No ct.nii.gz" in (run / "report.txt").read_text()
     assert [p.name for p in tmp_path.iterdir()] == [run.name]   # no staging left behind
 
 
@@ -54,7 +62,7 @@ def test_runs_never_overwrite(tmp_path, lung):
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_report_txt_content(lung):
+def test_report_txt_content(figures, lung):
     t = text.render(lung)
     assert RESEARCH_USE in t
     assert lung.model["sha256"] in t and lung.model["version"] in t
@@ -95,7 +103,7 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
     assert lung.include_phi is False                   # the Analysis itself is not changed
 
 
-def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
+def test_key_png_is_annotated_and_cam_scale_is_volume_wide(figures, tmp_path, lung):
     path = figures.save(figures.key_slice_figure(lung, lung.verdict.key_slices[0]),
                         tmp_path / "key.png")
     img = Image.open(path)
@@ -113,7 +121,7 @@ def test_key_png_is_annotated_and_cam_scale_is_volume_wide(tmp_path, lung):
     assert v.edges == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
 
 
-def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
+def test_cam_fallback_to_maps_when_no_cam_volumes(figures, tmp_path):
     a = make_analysis(cam_volumes=False)
     v = figures.slice_view(a, a.verdict.key_slices[0].row)
     assert v.cam.shape == v.ct.shape and v.cam.max() > 0.5
@@ -121,14 +129,14 @@ def test_cam_fallback_to_maps_when_no_cam_volumes(tmp_path):
     assert (run / f"cam_{a.verdict.label}.nii.gz").exists()
 
 
-def test_all_slices_and_no_cam(tmp_path):
+def test_all_slices_and_no_cam(figures, tmp_path):
     a = make_analysis(n_z=3, skip=(), lesion_z=(1,), k=1)
     run = report.write(a, tmp_path, formats="png", cam_slices="all")
     assert len(list((run / "slices").glob("slice_z*.png"))) == len(a.batch.included) == 3
     assert {p.name for p in run.glob("*.png")} == {"slice_scores.png", "probabilities.png",
                                                    "key_01.png", "montage.png"}
     b = make_analysis(with_cams=False)
-    run = report.write(b, tmp_path, formats="txt,nifti")
+    run = report.write(b, tmp_path, formats="txt,nifti", ct_nifti=True)
     assert not list(run.glob("cam_*.nii.gz")) and (run / "ct.nii.gz").exists()
     assert "No Grad-CAM" in (run / "report.txt").read_text()
     assert figures.slice_view(b, 0).cam is None
@@ -137,14 +145,24 @@ def test_all_slices_and_no_cam(tmp_path):
 
 def test_nifti_geometry_matches_volume(tmp_path, lung):
     import nibabel as nib
-    run = report.write(lung, tmp_path, formats="nifti")
+    run = report.write(lung, tmp_path, formats="nifti", ct_nifti=True)
     ct, cam = nib.load(run / "ct.nii.gz"), nib.load(run / "cam_malignant.nii.gz")
     x, y, z = lung.volume.image.GetSize()
     assert ct.shape == cam.shape == (x, y, z)
     assert np.allclose(ct.affine, cam.affine)
 
 
-def test_windowed_png_input(tmp_path):
+def test_ct_nifti_by_default_only_for_image_input(tmp_path):
+    import nibabel as nib
+    png = report.write(make_analysis(n_z=4, lesion_z=(2,), k=2, windowed=True), tmp_path, formats="nifti")
+    assert nib.load(png / "ct.nii.gz").get_data_dtype() == np.uint8          # 8-bit slices
+    dicom = make_analysis(n_z=4, lesion_z=(2,), k=2)
+    assert not (report.write(dicom, tmp_path, formats="nifti") / "ct.nii.gz").exists()
+    ct = nib.load(report.write(dicom, tmp_path, formats="nifti", ct_nifti=True) / "ct.nii.gz")
+    assert ct.get_data_dtype() == np.int16                                    # HU
+
+
+def test_windowed_png_input(figures, tmp_path):
     a = make_analysis(windowed=True)
     run = report.write(a, tmp_path, formats="txt,json")
     assert "8-bit windowed input" in (run / "report.txt").read_text()
@@ -167,7 +185,7 @@ def test_bad_formats_and_unwritable_out(tmp_path, lung):
     assert blocker.read_text() == "x"
 
 
-def test_failure_midway_leaves_nothing(tmp_path, lung, monkeypatch):
+def test_failure_midway_leaves_nothing(figures, tmp_path, lung, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(figures, "save", boom)
@@ -182,7 +200,7 @@ def test_parse_formats():
     assert report.parse_formats("all") == list(report.FORMATS)
 
 
-def test_figures_build_without_pyplot(lung):
+def test_figures_build_without_pyplot(figures, lung):
     for fig in (figures.slice_scores_figure(lung), figures.probability_figure(lung)):
         rgb = figures.to_rgb(fig)
         assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8

@@ -15,7 +15,6 @@ from analysis_factory import make_analysis
 from synth import tree_hash
 
 from dicompipe import report
-from dicompipe.report import dicom_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -106,6 +105,20 @@ def test_dciodvfy_has_no_errors(run):
         assert _dciodvfy_errors(f) == []
 
 
+def test_deidentified_objects_are_valid_dicom(tmp_path):
+    """--deidentify (what dicompipe pull --push and listen --forward may send) stays valid:
+    DeidentificationMethod is LO, at most 64 characters a value."""
+    a = make_analysis(tmp_path / "src")
+    run_dir = report.write(a, tmp_path / "out", formats="dicom", deidentify=True)
+    files = [run_dir / "sr.dcm", *sorted((run_dir / "sc").glob("*.dcm"))]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert all(len(v) <= 64 for v in ds.DeidentificationMethod)
+        if shutil.which("dciodvfy"):
+            assert _dciodvfy_errors(f) == [], f.name
+
+
 def test_empty_source_uids_are_completed_deterministically(tmp_path):
     a = make_analysis(tmp_path / "src", organ="pancreas", empty_uids=True)
     r1 = report.write(a, tmp_path / "out", formats="dicom,txt")
@@ -128,6 +141,8 @@ def test_empty_source_uids_are_completed_deterministically(tmp_path):
 
 
 def test_private_class_code_is_declared(tmp_path):
+    from dicompipe.report import dicom_sr  # imports highdicom: here, not at collection
+
     a = make_analysis(tmp_path / "src")
     a.verdict.probabilities = {"normal": 0.1, "benign": 0.1, "ground-glass": 0.8}
     a.verdict.label = "ground-glass"

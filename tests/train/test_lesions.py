@@ -5,12 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from synth import chest_hu
 
 from dicompipe.preprocess.render import render
 from dicompipe.train import lesions as L
-from dicompipe.train.pretrain import cell_logits, location_loss, synth_batch, train_lesions
 from dicompipe.train.run import fit_prior_bias, spec_v2
 
 
@@ -56,6 +54,10 @@ def test_pancreas_lesion_is_darker_inside_the_prior():
 
 
 def test_location_loss_prefers_maps_on_the_lesion():
+    import torch  # torch and the torch-based training code: imported here, not at collection
+
+    from dicompipe.train.pretrain import location_loss
+
     masks = torch.zeros(2, 1, 64, 64)
     masks[0, 0, :16, :16] = 1                                 # lesion top-left, class 2
     y = torch.tensor([2, 0])
@@ -67,7 +69,10 @@ def test_location_loss_prefers_maps_on_the_lesion():
 
 
 def test_cell_logits_average_to_the_class_logits():
+    import torch
+
     from dicompipe.model.network import forward_with_features, resnet50
+    from dicompipe.train.pretrain import cell_logits
     net = resnet50(3).eval()
     with torch.no_grad():
         logits, a = forward_with_features(net, torch.randn(2, 3, 64, 64))
@@ -92,6 +97,8 @@ def test_prior_bias_lifts_balanced_accuracy_and_keeps_sensitivity():
 
 @pytest.mark.slow
 def test_lesion_training_runs_checkpoints_and_resumes(tmp_path):
+    from dicompipe.train.pretrain import synth_batch, train_lesions
+
     img = (rendered_chest(64) * 255).astype(np.uint8)
     images = np.stack([img] * 6)
     y = np.array([0, 0, 0, 0, 2, 1])
@@ -116,7 +123,10 @@ def test_lesion_training_runs_checkpoints_and_resumes(tmp_path):
 
 
 def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
+    import torch
     from safetensors.torch import load_file
+
+    from dicompipe.train.pretrain import train_lesions
     img = (rendered_chest(64) * 255).astype(np.uint8)
     images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
     parts = ["train", "train", "val", "val", "train", "train"]

@@ -3,11 +3,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dicompipe.preprocess.render import render
-from dicompipe.train import data as D
 from dicompipe.train.calibration import fit_temperature
 from dicompipe.train.metrics import auroc, classification_metrics, ece
 from dicompipe.types import PreprocessSpec, softmax
@@ -29,6 +27,8 @@ def make_tree(root, n=10, wide_malignant=True):
 
 
 def test_scan_label_map_and_numbers(tmp_path):
+    from dicompipe.train import data as D  # imports torch: here, not at collection
+
     make_tree(tmp_path / "d", n=3)
     items, labels = D.scan(tmp_path / "d", "lung")
     assert labels == ["normal", "benign", "malignant"]
@@ -40,6 +40,10 @@ def test_scan_label_map_and_numbers(tmp_path):
 
 
 def test_cache_is_the_inference_renderer(tmp_path):
+    import torch
+
+    from dicompipe.train import data as D
+
     make_tree(tmp_path / "d", n=3)
     items, _ = D.scan(tmp_path / "d", "lung")
     spec = PreprocessSpec(size=32)
@@ -55,6 +59,10 @@ def test_cache_is_the_inference_renderer(tmp_path):
 
 
 def test_augment_shapes_and_range():
+    import torch
+
+    from dicompipe.train import data as D
+
     spec = PreprocessSpec(size=32)
     u8 = torch.randint(0, 255, (4, 48, 48), dtype=torch.uint8)
     x = D.Augment(flip=True, seed=1)(u8, spec, 32)

@@ -12,6 +12,7 @@ Needs: ``/usr/bin/chromium`` (``apt-get install chromium``), the ``browser`` ext
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -36,9 +37,11 @@ TOKEN = "browser-test-token-0123456789"
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
-pytest.importorskip("playwright.sync_api",
-                    reason="playwright is missing (pip install 'dicompipe[browser]')")
-pytest.importorskip("streamlit", reason="streamlit is missing (pip install 'dicompipe[ui]')")
+# looked up, not imported (importing them at collection is slow); the tests import playwright
+if importlib.util.find_spec("playwright") is None:
+    pytest.skip("playwright is missing (pip install 'dicompipe[browser]')", allow_module_level=True)
+if importlib.util.find_spec("streamlit") is None:
+    pytest.skip("streamlit is missing (pip install 'dicompipe[ui]')", allow_module_level=True)
 
 
 def _free_port() -> int:
@@ -175,7 +178,8 @@ def test_upload_verdict_slider_download_history(server, tmp_path):
             thumb = page.locator("div[data-testid='stSlider']").filter(
                 has_text="Slice").get_by_role("slider")
             thumb.focus()
-            page.keyboard.press("ArrowLeft" if before.startswith(f"Slice {len(slices)} ") else "ArrowRight")
+            page.keyboard.press("ArrowLeft" if before.startswith(f"Slice z {len(slices) - 1} ")
+                                else "ArrowRight")
             expect(caption).not_to_have_text(before, timeout=120_000)
             expect(page.locator("[data-testid='stImage'] img").first).to_be_visible(timeout=120_000)
             page.wait_for_timeout(800)

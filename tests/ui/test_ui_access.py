@@ -6,6 +6,7 @@ AppTest drives the app with the library replaced by fakes (tests/test_ui.py's
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import types
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-st = pytest.importorskip("streamlit", reason="the web app needs the [ui] extra (streamlit)")
+# looked up, not imported: importing streamlit at collection is slow
+if importlib.util.find_spec("streamlit") is None:
+    pytest.skip("the web app needs the [ui] extra (streamlit)", allow_module_level=True)
 
 from analysis_factory import make_analysis  # noqa: E402
 from test_ui import _app, _texts  # noqa: E402 - fake_library comes from conftest.py
