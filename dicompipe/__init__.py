@@ -8,6 +8,7 @@ Example::
 """
 from dicompipe._version import __version__  # noqa: F401
 from dicompipe.errors import (  # noqa: F401
+    BatchError,
     DicompipeError,
     HistoryError,
     ModelError,
@@ -22,7 +23,7 @@ from dicompipe.types import RESEARCH_USE, Analysis, SeriesInfo, Volume  # noqa: 
 
 #: public subpackages reached as attributes (``dicompipe.io.discover``), imported on first use
 #: so that ``import dicompipe`` stays light (no pydicom, SimpleITK or torch)
-_LAZY = ("io", "preprocess", "model", "explain", "report", "history", "pipeline")
+_LAZY = ("io", "preprocess", "model", "explain", "report", "history", "pipeline", "batch")
 
 
 def analyze(*args, **kwargs) -> Analysis:

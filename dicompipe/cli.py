@@ -4,6 +4,7 @@ Examples::
 
     dicompipe series study/ --json
     dicompipe analyze study/ --organ lung --out runs/
+    dicompipe batch cohort/ --organ lung --out cohort-out --workers 2
     dicompipe history list --since 2026-01-01
 
 Each subcommand is a thin wrapper over a library function; errors from the
@@ -239,6 +240,66 @@ class _ProgressBar:
     def close(self):
         if self._bar is not None:
             self._bar.close()
+
+
+def _p_batch(sub):
+    p = sub.add_parser("batch", help="analyse a cohort of studies (one machine or a Dask cluster), resumably",
+                       description="Analyse every study under ROOT (each folder, .zip or NIfTI directly "
+                                   "under it) or listed in a CSV manifest (columns: path, optional "
+                                   "study, organ, series), one Dask task per study, on a local cluster "
+                                   "of worker processes or an existing scheduler. Results: "
+                                   "OUT/results.csv and .parquet (and results.jsonl, written as each "
+                                   "study finishes), run folders under OUT/runs/<study>/, the case "
+                                   "history. Run it again to continue: studies whose content already "
+                                   "has a result are skipped; failed ones are retried. " + RESEARCH_USE)
+    p.add_argument("source", metavar="ROOT|MANIFEST.csv", help="a folder of studies or a CSV manifest")
+    p.add_argument("--out", required=True, help="output folder (results table + run folders)")
+    p.add_argument("--organ", choices=[*organs.names(), "auto"], default="auto",
+                   help="organ for studies whose manifest row names none (default auto)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="an existing Dask scheduler, e.g. tcp://host:8786 (its workers need "
+                            "dicompipe and must see the same paths)")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes of the local cluster (default: min(physical cores, "
+                            "available memory / 2.5 GB))")
+    p.add_argument("--format", default=None,
+                   help="comma list of outputs per study: txt,png,json,nifti,dicom (default: all but dicom)")
+    p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (see analyze)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--history", help="case-history database file (default: user data dir)")
+    p.add_argument("--no-history", action="store_true", help="do not record the cases")
+    p.add_argument("--limit", type=int, metavar="N", help="analyse at most N studies now (the rest next time)")
+    p.add_argument("--rehash", action="store_true",
+                   help="read every study again to hash it (default: a study whose files' names, "
+                        "sizes and times match its finished row is not read again)")
+    p.add_argument("--include-phi", action="store_true",
+                   help="identifiers in reports, history and error messages (see analyze)")
+    p.add_argument("--no-dashboard", action="store_true", help="no Dask dashboard for the local cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_batch)
+
+
+def _cmd_batch(args) -> int:
+    from pathlib import Path
+
+    from dicompipe import batch
+    df = batch.run(args.source, out=args.out, organ=args.organ, formats=args.format,
+                   history=False if args.no_history else args.history, scheduler=args.scheduler,
+                   workers=args.workers, model=args.model, limit=args.limit, rehash=args.rehash,
+                   progress=not args.quiet, dashboard=not args.no_dashboard,
+                   include_phi=args.include_phi, backend=args.backend, device=args.device)
+    c = df.attrs["summary"]
+    print(f"{c['studies']} studies: {c['analysed']} analysed, {c['skipped']} already done, "
+          f"{c['duplicates']} duplicate(s), {c['errors']} failed"
+          + (f", {c['left']} left for a later run" if c["left"] else "")
+          + f" ({c['wall_s']:.0f} s, {c['workers']} worker(s))")
+    print(f"results: {Path(args.out) / batch.CSV} (+ .parquet), run folders under "
+          f"{Path(args.out) / 'runs'}")
+    if c["errors"]:
+        print("failed studies: see the 'error' column", file=sys.stderr)
+    return 1 if c["errors"] else 0
 
 
 def _p_train(sub):
@@ -548,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     from dicompipe._version import __version__
     parser.add_argument("--version", action="version", version=f"dicompipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_p_series, _p_analyze, _p_train, _p_evaluate, _p_history, _p_ui, _p_pull,
-                _p_listen):
+    for add in (_p_series, _p_analyze, _p_batch, _p_train, _p_evaluate, _p_history, _p_ui,
+                _p_pull, _p_listen):
         add(sub)
     return parser
 

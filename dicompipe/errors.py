@@ -42,3 +42,8 @@ class HistoryError(DicompipeError):
 class PacsError(DicompipeError):
     """A PACS exchange failed: a DICOMweb or DIMSE peer refused, could not be reached, or
     sent something that cannot be used (the message names the server, never a secret)."""
+
+
+class BatchError(DicompipeError):
+    """A cohort cannot be run: no studies, a bad manifest, an output folder in use or inside
+    the input."""

@@ -239,9 +239,23 @@ def content_hash(analysis: Analysis) -> str | None:
 
     Falls back to the input file itself (NIfTI, zip). None when nothing can be read.
     """
-    files = list(dict.fromkeys(i.file for i in analysis.series.instances if i.file))
-    if not files and Path(analysis.input).is_file():
-        files = [analysis.input]
+    return series_hash(analysis.series, analysis.input)
+
+
+def series_hash(series, input_path=None) -> str | None:
+    """sha256 over the bytes of ``series``' source files in slice order (else of
+    ``input_path`` when it is a file): the ``input_hash`` of the history, and the key a
+    batch resumes by. None when nothing can be read.
+
+    Example::
+
+        >>> chosen = io.select(io.discover("study/"))
+        >>> series_hash(chosen, "study/")
+        '3f5a...'
+    """
+    files = list(dict.fromkeys(i.file for i in series.instances if i.file))
+    if not files and input_path is not None and Path(input_path).is_file():
+        files = [str(input_path)]
     h = hashlib.sha256()
     try:
         for f in files:

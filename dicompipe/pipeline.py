@@ -208,6 +208,20 @@ def run_case(input, *, organ: str = "auto", out: str | Path = "runs", formats=No
     return res
 
 
+def content_hash(path, *, series: str | None = None) -> str | None:
+    """The content hash of the series ``analyze(path, series=series)`` would use, from the
+    headers and the files' bytes only (no pixel decoding): the same value the case history
+    records as ``input_hash``, and the key a batch resumes by. None when the files cannot
+    be read; bad input raises as in :func:`analyze`.
+
+    >>> content_hash("study/")
+    '3f5a...'
+    """
+    found = io.discover(path)        # holds a zip's extraction folder while hashing
+    chosen = io.select(found, series=series)
+    return case_history.series_hash(chosen, path)
+
+
 class Analyzer:
     """Many cases in one process, the fixed costs paid once: each organ's bundle is loaded
     on first use and kept with its compiled inference backend (the OpenVINO/ONNX Runtime

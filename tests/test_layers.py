@@ -11,7 +11,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "dicompipe"
 STAGES = {"io", "preprocess", "model", "explain", "report", "train"}
-FRONT = {"cli", "ui", "pacs", "pipeline", "__init__"}
+FRONT = {"cli", "ui", "pacs", "batch", "pipeline", "__init__"}
 
 
 def _components() -> set[str]:

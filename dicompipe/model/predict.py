@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
             progress: Callable[[float], None] | None = None) -> SlicePredictions:
     """Classify every included slice of ``batch`` with ``bundle``'s network.
 
-    ``threads``: CPU threads for this call (default: all cores this process may use).
+    ``threads``: CPU threads for this call (default: ``$DICOMPIPE_THREADS``, else all cores
+    this process may use; a batch worker sets that variable to its share of the cores).
     ``progress``: optional callback with the fraction done (0..1); silent when None.
 
     >>> preds = predict(load_bundle("lung-resnet50"), batch, backend="torch")
@@ -48,7 +50,7 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
     run = get_backend(bundle, backend, device)
     torch = sys.modules.get("torch")     # its thread count matters only when it is in use
     old_threads = torch.get_num_threads() if torch else 0
-    n_threads = int(threads or cpu_count())
+    n_threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or cpu_count())
     if torch:
         torch.set_num_threads(n_threads)
     t_inf = time.perf_counter()
