@@ -253,9 +253,10 @@ def _p_batch(sub):
                                    "history. Run it again to continue: studies whose content already "
                                    "has a result are skipped; failed ones are retried. " + RESEARCH_USE)
     p.add_argument("source", metavar="ROOT|MANIFEST.csv", help="a folder of studies or a CSV manifest")
-    p.add_argument("--out", required=True, help="output folder (results table + run folders)")
-    p.add_argument("--organ", choices=[*organs.names(), "auto"], default="auto",
-                   help="organ for studies whose manifest row names none (default auto)")
+    _case_args(p, organ_default="auto", out_help="output folder (results table + run folders)",
+               organ_help="organ for studies whose manifest row names none (default auto)",
+               format_help="comma list of outputs per study: txt,png,json,nifti,dicom (default: "
+                           "all but dicom)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="an existing Dask scheduler, e.g. tcp://host:8786 (its workers need "
@@ -263,19 +264,10 @@ def _p_batch(sub):
     where.add_argument("--workers", type=int, metavar="N",
                        help="worker processes of the local cluster (default: min(physical cores, "
                             "available memory / 2.5 GB))")
-    p.add_argument("--format", default=None,
-                   help="comma list of outputs per study: txt,png,json,nifti,dicom (default: all but dicom)")
-    p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (see analyze)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--history", help="case-history database file (default: user data dir)")
-    p.add_argument("--no-history", action="store_true", help="do not record the cases")
     p.add_argument("--limit", type=int, metavar="N", help="analyse at most N studies now (the rest next time)")
     p.add_argument("--rehash", action="store_true",
                    help="read every study again to hash it (default: a study whose files' names, "
                         "sizes and times match its finished row is not read again)")
-    p.add_argument("--include-phi", action="store_true",
-                   help="identifiers in reports, history and error messages (see analyze)")
     p.add_argument("--no-dashboard", action="store_true", help="no Dask dashboard for the local cluster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_batch)
@@ -285,11 +277,9 @@ def _cmd_batch(args) -> int:
     from pathlib import Path
 
     from dicompipe import batch
-    df = batch.run(args.source, out=args.out, organ=args.organ, formats=args.format,
-                   history=False if args.no_history else args.history, scheduler=args.scheduler,
-                   workers=args.workers, model=args.model, limit=args.limit, rehash=args.rehash,
-                   progress=not args.quiet, dashboard=not args.no_dashboard,
-                   include_phi=args.include_phi, backend=args.backend, device=args.device)
+    df = batch.run(args.source, out=args.out, organ=args.organ, scheduler=args.scheduler,
+                   workers=args.workers, limit=args.limit, rehash=args.rehash,
+                   progress=not args.quiet, dashboard=not args.no_dashboard, **_case_kwargs(args))
     c = df.attrs["summary"]
     print(f"{c['studies']} studies: {c['analysed']} analysed, {c['skipped']} already done, "
           f"{c['duplicates']} duplicate(s), {c['errors']} failed"
@@ -462,14 +452,17 @@ def _cmd_ui(args) -> int:
     return launch(args)
 
 
-def _case_args(p, *, organ_default: str) -> None:
-    """The run_case options the PACS commands share with ``analyze``."""
+def _case_args(p, *, organ_default: str, out_help: str = "parent folder of the run folders",
+               organ_help: str = "organ model to use (auto: from headers, else from lung-air "
+                                 "content)",
+               format_help: str = "comma list of outputs: txt,png,json,nifti,dicom (default: all "
+                                  "but dicom; dicom is added when results are pushed or "
+                                  "forwarded)") -> None:
+    """The run_case options the PACS and batch commands share with ``analyze``."""
     p.add_argument("--organ", choices=[*organs.names(), "auto"], default=organ_default,
-                   help="organ model to use (auto: from headers, else from lung-air content)")
-    p.add_argument("--out", required=True, help="parent folder of the run folders")
-    p.add_argument("--format", default=None,
-                   help="comma list of outputs: txt,png,json,nifti,dicom (default: all but "
-                        "dicom; dicom is added when results are pushed or forwarded)")
+                   help=organ_help)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--format", default=None, help=format_help)
     p.add_argument("--model", help="bundle name or folder (default: the organ's built-in bundle)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
