@@ -67,8 +67,7 @@ def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None 
         return e
 
     def fresh(name):
-        d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-        return d
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
 
     def cold():
         cache = fresh("cache")

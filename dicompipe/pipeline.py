@@ -243,7 +243,8 @@ class Analyzer:
 
     def analyze(self, path, **overrides) -> Analysis:
         """:func:`analyze` with this analyzer's bundles and defaults."""
-        kw = {k: v for k, v in {**self.options, **overrides}.items() if k not in _CASE_ONLY}
+        own = _case_only()
+        kw = {k: v for k, v in {**self.options, **overrides}.items() if k not in own}
         return analyze(path, model=self.bundles, **kw)
 
     def run_case(self, path, **overrides) -> CaseResult:
@@ -251,9 +252,10 @@ class Analyzer:
         return run_case(path, model=self.bundles, **{**self.options, **overrides})
 
 
-#: run_case's own parameters (not analyze's)
-_CASE_ONLY = ("out", "formats", "history", "cam_slices", "cam_nifti", "ct_nifti", "deidentify",
-              "user")
+def _case_only() -> set[str]:
+    """run_case's own parameters (not analyze's)."""
+    import inspect
+    return set(inspect.signature(run_case).parameters) - set(inspect.signature(analyze).parameters)
 
 
 class _Bundles(Mapping):

@@ -42,8 +42,7 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     img = np.asarray(img, np.float32)
     if img.shape[-1] == size and img.shape[-2] == size:
         return img
-    if img.ndim == 3 and len(img) > 1 and all(np.shares_memory(img[0], c) or np.array_equal(img[0], c)
-                                              for c in img[1:]):
+    if img.ndim == 3 and len(img) > 1 and all(np.array_equal(img[0], c) for c in img[1:]):
         one = _resize.resize(img[:1], (size, size))
         return np.repeat(one, len(img), axis=0)
     return _resize.resize(img, (size, size))
