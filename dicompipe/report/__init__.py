@@ -210,7 +210,8 @@ def _write_nifti(analysis: Analysis, stage: Path, labels: list[str],
                     dtype=np.uint8 if windowed else np.int16)
         written.append("ct.nii.gz")
     elif labels:
-        notes.append(f"No ct.nii.gz: the input {analysis.series.kind} is the CT, and "
+        what = "DICOM series" if analysis.series.kind == "dicom" else "NIfTI"
+        notes.append(f"No ct.nii.gz: the input {what} is the CT, and "
                      "cam_*.nii.gz share its exact geometry (open them over it); --ct-nifti "
                      "writes a copy.")
     cams = analysis.cams
