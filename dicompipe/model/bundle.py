@@ -179,8 +179,9 @@ class Bundle:
         """The ResNet50 with the bundle's weights, fp32, eval mode (built once, then cached)."""
         if self._net is None:
             from dicompipe.model.network import resnet50  # MONAI: imported only when needed
-            net = resnet50(num_classes=len(self.labels),
-                           in_channels=int(self.metadata.get("network", {}).get("in_channels", 3)))
+            spec = self.metadata.get("network", {})
+            net = resnet50(num_classes=len(self.labels), in_channels=int(spec.get("in_channels", 3)),
+                           layer4_dilation=int(spec.get("layer4_dilation", 1)))
             state = {k: (v.float() if v.is_floating_point() else v)
                      for k, v in read_weights(self.weights_path).items()}
             own = net.state_dict()

@@ -16,11 +16,16 @@ import torch
 from monai.networks.nets import ResNet
 
 
-def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = False) -> ResNet:
+def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = False,
+             layer4_dilation: int = 1) -> ResNet:
     """A standard-topology ResNet50 (stride-2 stem, no bias in downsample convs).
 
     ``zero_init_residual`` starts each block's last BatchNorm at gamma 0, so every residual
     block begins as the identity (Goyal et al. 2017): steadier training from scratch.
+    ``layer4_dilation=2`` keeps layer4 at stride 16 (dilated convolutions instead of the
+    last downsampling, as torchvision's ``replace_stride_with_dilation``): the class map
+    and Grad-CAM get 2x finer (10 x 10 cells at 160 px) for ~1.6x the compute; the weights
+    have the same shapes.
     """
     net = ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
                  n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
@@ -29,7 +34,20 @@ def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = 
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
             for block in layer:
                 torch.nn.init.zeros_(block.bn3.weight)
+    if layer4_dilation != 1:
+        dilate_layer4(net, layer4_dilation)
     return net
+
+
+def dilate_layer4(net: ResNet, dilation: int = 2) -> None:
+    """Replace layer4's stride 2 by ``dilation`` in place (first block strided -> 1, later
+    blocks' 3x3 convolutions dilated), so layer4 keeps layer3's resolution."""
+    first = net.layer4[0]
+    first.conv2.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+    for block in list(net.layer4)[1:]:
+        block.conv2.dilation = (dilation, dilation)
+        block.conv2.padding = (dilation, dilation)
 
 
 def forward_with_features(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,7 +137,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   phases=(("pretrain", 40.0, 128),), lr: float = 1e-3, bs: int = 32,
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
-                  init: Path | None = None, log=print) -> dict:
+                  init: Path | None = None, layer4_dilation: int = 1, log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
@@ -163,7 +163,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     v_idx = np.concatenate([val_normals] * reps)
     sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng)
 
-    net = resnet50(k, zero_init_residual=True).to(memory_format=torch.channels_last)
+    net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation)
+    net = net.to(memory_format=torch.channels_last)
     if init is not None:        # e.g. the lung lesion network for the pancreas: backbone only
         sd = {kk: v for kk, v in load_file(str(init)).items() if not kk.startswith("fc.")}
         net.load_state_dict(sd, strict=False)

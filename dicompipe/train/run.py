@@ -55,7 +55,8 @@ def prepare_data(data, organ: str, split_file, workdir="training", log=print):
 
 
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
-                        cam_weight: float = 1.0, lr: float = 2e-3, init=None, log=print) -> dict:
+                        cam_weight: float = 1.0, lr: float = 2e-3, init=None,
+                        layer4_dilation: int = 1, log=print) -> dict:
     """Set up the data (:func:`prepare_data`) and run
     :func:`dicompipe.train.pretrain.train_lesions`; resumable from ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
@@ -63,7 +64,8 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
                                                                Path(workdir).parent, log=log)
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
-                         flip=True, vflip=organ == "pancreas", log=log)
+                         flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
+                         log=log)
 
 
 def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,
@@ -91,7 +93,7 @@ def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = Non
 
 def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, version: str,
                     training: dict, workdir="training", calibrate_on: str = "val",
-                    n_boot: int = 1000, log=print) -> tuple[Path, dict]:
+                    n_boot: int = 1000, layer4_dilation: int = 1, log=print) -> tuple[Path, dict]:
     """A 2.x bundle from trained ``weights``: the data rendered at ``size`` exactly as
     inference renders it, a prior correction (:func:`fit_prior_bias`, folded into the
     head's bias, so every backend applies it) and a temperature fitted on the validation
@@ -114,7 +116,7 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     stored = json.loads(Path(split_file).read_text())
     parts = np.array([stored["parts"].get(os.path.relpath(it.path, data)) or "" for it in items])
     y = np.array([it.label for it in items])
-    net = resnet50(len(labels))
+    net = resnet50(len(labels), layer4_dilation=layer4_dilation)
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)
     va, te = parts == "val", parts == "test"
@@ -131,7 +133,8 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     md = {
         "name": f"{organ}-resnet50", "version": version, "task": "classification", "organ": organ,
         "labels": labels, "positive_labels": D.positive_of(organ),
-        "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2},
+        "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2,
+                    "layer4_dilation": layer4_dilation},
         "preprocessing": spec.to_dict(),
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
         "calibration": {"temperature": T, "method": how + " after a prior correction",

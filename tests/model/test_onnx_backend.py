@@ -70,6 +70,20 @@ def test_agrees_with_torch(bundle, backend):
     assert np.abs(cam - tcam).max() <= 1e-4 * tcam.max()
 
 
+def test_dilated_layer4_bundle(ob, tmp_path):
+    """A 2.x bundle (layer4 dilated, stride 16): the network it builds and its ONNX export
+    give a class map twice as fine as the standard one, with the same logits."""
+    path = make_bundle(tmp_path / "d", organ="lung", seed=3, layer4_dilation=2)
+    dilated = load_bundle(path, allow_untrained=True)
+    assert dilated.metadata["network"]["layer4_dilation"] == 2
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    tl, ta = _torch(dilated, x)
+    assert ta.shape == (2, 2048, 4, 4)
+    lg, a = ob.OnnxBackend(dilated, "cpu")(x)
+    assert a.shape == ta.shape
+    assert np.abs(lg - tl).max() <= 1e-4 * max(1.0, np.abs(tl).max())
+
+
 def test_dynamic_batch_and_get_backend(ob, bundle, backend):
     x = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
     assert backend(x)[0].shape == (1, 3)
@@ -87,7 +101,7 @@ def test_cache_beside_bundle_keyed_by_sha(ob, bundle, backend):
     assert not list(p.parent.glob(".*.tmp"))                             # atomic: no leftovers
 
     class Other:                                                         # new weights -> new file
-        path, name, sha256 = bundle.path, "x", "0" * 64
+        path, name, sha256, metadata = bundle.path, "x", "0" * 64, bundle.metadata
     assert ob.model_path(Other, "fp32") != p
     stale = p.parent / f"{'f' * 64}.v{ob.EXPORT_VERSION}.fp32.onnx"
     stale.write_bytes(b"old")
