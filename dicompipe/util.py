@@ -156,3 +156,26 @@ def cpu_key() -> str:
     except OSError:
         text = platform.processor() or platform.machine()
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def user_cache(kind: str) -> Path:
+    """``$DICOMPIPE_CACHE/<kind>``, else ``$XDG_CACHE_HOME/dicompipe/<kind>`` (~/.cache).
+
+    >>> user_cache("openvino")        # doctest: +SKIP
+    PosixPath('/root/.cache/dicompipe/openvino')
+    """
+    if os.environ.get("DICOMPIPE_CACHE"):
+        return Path(os.environ["DICOMPIPE_CACHE"]).expanduser() / kind
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dicompipe" / kind
+
+
+def writable(folder: Path) -> bool:
+    """True when ``folder`` exists (made if needed) and a file can be created in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
+            pass
+        return True
+    except OSError:
+        return False

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.util import atomic_path, cpu_key, physical_cores
+from dicompipe.util import atomic_path, cpu_key, physical_cores, user_cache, writable
 
 try:  # the extra: fail at import so backends.get_backend falls back to torch on "auto"
     import onnxruntime as ort
@@ -77,24 +77,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 # --------------------------------------------------------------------------- cache
-def _user_cache(kind: str = "onnx") -> Path:
-    """``$DICOMPIPE_CACHE/<kind>``, else ``$XDG_CACHE_HOME/dicompipe/<kind>`` (~/.cache)."""
-    if os.environ.get("DICOMPIPE_CACHE"):
-        return Path(os.environ["DICOMPIPE_CACHE"]).expanduser() / kind
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "dicompipe" / kind
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
-            pass
-        return True
-    except OSError:
-        return False
-
-
 def cache_dir(bundle) -> Path:
     """Where ``bundle``'s exports live: beside a writable user bundle, else the user cache.
 
@@ -105,10 +87,10 @@ def cache_dir(bundle) -> Path:
 
     root = Path(bundle.path).resolve()
     builtin = BUILTIN_DIR.resolve() in (root, *root.parents)
-    if not builtin and _writable(root / "models" / "onnx"):
+    if not builtin and writable(root / "models" / "onnx"):
         return root / "models" / "onnx"
-    d = _user_cache()
-    if not _writable(d):
+    d = user_cache("onnx")
+    if not writable(d):
         raise ModelError(f"Cannot write the ONNX export for bundle {bundle.name!r}: neither "
                          f"{root / 'models' / 'onnx'} nor {d} is writable. Set $DICOMPIPE_CACHE "
                          "to a writable folder or use --backend torch.")
@@ -312,8 +294,8 @@ class OnnxBackend:
         (``DICOMPIPE_ORT_CACHE=0``) or not writable."""
         if os.environ.get("DICOMPIPE_ORT_CACHE", "1") == "0":
             return None
-        folder = _user_cache("onnx-optimized") / f"{ort.__version__}-{cpu_key()}"
-        if not _writable(folder):
+        folder = user_cache("onnx-optimized") / f"{ort.__version__}-{cpu_key()}"
+        if not writable(folder):
             return None
         target = folder / f"{self.path.stem}.opt.onnx"
         if target.exists():

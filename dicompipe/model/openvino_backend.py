@@ -34,8 +34,8 @@ import numpy as np
 import openvino as ov  # noqa: E402  (ImportError here = extra not installed; get_backend says so)
 
 from dicompipe.errors import ModelError
-from dicompipe.model.onnx_backend import _user_cache, _writable, export, quantize
-from dicompipe.util import cpu_key, physical_cores
+from dicompipe.model.onnx_backend import export, quantize
+from dicompipe.util import cpu_key, physical_cores, user_cache, writable
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -49,8 +49,8 @@ def compile_cache_dir() -> Path | None:
     """The compiled-model cache folder for this runtime and CPU, or None (off/unwritable)."""
     if os.environ.get("DICOMPIPE_OV_CACHE", "1") == "0":
         return None
-    folder = _user_cache("openvino") / f"{ov.get_version().split('-')[0]}-{cpu_key()}"
-    return folder if _writable(folder) else None
+    folder = user_cache("openvino") / f"{ov.get_version().split('-')[0]}-{cpu_key()}"
+    return folder if writable(folder) else None
 
 
 class OpenVinoBackend:
