@@ -139,7 +139,10 @@ def insert_pancreas_lesion(img: np.ndarray, region: np.ndarray, rng,
     alpha = _paste(_shape(r, rng, rng.uniform(0.05, 0.25), 0, rng.uniform(1.5, 3.5)),
                    int(ys[i]), int(xs[i]), img.shape)
     local = ndimage.uniform_filter(img, 9)
-    depth = rng.uniform(0.12, 0.35)
-    out = img - alpha * depth * np.clip(local / 0.6, 0.5, 1.2)
+    depth = rng.uniform(0.15, 0.45)
+    # a tumour replaces the gland's lobulated texture with a more uniform, darker mass
+    flat = rng.uniform(0.3, 0.8)
+    base = (1 - flat) * img + flat * local
+    out = img * (1 - alpha) + alpha * (base - depth * np.clip(local / 0.6, 0.5, 1.2))
     out += alpha * rng.normal(0, rng.uniform(0.0, 0.04), img.shape).astype(np.float32)
     return np.clip(out, 0, 1).astype(np.float32), alpha > 0.5

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from synth import chest_hu
 
 from dicompipe.preprocess.render import render
@@ -50,6 +51,8 @@ def test_pancreas_lesion_is_darker_inside_the_prior():
     assert region.any() and not region[:20].any()             # central box only
     out, mask = L.insert_pancreas_lesion(img, region, rng)
     assert out[mask].mean() < img[mask].mean() - 0.05
+    far = ~ndimage.binary_dilation(mask, iterations=12)
+    assert np.abs(out[far] - img[far]).max() < 0.01           # nothing changes away from it
     assert region[tuple(np.argwhere(mask).mean(0).astype(int))]
 
 
