@@ -122,8 +122,9 @@ def _complete_metadata(md: dict) -> dict:
 def _model_card(md: dict) -> str:
     lines = [f"# {md['name']} {md['version']}", "", f"**{md['intended_use']}**", "",
              f"- Task: {md['task']} of {md['organ']} CT slices into {', '.join(md['labels'])}",
-             "- Network: ResNet50 (MONAI, Bottleneck [3,4,6,3], 2D, stride-2 stem), "
-             f"{md['network']['in_channels']} input channels",
+             "- Network: ResNet50 (MONAI, Bottleneck [3,4,6,3], 2D, stride-2 stem"
+             + (f", layer4 dilated x{d}: stride 16" if (d := md["network"].get("layer4_dilation", 1)) != 1
+                else "") + f"), {md['network']['in_channels']} input channels",
              f"- Trained: {'yes' if md['trained'] else 'NO (random/fixture weights: not for use)'}",
              f"- Preprocessing: `{json.dumps(md['preprocessing'])}`",
              f"- Aggregation: `{json.dumps(md['aggregation'])}`",
@@ -259,7 +260,9 @@ class Bundle:
             # a built-in bundle is named by name + version; a machine path would only leak
             # where dicompipe is installed (a user's own bundle keeps the path it was given)
             "builtin": self.builtin, "path": None if self.builtin else str(self.path),
-            "architecture": "resnet50 (MONAI, conv1_t_stride=2)",
+            "architecture": "resnet50 (MONAI, conv1_t_stride=2"
+                            + (f", layer4 dilation {d}" if (d := int((md.get("network") or {}).get(
+                                "layer4_dilation", 1))) != 1 else "") + ")",
             "preprocessing": md.get("preprocessing"),
             "aggregation": self.aggregation, "temperature": self.temperature,
             "calibration": md.get("calibration") or {},
