@@ -328,6 +328,10 @@ def _p_train(sub):
                    help="with --pretrain: 2 = layer4 at stride 16 (dilated), a class map and "
                         "Grad-CAM twice as fine (10 x 10 at 160 px) for ~1.6x the compute; "
                         "1 = the standard stride 32 (default %(default)s)")
+    p.add_argument("--extra-normals", nargs="+", default=[], metavar="SERIES",
+                   help="with --pretrain: lesion-free DICOM series whose slices join the "
+                        "training part as normal (e.g. an upper-abdomen series: lung bases "
+                        "under the diaphragm dome as hard negatives)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -362,12 +366,14 @@ def _cmd_train(args) -> int:
     state = run_lesion_training(args.data, args.organ, args.split_file, workdir, phases,
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
-                                log=log)
+                                extra_normals=args.extra_normals, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
                           f"--cam-weight {args.cam_weight:g} --layer4-dilation {args.layer4_dilation}"
-                          + (f" --init {Path(args.init).name}" if args.init else ""),
+                          + (f" --init {Path(args.init).name}" if args.init else "")
+                          + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
+                                    for s in args.extra_normals),
                 "phases": [list(p) for p in phases], "steps": state["step"],
                 "backbone_init": Path(args.init).name if args.init else "random (from scratch)",
                 "checks": state["history"]}

@@ -156,8 +156,11 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         fields[i] = L.lung_fields(img) if organ == "lung" else L.central_soft_tissue(img)
     usable = np.array([i for i in normal_idx if fields[i].any()])
     val_normals = np.array([i for i in usable if parts[i] == "val"])
-    train_normals = np.array([i for i in usable if parts[i] == "train"])
-    log(f"lesion-free slices with room for a lesion: train {len(train_normals)}, val {len(val_normals)}")
+    # every lesion-free training slice is a base, also those with no room for a lesion (a
+    # lung base under the diaphragm dome): their copies all stay normal, hard negatives
+    train_normals = np.array([i for i in normal_idx if parts[i] == "train"])
+    log(f"lesion-free slices: train {len(train_normals)} ({sum(fields[i].any() for i in train_normals)} "
+        f"with room for a lesion), val {len(val_normals)} with room")
     vrng = np.random.default_rng(12345)
     reps = max(1, 150 // max(1, len(val_normals)))
     v_idx = np.concatenate([val_normals] * reps)

@@ -39,9 +39,28 @@ def spec_v2(organ: str, size: int = 160) -> PreprocessSpec:
                           equalize=True)
 
 
-def prepare_data(data, organ: str, split_file, workdir="training", log=print):
+def dicom_normals(series, organ: str, size: int = CACHE_SIZE) -> np.ndarray:
+    """Lesion-free training slices from DICOM/NIfTI series: every slice the organ's slice
+    selection keeps, rendered exactly as inference renders it -> uint8 (n, size, size).
+
+    >>> extra = dicom_normals(["../shared/data/abdomen-ct-dicom/series"], "lung")
+    """
+    from dicompipe import io, preprocess
+    from dicompipe.train import data as D
+
+    spec = replace(spec_v2(organ), size=size)
+    out = []
+    for path in series:
+        batch = preprocess.prepare(io.load(io.select(io.discover(path))), spec, organ=organ)
+        out += [D.to_cache(t, spec) for t in batch.tensors]
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
+
+
+def prepare_data(data, organ: str, split_file, workdir="training", extra_normals=(), log=print):
     """(images uint8 (n, 256, 256), y, parts, lesion-free training+val indices, items, labels),
-    with the split read from ``split_file`` (a bundle's docs/split.json: relative path -> part)."""
+    with the split read from ``split_file`` (a bundle's docs/split.json: relative path -> part).
+    ``extra_normals``: DICOM series whose slices join the training part as normal
+    (:func:`dicom_normals`; they have no ``items`` entry)."""
     from dicompipe.train import data as D  # imports torch: only when data are prepared
 
     spec = replace(spec_v2(organ), size=CACHE_SIZE)
@@ -50,18 +69,25 @@ def prepare_data(data, organ: str, split_file, workdir="training", log=print):
     stored = json.loads(Path(split_file).read_text())["parts"]
     parts = [stored.get(os.path.relpath(it.path, data)) for it in items]
     y = np.array([it.label for it in items])
+    if extra_normals:
+        # a handful of slices among hundreds: each joins 4 times, so they are drawn at all
+        extra = np.repeat(dicom_normals(extra_normals, organ), 4, axis=0)
+        log(f"{len(extra) // 4} lesion-free DICOM slices join the training part as normal (x4)")
+        images = np.concatenate([images, extra])
+        parts += ["train"] * len(extra)
+        y = np.concatenate([y, np.zeros(len(extra), y.dtype)])
     normal_idx = np.array([i for i, p in enumerate(parts) if p in ("train", "val") and y[i] == 0])
     return images, y, parts, normal_idx, items, labels
 
 
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
                         cam_weight: float = 1.0, lr: float = 2e-3, init=None,
-                        layer4_dilation: int = 1, log=print) -> dict:
+                        layer4_dilation: int = 1, extra_normals=(), log=print) -> dict:
     """Set up the data (:func:`prepare_data`) and run
     :func:`dicompipe.train.pretrain.train_lesions`; resumable from ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
-    images, y, parts, normal_idx, items, labels = prepare_data(data, organ, split_file,
-                                                               Path(workdir).parent, log=log)
+    images, y, parts, normal_idx, items, labels = prepare_data(
+        data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,

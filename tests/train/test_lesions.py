@@ -1,6 +1,7 @@
 """Synthetic lesions, the location loss, the prior correction and a resumable lesion run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -142,3 +143,22 @@ def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
     after = load_file(str(tmp_path / "phase1_finetune-l4.safetensors"))
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= {"layer4", "fc"}          # BatchNorm statistics included
+
+
+def test_dicom_normals_render_as_inference_does(tmp_path):
+    """Extra lesion-free DICOM slices for lesion training: the slices the lung selection
+    keeps, each equal to what inference feeds the network (to uint8)."""
+    from synth import write_ct_series
+
+    from dicompipe import io, preprocess
+    from dicompipe.train import data as D
+    from dicompipe.train.run import CACHE_SIZE, dicom_normals
+
+    hu = np.stack([chest_hu(64)[0]] * 4).astype(np.float32)
+    write_ct_series(tmp_path / "s", shape=hu.shape, spacing=(5.0, 5.0, 5.0), hu=hu)
+    out = dicom_normals([tmp_path / "s"], "lung", size=64)
+    spec = dataclasses.replace(spec_v2("lung"), size=64)
+    batch = preprocess.prepare(io.load(io.select(io.discover(tmp_path / "s"))), spec, organ="lung")
+    assert out.dtype == np.uint8 and out.shape == (len(batch.tensors), 64, 64) and len(out) == 4
+    assert np.array_equal(out[0], D.to_cache(batch.tensors[0], spec))
+    assert CACHE_SIZE == 256
