@@ -326,7 +326,7 @@ def _p_train(sub):
                         "to the synthetic lesion (default %(default)s)")
     p.add_argument("--layer4-dilation", type=int, choices=[1, 2], default=2,
                    help="with --pretrain: 2 = layer4 at stride 16 (dilated), a class map and "
-                        "Grad-CAM twice as fine (10 x 10 at 160 px) for ~1.6x the compute; "
+                        "Grad-CAM twice as fine (10 x 10 at 160 px) for ~1.3x the forward time; "
                         "1 = the standard stride 32 (default %(default)s)")
     p.add_argument("--extra-normals", nargs="+", default=[], metavar="SERIES",
                    help="with --pretrain: lesion-free DICOM series whose slices join the "
