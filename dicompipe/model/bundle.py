@@ -169,6 +169,11 @@ class Bundle:
         return float((self.metadata.get("calibration") or {}).get("temperature", 1.0) or 1.0)
 
     @property
+    def layer4_dilation(self) -> int:
+        """1 for the standard ResNet50, 2 when layer4 is dilated (stride 16, finer CAM)."""
+        return int((self.metadata.get("network") or {}).get("layer4_dilation", 1))
+
+    @property
     def positive_labels(self) -> list[str]:
         return list(self.metadata.get("positive_labels") or [])
 
@@ -180,9 +185,9 @@ class Bundle:
         """The ResNet50 with the bundle's weights, fp32, eval mode (built once, then cached)."""
         if self._net is None:
             from dicompipe.model.network import resnet50  # MONAI: imported only when needed
-            spec = self.metadata.get("network", {})
-            net = resnet50(num_classes=len(self.labels), in_channels=int(spec.get("in_channels", 3)),
-                           layer4_dilation=int(spec.get("layer4_dilation", 1)))
+            net = resnet50(num_classes=len(self.labels),
+                           in_channels=int(self.metadata.get("network", {}).get("in_channels", 3)),
+                           layer4_dilation=self.layer4_dilation)
             state = {k: (v.float() if v.is_floating_point() else v)
                      for k, v in read_weights(self.weights_path).items()}
             own = net.state_dict()
@@ -261,8 +266,7 @@ class Bundle:
             # where dicompipe is installed (a user's own bundle keeps the path it was given)
             "builtin": self.builtin, "path": None if self.builtin else str(self.path),
             "architecture": "resnet50 (MONAI, conv1_t_stride=2"
-                            + (f", layer4 dilation {d}" if (d := int((md.get("network") or {}).get(
-                                "layer4_dilation", 1))) != 1 else "") + ")",
+                            + (f", layer4 dilation {self.layer4_dilation})" if self.layer4_dilation != 1 else ")"),
             "preprocessing": md.get("preprocessing"),
             "aggregation": self.aggregation, "temperature": self.temperature,
             "calibration": md.get("calibration") or {},

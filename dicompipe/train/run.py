@@ -43,7 +43,7 @@ def dicom_normals(series, organ: str, size: int = CACHE_SIZE) -> np.ndarray:
     """Lesion-free training slices from DICOM/NIfTI series: every slice the organ's slice
     selection keeps, rendered exactly as inference renders it -> uint8 (n, size, size).
 
-    >>> extra = dicom_normals(["../shared/data/abdomen-ct-dicom/series"], "lung")
+    >>> extra = dicom_normals(["studies/upper-abdomen/series"], "lung")
     """
     from dicompipe import io, preprocess
     from dicompipe.train import data as D

@@ -101,7 +101,7 @@ def test_cache_beside_bundle_keyed_by_sha(ob, bundle, backend):
     assert not list(p.parent.glob(".*.tmp"))                             # atomic: no leftovers
 
     class Other:                                                         # new weights -> new file
-        path, name, sha256, metadata = bundle.path, "x", "0" * 64, bundle.metadata
+        path, name, sha256, layer4_dilation = bundle.path, "x", "0" * 64, 1
     assert ob.model_path(Other, "fp32") != p
     stale = p.parent / f"{'f' * 64}.v{ob.EXPORT_VERSION}.fp32.onnx"
     stale.write_bytes(b"old")
