@@ -146,30 +146,40 @@ def write(analysis: Analysis, out_dir: str | Path, *, formats: str | Iterable[st
 
 def _write_pngs(analysis: Analysis, stage: Path, cam_slices: str, written: list[str],
                 key_rgb: dict) -> None:
-    from dicompipe.report import figures
+    from dicompipe.report import figures, slice_images
+
+    # PNG encoding (zlib) releases the GIL: a worker encodes while the next image is drawn
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dicompipe-png")
+    saving: list[Future] = []
 
     def put(fig, name):
         figures.save(fig, stage / name)
         fig.clear()
         written.append(name)
 
-    put(figures.slice_scores_figure(analysis), "slice_scores.png")
-    put(figures.probability_figure(analysis), "probabilities.png")
-    if cam_slices == "none":
-        return
-    keys = analysis.verdict.key_slices
-    for i, k in enumerate(keys, 1):
-        fig = figures.key_slice_figure(analysis, k)
-        key_rgb[i] = figures.to_rgb(fig)
-        fig.clear()
-        figures.save_rgb(key_rgb[i], stage / f"key_{i:02d}.png")
-        written.append(f"key_{i:02d}.png")
-    if keys:
-        put(figures.montage_figure(analysis), "montage.png")
-    if cam_slices == "all":
-        (stage / "slices").mkdir()
-        for s in analysis.batch.included:
-            put(figures.slice_figure(analysis, s.row), f"slices/slice_z{s.z:03d}.png")
+    def put_rgb(rgb, name):
+        if len(saving) >= 4:              # a bounded queue: --cam-slices all on 300 slices
+            saving[-4].result()
+        saving.append(pool.submit(figures.save_rgb, rgb, stage / name))
+        written.append(name)
+
+    try:
+        keys = analysis.verdict.key_slices if cam_slices != "none" else []
+        for i, k in enumerate(keys, 1):
+            key_rgb[i] = slice_images.key_slice_image(analysis, k)
+            put_rgb(key_rgb[i], f"key_{i:02d}.png")
+        if keys:
+            put_rgb(slice_images.montage_image(analysis), "montage.png")
+        if cam_slices == "all":
+            (stage / "slices").mkdir()
+            for s in analysis.batch.included:
+                put_rgb(slice_images.slice_image(analysis, s.row), f"slices/slice_z{s.z:03d}.png")
+        put(figures.slice_scores_figure(analysis), "slice_scores.png")
+        put(figures.probability_figure(analysis), "probabilities.png")
+    finally:
+        pool.shutdown(wait=True)          # nothing may still write into the stage after this
+    for f in saving:
+        f.result()                        # an OSError of a worker is raised here
 
 
 def _nifti_labels(analysis: Analysis, which: str) -> list[str]:

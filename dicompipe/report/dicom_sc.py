@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from dicompipe import organs
 from dicompipe.errors import ReportError
-from dicompipe.report import figures
+from dicompipe.report import figures, slice_images
 from dicompipe.report.dicom_source import SourceContext, patient_study, source_context
 from dicompipe.types import Analysis
 from dicompipe.util import atomic_path
@@ -60,7 +60,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
         seen.add(im.rank)
         rgb = (images or {}).get(im.rank)
         if rgb is None:
-            rgb = figures.to_rgb(figures.key_slice_figure(analysis, im.key, label))
+            rgb = slice_images.key_slice_image(analysis, im.key, label)
         edges = figures.slice_view(analysis, im.key.row, label).edges
         src = im.dataset
         try:

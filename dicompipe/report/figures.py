@@ -1,8 +1,10 @@
-"""Figures for a report: annotated key slices, a montage, per-slice scores, verdict bars.
+"""Figures for a report: per-slice scores and verdict bars (matplotlib), and what every
+slice image shares: CAM colours and display smoothing, the slice data (:func:`slice_view`).
 
-Every builder returns a :class:`matplotlib.figure.Figure` made without pyplot (no global
+The chart builders return a :class:`matplotlib.figure.Figure` made without pyplot (no global
 state, safe in a web app: ``st.pyplot(fig)``); :func:`save` writes one atomically and
-:func:`to_rgb` renders one to pixels (the DICOM Secondary Capture uses that).
+:func:`to_rgb` renders one to pixels. The annotated key slices and the montage are drawn
+straight into pixels by :mod:`dicompipe.report.slice_images` (:func:`save_rgb` writes them).
 
 CAM overlays use the volume-consistent scale: colour 1.0 is ``CamStack.scale[label]``, the
 maximum over the whole volume, so a weak slice looks weak. The hot region outlined is
@@ -15,28 +17,22 @@ Slices are counted from 0 everywhere (z 0 is the first slice of the volume).
 Example::
 
     >>> from dicompipe.report import figures
-    >>> fig = figures.key_slice_figure(analysis, analysis.verdict.key_slices[0])
-    >>> figures.save(fig, "out/key_01.png")
     >>> figures.save(figures.slice_scores_figure(analysis), "out/slice_scores.png")
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from dicompipe import organs
-from dicompipe.types import RESEARCH_USE, Analysis, KeySlice
+from dicompipe.types import RESEARCH_USE, Analysis
 from dicompipe.util import atomic_path
 
 CAM_CMAP = "turbo"
@@ -74,8 +70,8 @@ def cam_alpha(m, opacity: float = CAM_OPACITY) -> np.ndarray:
 
 def cam_rgba(m, opacity: float = CAM_OPACITY) -> np.ndarray:
     """The overlay layer (..., 4) in [0, 1] for CAM values ``m``: :func:`cam_colours` with
-    :func:`cam_alpha` as alpha. The report figures draw it with ``imshow``; the web app
-    blends it onto its CT pixels (:func:`blend`). One function, so both look the same."""
+    :func:`cam_alpha` as alpha. The report images (:mod:`dicompipe.report.slice_images`) and
+    the web app blend it onto CT pixels (:func:`blend`). One function, so both look the same."""
     m = np.asarray(m, np.float64)
     return np.concatenate([cam_colours(m), cam_alpha(m, opacity)[..., None]], axis=-1)
 
@@ -89,14 +85,6 @@ def blend(grey: np.ndarray, cam: np.ndarray | None, opacity: float = CAM_OPACITY
         a = layer[..., 3:]
         rgb = (1 - a) * rgb + a * layer[..., :3]
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
-
-
-def cam_colourmap(n: int = 256) -> ListedColormap:
-    """The colour bar's map: the overlay colours at full opacity on mid-grey, so its low end
-    fades out like the overlay does."""
-    m = np.linspace(0, 1, n)
-    a = cam_alpha(m, 1.0)[:, None]
-    return ListedColormap((1 - a) * 0.5 + a * cam_colours(m), name="dicompipe-cam")
 
 
 def cam_cell_px(analysis: Analysis) -> tuple[float, float]:
@@ -249,184 +237,7 @@ def slice_view(analysis: Analysis, row: int, label: str | None = None) -> SliceV
                      sop_instance_uid=src.sop_instance_uid if src else None, probability=prob)
 
 
-def _draw_slice(ax, v: SliceView, *, letters: bool = True, fontsize: float = 9,
-                bottom_letter: bool = True) -> bool:
-    """CT + CAM overlay + hot outline on ``ax``. Returns True when a hot region was outlined."""
-    aspect = v.pixel_mm[0] / v.pixel_mm[1]
-    ax.imshow(v.ct, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="antialiased")
-    hot = False
-    if v.cam is not None:
-        ax.imshow(cam_rgba(v.cam), aspect=aspect, interpolation="bilinear")
-        if float(v.cam.max()) >= HOT:
-            ax.contour(v.cam, levels=[HOT], colors="white", linewidths=1.3)
-            hot = True
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if letters:
-        kw = dict(transform=ax.transAxes, fontsize=fontsize, fontweight="bold", color="black")
-        ax.text(-0.015, 0.5, v.edges["left"], ha="right", va="center", **kw)
-        ax.text(1.015, 0.5, v.edges["right"], ha="left", va="center", **kw)
-        ax.text(0.5, 1.01, v.edges["top"], ha="center", va="bottom", **kw)
-        if bottom_letter:
-            ax.text(0.5, -0.01, v.edges["bottom"], ha="center", va="top", **kw)
-    return hot
-
-
-def _colourbar(fig, cax, label: str, scale: float):
-    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), cam_colourmap()), cax=cax)
-    cb.set_label(f"Grad-CAM '{label}' / volume max ({scale:.3g})", fontsize=8)
-    cb.ax.axhline(HOT, color="white", lw=2)
-    cb.ax.axhline(HOT, color="black", lw=0.6)
-    cb.ax.tick_params(labelsize=7)
-    return cb
-
-
-# --------------------------------------------------------------------------- figures
-def _window_text(analysis: Analysis) -> str:
-    if analysis.volume.windowed:
-        return "8-bit windowed input (not HU)"
-    lvl, wid = display_window(analysis)
-    return f"window L {lvl:g} / W {wid:g} HU"
-
-
-def _fit(text: str, width_in: float, fontsize: float) -> str:
-    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` points (bold
-    sans-serif is about 0.6 em per character on average)."""
-    import textwrap
-    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 72 / (0.6 * fontsize)))))
-
-
-def slice_figure(analysis: Analysis, row: int, label: str | None = None, *,
-                 title: str | None = None) -> Figure:
-    """One analysed slice: the windowed CT alone and with the CAM overlay (colour bar, hot
-    outline), and a legend panel below (class, probabilities, slice, instance number).
-
-    Example::
-
-        >>> fig = slice_figure(analysis, row=3, label="malignant")
-    """
-    label = label or analysis.verdict.evidence
-    v = slice_view(analysis, row, label)
-    fig = Figure(figsize=(11.0, 7.0), dpi=DPI)
-    FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(2, 3, height_ratios=[5.0, 1.2], width_ratios=[24, 24, 1],
-                          left=0.03, right=0.93, top=0.9, bottom=0.02, hspace=0.1, wspace=0.14)
-    ax_ct = fig.add_subplot(gs[0, 0])
-    _draw_slice(ax_ct, dataclasses.replace(v, cam=None))
-    ax_ct.set_title(f"CT ({_window_text(analysis)})", fontsize=9, pad=14)
-    ax = fig.add_subplot(gs[0, 1])
-    hot = _draw_slice(ax, v)
-    ax.set_title(f"CT + Grad-CAM for '{label}'" if v.cam is not None else "no Grad-CAM",
-                 fontsize=9, pad=14)
-    fig.suptitle(title or f"Grad-CAM for '{label}'", fontsize=12, fontweight="bold", y=0.985)
-    if v.cam is not None:
-        _colourbar(fig, fig.add_subplot(gs[0, 2]), label, analysis.cams.scale[label])
-    tax = fig.add_subplot(gs[1, :])
-    tax.axis("off")
-    vd = analysis.verdict
-    left = [
-        # the not-assessable reason is long: its own line keeps clear of the right column
-        f"Verdict: {verdict_text(vd) if vd.assessable else vd.label.upper()}",
-        "         (calibrated, whole volume)" if vd.assessable else
-        "         (unlike training data; P is no verdict)",
-        f"This slice: P({label}) = {v.probability:.2f} (calibrated)" if v.probability is not None
-        else "This slice: no probability",
-        f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}".rstrip(),
-    ]
-    right = [
-        f"InstanceNumber {v.instance_number if v.instance_number is not None else '-'}   "
-        f"z index {v.volume_z} (0..{analysis.volume.shape[0] - 1})   z = {v.z_mm:.1f} mm",
-        f"SOPInstanceUID {v.sop_instance_uid or '-'}",
-    ]
-    if v.cam is None:
-        right.append("No Grad-CAM for this analysis (run without --no-cam to get one).")
-    else:
-        right.append("Colour: Grad-CAM as a fraction of its maximum over the whole volume")
-        right.append("White outline: hot region (>= 50 % of that maximum)" if hot else
-                     "No region reaches 50 % of the volume maximum here (no outline)")
-    kw = dict(va="top", fontsize=8.5, family="monospace", transform=tax.transAxes,
-              linespacing=1.4)
-    tax.text(0.0, 1.0, "\n".join(left), ha="left", **kw)
-    tax.text(0.43, 1.0, "\n".join(right), ha="left", **kw)
-    tax.text(0.0, 0.12, RESEARCH_USE, ha="left", va="top", fontsize=8.5, color="#b00000",
-             fontweight="bold", transform=tax.transAxes)
-    return fig
-
-
-def key_slice_figure(analysis: Analysis, key: KeySlice, label: str | None = None) -> Figure:
-    """:func:`slice_figure` for one of ``analysis.verdict.key_slices``, titled with its rank."""
-    keys = analysis.verdict.key_slices
-    rank = next((i for i, k in enumerate(keys) if k.row == key.row), 0) + 1
-    label = label or analysis.verdict.evidence
-    return slice_figure(analysis, key.row, label,
-                        title=f"Key slice {rank} of {len(keys)} - Grad-CAM for '{label}'")
-
-
-def montage_figure(analysis: Analysis, label: str | None = None, *, ncols: int = 5) -> Figure:
-    """All key slices with the same CAM scale and one colour bar: for each key slice the
-    plain CT (top row, for orientation) above the same slice with the Grad-CAM overlay;
-    more than ``ncols`` key slices wrap into further pairs of rows."""
-    label = label or analysis.verdict.evidence
-    keys = analysis.verdict.key_slices
-    n = max(1, len(keys))
-    ncols = min(ncols, n)
-    blocks = math.ceil(n / ncols)
-    tile = 2.55
-    width = max(tile * ncols + 1.9, 6.5)
-    vd = analysis.verdict
-    title = _fit(f"Key slices (evidence for {vd.evidence}): CT above, CT + Grad-CAM for "
-                 f"'{label}' below", width - 0.4, 10)
-    sub = _fit(f"Verdict: {verdict_text(vd)}", width - 0.4, 8.5)
-    foot = _fit("z = slice index from 0.  IN = InstanceNumber.  White outline: CAM >= 50 % of "
-                "the volume maximum.  " + RESEARCH_USE, width - 0.6, 7)
-    n_title, n_sub, n_foot = (t.count("\n") + 1 for t in (title, sub, foot))
-    top_in = 0.2 + 0.19 * n_title + 0.16 * n_sub + 0.25
-    bottom_in = 0.1 + 0.13 * n_foot
-    height = blocks * (2 * tile + 0.45) + top_in + bottom_in
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    ratios = []
-    for _ in range(blocks):
-        ratios += [tile, tile, 0.45]
-    used = tile * ncols + 0.8                    # the tiles and the colour bar, inches
-    left = max(0.75, (width - used) / 2)
-    gs = fig.add_gridspec(3 * blocks, ncols + 1, width_ratios=[12] * ncols + [0.55],
-                          height_ratios=ratios, left=left / width,
-                          right=min(width - 0.75, left + used) / width,
-                          top=1 - top_in / height, bottom=bottom_in / height, hspace=0.08,
-                          wspace=0.08)
-    fig.text(0.5, 1 - 0.1 / height, title, ha="center", va="top", fontsize=10,
-             fontweight="bold")
-    fig.text(0.5, 1 - (0.12 + 0.19 * n_title) / height, sub, ha="center", va="top",
-             fontsize=8.5)
-    has_cam = False
-    for i, k in enumerate(keys):
-        blk, col = divmod(i, ncols)
-        v = slice_view(analysis, k.row, label)
-        first = col == 0
-        ax_ct = fig.add_subplot(gs[3 * blk, col])
-        _draw_slice(ax_ct, dataclasses.replace(v, cam=None), letters=first, fontsize=7,
-                    bottom_letter=False)
-        ax = fig.add_subplot(gs[3 * blk + 1, col])
-        _draw_slice(ax, v, letters=False)
-        if first:
-            ax_ct.set_ylabel("CT", fontsize=8, labelpad=14)
-            ax.set_ylabel("CT + Grad-CAM", fontsize=8, labelpad=6)
-        has_cam |= v.cam is not None
-        inst = f"IN {v.instance_number}  " if v.instance_number is not None else ""
-        p = f"P={v.probability:.2f}  " if v.probability is not None else ""
-        ax.set_xlabel(f"#{i + 1}  z {v.volume_z}  {inst}{p}({v.z_mm:.1f} mm)", fontsize=7.5,
-                      labelpad=3)
-    if not keys:
-        ax = fig.add_subplot(gs[0:2, 0])
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no key slices", ha="center", va="center")
-    if has_cam:
-        _colourbar(fig, fig.add_subplot(gs[1, ncols]), label, analysis.cams.scale[label])
-    fig.text(0.3 / width, 0.08 / height, foot, fontsize=7, color="#b00000", va="bottom")
-    return fig
-
-
+# --------------------------------------------------------------------------- charts
 #: line style, marker and width per class (in label order): a thick line first so that the
 #: later, thinner ones stay visible on top of it where the probabilities coincide
 _STYLES = [("-", "o", 4.0, 9.0), ("--", "s", 2.2, 5.0), (":", "^", 1.8, 4.5),

@@ -78,14 +78,21 @@ def test_key_slice_labels_never_overlap_and_all_are_listed(n_keys):
         assert re.search(rf"#{r}\s+z {a.verdict.key_slices[r - 1].z}\b", listing)
 
 
-def test_montage_pairs_plain_ct_with_overlay(twenty):
-    fig = figures.montage_figure(twenty)
-    tiles = [ax for ax in fig.axes if ax.get_images()]
+@pytest.mark.parametrize("ncols", [5, 2])
+def test_montage_pairs_plain_ct_with_overlay(twenty, ncols):
+    from dicompipe.report import slice_images
+    rgb, lay = slice_images.montage(twenty, ncols=ncols)
     n = len(twenty.verdict.key_slices)
-    assert len(tiles) == 2 * n
-    plain = [ax for ax in tiles if len(ax.get_images()) == 1]
-    assert len(plain) == n                                   # one plain CT per key slice
-    assert any("CT + Grad-CAM" in ax.get_ylabel() for ax in tiles)
+    assert rgb.shape[:2] == (lay.height, lay.width) and len(lay.ct) == len(lay.cam) == n
+
+    def colour(box):                      # pixels whose channels differ: the CAM overlay
+        x, y, w, h = box
+        return int((np.ptp(rgb[y:y + h, x:x + w].astype(int), axis=2) > 30).sum())
+
+    assert all(colour(b) == 0 for b in lay.ct)               # one plain CT per key slice ...
+    assert all(colour(b) > 100 for b in lay.cam)             # ... above its overlay
+    assert all(c[1] > t[1] for t, c in zip(lay.ct, lay.cam))
+    assert len({b[1] for b in lay.ct}) == -(-n // ncols)     # wrapped into rows of ncols
 
 
 def test_overlay_fades_in_smoothly():

@@ -104,8 +104,9 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
 
 
 def test_key_png_is_annotated_and_cam_scale_is_volume_wide(figures, tmp_path, lung):
-    path = figures.save(figures.key_slice_figure(lung, lung.verdict.key_slices[0]),
-                        tmp_path / "key.png")
+    from dicompipe.report import slice_images
+    path = figures.save_rgb(slice_images.key_slice_image(lung, lung.verdict.key_slices[0]),
+                            tmp_path / "key.png")
     img = Image.open(path)
     assert img.mode in ("RGB", "RGBA") and img.width > 500 and img.height > 500
     rgb = np.asarray(img.convert("RGB")).astype(int)
@@ -140,7 +141,10 @@ def test_all_slices_and_no_cam(figures, tmp_path):
     assert not list(run.glob("cam_*.nii.gz")) and (run / "ct.nii.gz").exists()
     assert "No Grad-CAM" in (run / "report.txt").read_text()
     assert figures.slice_view(b, 0).cam is None
-    assert figures.to_rgb(figures.slice_figure(b, 0)).shape[2] == 3
+    from dicompipe.report import slice_images
+    rgb = slice_images.slice_image(b, 0).astype(int)
+    panels = rgb[90:590, :1100]                  # both slice panels, no colour bar
+    assert rgb.shape[2] == 3 and np.ptp(panels, axis=2).max() == 0     # grey: no overlay
 
 
 def test_nifti_geometry_matches_volume(tmp_path, lung):
