@@ -319,8 +319,13 @@ def _p_train(sub):
     p.add_argument("--split-file", help="with --pretrain: a docs/split.json (relative path -> "
                                         "train/val/test) to use, e.g. the 1.0.0 bundle's")
     p.add_argument("--version", default="2.0.0", help="with --pretrain: the bundle version")
-    p.add_argument("--init", help="with --pretrain: start the backbone from these safetensors "
-                                  "(e.g. another organ's lesion network)")
+    p.add_argument("--init", help="with --pretrain: start from these safetensors (the head "
+                                  "too when its classes match; another organ's lesion "
+                                  "network gives the backbone only)")
+    p.add_argument("--real-share", type=float, default=0.5,
+                   help="with --pretrain: share of each fine-tuning batch that is real labelled "
+                        "slices, the rest synthetic lesions with the location loss "
+                        "(default %(default)s)")
     p.add_argument("--cam-weight", type=float, default=3.0,
                    help="with --pretrain: weight of the location loss that ties the class map "
                         "to the synthetic lesion (default %(default)s)")
@@ -355,6 +360,9 @@ def _cmd_train(args) -> int:
         except ValueError:
             raise DicompipeError(f"--phases entry {part!r} is not NAME:MINUTES:SIZE "
                                  "(e.g. pretrain:40:128).") from None
+    if not 0 <= args.real_share < 1:
+        raise DicompipeError(f"--real-share {args.real_share:g} is not in [0, 1): each batch "
+                             "needs synthetic lesion slices for the location loss.")
     if not args.split_file:
         raise DicompipeError("--pretrain needs --split-file (a bundle's docs/split.json) so "
                              "that the test part stays the one earlier bundles were scored on.")
@@ -366,11 +374,13 @@ def _cmd_train(args) -> int:
     state = run_lesion_training(args.data, args.organ, args.split_file, workdir, phases,
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
-                                extra_normals=args.extra_normals, log=log)
+                                extra_normals=args.extra_normals, real_share=args.real_share,
+                                log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
                           f"--cam-weight {args.cam_weight:g} --layer4-dilation {args.layer4_dilation}"
+                          f" --real-share {args.real_share:g}"
                           + (f" --init {Path(args.init).name}" if args.init else "")
                           + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
                                     for s in args.extra_normals),

@@ -37,3 +37,14 @@ def test_spacing_of_image_slices_from_the_command_line(tmp_path, monkeypatch):
     assert seen["spacing"] == (0.7, 0.7, 2.5)
     with pytest.raises(SystemExit):
         main(["analyze", "x", "--spacing", "0.7,-1"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--real-share", "1"], "--real-share 1 is not in [0, 1)"),
+    (["--phases", "pretrain:40"], "is not NAME:MINUTES:SIZE"),
+    ([], "--pretrain needs --split-file"),
+])
+def test_lesion_training_options_are_checked_before_any_work(tmp_path, capsys, extra, message):
+    assert main(["train", str(tmp_path), "--organ", "lung", "--out", str(tmp_path / "b"),
+                 "--pretrain", "synthetic-lesions", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -12,8 +12,9 @@ Phases (each on the clock, resumable from ``workdir`` after any interruption):
    lesion-free slice every abnormal class's map is pushed below zero. The weights at the
    end of each phase are kept (``phase<i>_<name>.safetensors``): the last pretrain phase's
    are the *synthetic-only* model.
-2. ``finetune`` (optional): half of each batch real labelled training slices
-   (class-balanced, cross-entropy only), half synthetic (both losses), lower learning rate.
+2. ``finetune`` (optional): a share ``real_share`` (default half) of each batch real
+   labelled training slices (class-balanced, cross-entropy only), the rest synthetic (both
+   losses), lower learning rate.
    ``finetune-l4`` trains only layer4 and the head (the earlier layers keep the lesion
    filters the synthetic phase learned), ``finetune-head`` only the head.
 
@@ -137,7 +138,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   phases=(("pretrain", 40.0, 128),), lr: float = 1e-3, bs: int = 32,
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
-                  init: Path | None = None, layer4_dilation: int = 1, log=print) -> dict:
+                  init: Path | None = None, layer4_dilation: int = 1, real_share: float = 0.5,
+                  log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
@@ -168,10 +170,14 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
 
     net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation)
     net = net.to(memory_format=torch.channels_last)
-    if init is not None:        # e.g. the lung lesion network for the pancreas: backbone only
-        sd = {kk: v for kk, v in load_file(str(init)).items() if not kk.startswith("fc.")}
-        net.load_state_dict(sd, strict=False)
-        log(f"backbone initialised from {Path(init).name}")
+    if init is not None:
+        # the head too when its classes match (it is half of the class map); not from
+        # another organ's network (e.g. the lung lesion network for the pancreas)
+        sd = load_file(str(init))
+        head = sd["fc.weight"].shape == net.fc.weight.shape
+        net.load_state_dict(sd if head else {kk: v for kk, v in sd.items() if not kk.startswith("fc.")},
+                            strict=head)
+        log(f"{'network' if head else 'backbone'} initialised from {Path(init).name}")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     state = {"phase": 0, "phase_seconds": 0.0, "step": 0, "history": [], "best": -1.0}
     if (wd / "state.json").exists():
@@ -224,7 +230,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             f = min(frac / 0.05, 1.0) if frac < 0.05 else 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
             for g in opt.param_groups:
                 g["lr"] = plr * max(f, 0.02)
-            n_syn = bs // 2 if name.startswith("finetune") else bs
+            n_syn = bs - round(bs * real_share) if name.startswith("finetune") else bs
             # each base slice once per class: within a batch the lesion is the only difference
             base = np.repeat(rng.choice(train_normals, -(-n_syn // k)), k)[:n_syn]
             s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng)

@@ -145,6 +145,30 @@ def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
     assert changed and changed <= {"layer4", "fc"}          # BatchNorm statistics included
 
 
+def test_init_keeps_the_head_when_its_classes_match(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dicompipe.model.network import resnet50
+    from dicompipe.train.pretrain import train_lesions
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    args = (images, y, parts, np.arange(4), ["normal", "benign", "malignant"], spec_v2("lung", 32))
+    three, two = tmp_path / "three.safetensors", tmp_path / "two.safetensors"
+    save_file(resnet50(3).state_dict(), str(three))
+    save_file(resnet50(2).state_dict(), str(two))         # e.g. the pancreas network
+    logs: list[str] = []
+    # a zero-length phase: the weights as initialised are what is saved
+    train_lesions(*args, tmp_path / "a", organ="lung", phases=[("finetune-head", 0.0, 32)],
+                  bs=4, threads=1, init=three, real_share=0.75, log=logs.append)
+    assert "network initialised from three.safetensors" in logs
+    kept = load_file(str(tmp_path / "a" / "phase0_finetune-head.safetensors"))
+    assert all(np.array_equal(v.numpy(), kept[k].numpy()) for k, v in load_file(str(three)).items())
+    train_lesions(*args, tmp_path / "b", organ="lung", phases=[("finetune-head", 0.0, 32)],
+                  bs=4, threads=1, init=two, log=logs.append)
+    assert "backbone initialised from two.safetensors" in logs
+
+
 def test_dicom_normals_render_as_inference_does(tmp_path):
     """Extra lesion-free DICOM slices for lesion training: the slices the lung selection
     keeps, each equal to what inference feeds the network (to uint8)."""
