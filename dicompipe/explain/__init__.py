@@ -8,6 +8,7 @@ Example::
     >>> cams.volumes["malignant"]                # SimpleITK image on the source CT grid
 """
 from dicompipe.explain.gradcam import (  # noqa: F401
+    cam_slice,
     cam_volume,
     class_maps,
     display_scale,

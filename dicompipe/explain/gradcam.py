@@ -193,6 +193,29 @@ def cam_volume(cams, batch, label: str):
     return img
 
 
+def cam_slice(cams, batch, label: str, z: int) -> np.ndarray | None:
+    """``label``'s Grad-CAM on CT slice ``z`` (rows, columns; float32 raw values, a copy), or
+    None when ``cams`` has no such class. Read from the volume when it is already there;
+    otherwise computed for this slice alone (``preprocess.to_slice``), so showing a few
+    slices never makes a 315 MB volume.
+
+    >>> cam_slice(analysis.cams, analysis.batch, "malignant", 12).shape
+    (512, 512)
+    """
+    if cams is None or label not in cams.labels:
+        return None
+    vols = cams.volumes
+    img = vols.peek(label) if isinstance(vols, CamVolumes) else vols.get(label)
+    if img is None:
+        from dicompipe.preprocess.inverse import to_slice
+        arr = to_slice(batch, cams.maps[:, cams.labels.index(label)], z)
+        if arr is not None:
+            return arr
+        img = cam_volume(cams, batch, label)
+    import SimpleITK as sitk
+    return np.array(sitk.GetArrayViewFromImage(img)[z])      # copied while the image is held
+
+
 class CamVolumes(MutableMapping):
     """``CamStack.volumes``: each class's map on the source CT grid, made on first access.
 
@@ -218,6 +241,10 @@ class CamVolumes(MutableMapping):
 
     def __setitem__(self, label, image):
         self._kept = {label: image}
+
+    def peek(self, label):
+        """The volume of ``label`` if it is already made, else None (nothing computed)."""
+        return self._kept.get(label)
 
     def __delitem__(self, label):
         self._kept.pop(label, None)

@@ -193,10 +193,9 @@ def _nifti_labels(analysis: Analysis, which: str) -> list[str]:
 
 def _start_nifti(analysis: Analysis, stage: Path, which: str, ct: bool | None) -> Future:
     """Write the NIfTIs in a worker thread; its result is (files written, notes)."""
+    # the CAM volumes are made in the worker too: the slice images need single slices
+    # only (explain.cam_slice), so both run at once (numpy and zlib release the GIL)
     labels = _nifti_labels(analysis, which)
-    if labels:                    # the figures need the evidence map too: make it once, here
-        from dicompipe.explain import cam_volume
-        cam_volume(analysis.cams, analysis.batch, labels[-1])
     pool = ThreadPoolExecutor(1, thread_name_prefix="dicompipe-nifti")
     if ct is None:
         ct = analysis.series.kind not in ("dicom", "nifti")

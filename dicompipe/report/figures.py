@@ -133,15 +133,12 @@ def display_cam(analysis: Analysis, label: str, vz: int) -> np.ndarray | None:
     """``label``'s Grad-CAM on CT slice ``vz`` as drawn (report figures and web app alike):
     smoothed (:func:`smooth_cam`) and divided by the volume-wide maximum, in [0, 1]; None
     when the analysis has no CAM for ``label``."""
-    import SimpleITK as sitk
+    from dicompipe.explain import cam_slice
 
-    from dicompipe.explain import cam_volume
-
-    cv = cam_volume(analysis.cams, analysis.batch, label)
-    if cv is None:
+    arr = cam_slice(analysis.cams, analysis.batch, label, vz)
+    if arr is None:
         return None
     top = float(analysis.cams.scale.get(label) or 0.0)
-    arr = np.array(sitk.GetArrayViewFromImage(cv)[vz], np.float32)
     if top <= 0:
         return np.zeros_like(arr)
     return np.clip(smooth_cam(arr, cam_cell_px(analysis)) / top, 0, 1)

@@ -138,12 +138,8 @@ def history_rows(since: _dt.date | None = None, organ: str | None = None,
 # --------------------------------------------------------------------------- viewer
 def cam_slice(analysis: Analysis, label: str, z: int) -> np.ndarray | None:
     """Raw Grad-CAM of ``label`` on CT slice ``z`` (y, x), a copy, from the explain stage."""
-    from dicompipe.explain import cam_volume
-    img = cam_volume(analysis.cams, analysis.batch, label)
-    if img is None:
-        return None
-    import SimpleITK as sitk
-    return np.array(sitk.GetArrayViewFromImage(img)[z])   # copied while the image is held
+    from dicompipe.explain import cam_slice as explain_cam_slice
+    return explain_cam_slice(analysis.cams, analysis.batch, label, z)
 
 
 def cam_display(analysis: Analysis, label: str, z: int) -> np.ndarray | None:

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from geometry import OBLIQUE, blob, centroid_lps, make_batch, make_volume, rotation
 
 from dicompipe.errors import PreprocessError, ReportError
-from dicompipe.preprocess.inverse import to_grid, to_volume
+from dicompipe.preprocess.inverse import to_grid, to_slice, to_volume
 from dicompipe.report.nifti import nifti_affine, write_nifti
 from dicompipe.types import ModelSlice, PreprocessSpec, SliceBatch
 
@@ -99,6 +99,26 @@ def test_separable_and_resample_paths_agree(oblique_case):
     pf, ps = (np.unravel_index(np.argmax(sitk.GetArrayFromImage(to_volume(batch, coarse, method=m))),
                                fast.shape) for m in ("separable", "resample"))
     assert np.abs(np.subtract(pf, ps)).max() <= 1
+
+
+def test_one_slice_equals_that_slice_of_the_volume(oblique_case):
+    """to_slice (what report images and the viewer use) = to_volume's slice, skipped and
+    uncovered slices included; the CamStack keeps no volume for it."""
+    from dicompipe.explain import cam_slice
+    from dicompipe.explain.gradcam import CamVolumes
+    from dicompipe.types import CamStack
+
+    vol, batch, _ = oblique_case
+    maps = batch.tensors[:, 0]
+    full = sitk.GetArrayFromImage(to_volume(batch, maps))
+    for z in range(full.shape[0]):
+        assert np.allclose(to_slice(batch, maps, z), full[z], atol=1e-5)
+    cams = CamStack(labels=["x"], maps=maps[:, None], scale={"x": 1.0})
+    cams.volumes = CamVolumes(batch, maps[:, None], ["x"])
+    assert np.allclose(cam_slice(cams, batch, "x", 11), full[11], atol=1e-5)
+    assert cams.volumes.peek("x") is None
+    with pytest.raises(PreprocessError, match="outside the volume"):
+        to_slice(batch, maps, full.shape[0])
 
 
 def test_grid_with_its_own_direction_uses_resample():
