@@ -10,6 +10,7 @@ Example::
 from dicompipe.explain.gradcam import (  # noqa: F401
     cam_slice,
     cam_volume,
+    cam_volume_uint8,
     class_maps,
     display_scale,
     gradcam,

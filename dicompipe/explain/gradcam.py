@@ -193,6 +193,25 @@ def cam_volume(cams, batch, label: str):
     return img
 
 
+def cam_volume_uint8(cams, batch, label: str):
+    """``label``'s Grad-CAM on the source CT grid as (uint8 SimpleITK image, scale), value =
+    uint8 x scale (what a NIfTI stores), or None when ``cams`` has no such class: quantised
+    from the float volume when that is already made, else made directly
+    (``preprocess.to_volume_uint8``: ~10x faster, a quarter of the memory).
+
+    >>> img, scale = cam_volume_uint8(analysis.cams, analysis.batch, "malignant")
+    """
+    from dicompipe.preprocess.inverse import quantise, to_volume_uint8
+
+    if cams is None or label not in cams.labels:
+        return None
+    vols = cams.volumes
+    img = vols.peek(label) if isinstance(vols, CamVolumes) else vols.get(label)
+    if img is not None:
+        return quantise(img)
+    return to_volume_uint8(batch, cams.maps[:, cams.labels.index(label)])
+
+
 def cam_slice(cams, batch, label: str, z: int) -> np.ndarray | None:
     """``label``'s Grad-CAM on CT slice ``z`` (rows, columns; float32 raw values, a copy), or
     None when ``cams`` has no such class. Read from the volume when it is already there;

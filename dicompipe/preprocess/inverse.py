@@ -193,6 +193,54 @@ def _separable(batch: SliceBatch, maps, default: float) -> sitk.Image:
     return img
 
 
+def to_volume_uint8(batch: SliceBatch, maps, *, chunk: int = 16) -> tuple[sitk.Image, float]:
+    """:func:`to_volume` quantised: (uint8 image on the source grid, scale), value = uint8 x
+    scale, scale = the maps' maximum / 255 (interpolation never exceeds it). Made in chunks
+    of slices: a quarter of the memory of the float volume and ~10x faster on a 512x512x300
+    grid (no 315 MB float array to fill and copy) — what a uint8 NIfTI needs.
+
+    >>> img, scale = to_volume_uint8(batch, cams.maps[:, 1])
+    """
+    m = np.asarray(maps, np.float32)
+    ref = batch.volume.image if batch.volume is not None else None
+    if ref is None or batch.grid is None or \
+            not np.allclose(ref.GetDirection(), batch.grid.GetDirection(), atol=1e-6):
+        return quantise(to_volume(batch, m))
+    scale = _scale(float(m.max()) if m.size else 0.0)
+    stack, wx, wy, wz = _separable_parts(batch, m)
+    nzg, h, w = stack.shape
+    s1 = (wz @ stack.reshape(nzg, h * w).astype(np.float64)).reshape(-1, h, w)
+    t = (np.matmul(s1, wx.T) / scale).astype(np.float32)               # (nzv, h, nxv)
+    wyf = wy.astype(np.float32)
+    out = np.empty((t.shape[0], wy.shape[0], t.shape[2]), np.uint8)
+    buf = np.empty((chunk,) + out.shape[1:], np.float32)
+    for z in range(0, len(t), chunk):
+        b = buf[:min(chunk, len(t) - z)]
+        np.matmul(wyf, t[z:z + len(b)], out=b)
+        np.clip(np.rint(b, out=b), 0, 255, out=b)
+        out[z:z + len(b)] = b
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(ref)
+    return img, scale
+
+
+def _scale(top: float) -> float:
+    return top / 255.0 if top > 0 else 1.0
+
+
+def quantise(image: sitk.Image) -> tuple[sitk.Image, float]:
+    """A non-negative float image as (uint8 image, scale): value = uint8 x scale, scale = its
+    maximum / 255. Geometry kept.
+
+    >>> img8, scale = quantise(cam_image)
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    scale = _scale(float(arr.max()) if arr.size else 0.0)
+    out = sitk.GetImageFromArray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8))
+    out.CopyInformation(image)
+    return out, scale
+
+
 def to_slice(batch: SliceBatch, maps, z: int) -> np.ndarray | None:
     """Slice ``z`` (rows, columns) of ``to_volume(batch, maps)`` without making the volume
     (a 512x512x300 one is 315 MB and a second's work; a slice is a millisecond's); float32.

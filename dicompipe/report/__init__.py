@@ -226,16 +226,15 @@ def _write_nifti(analysis: Analysis, stage: Path, labels: list[str],
     cams = analysis.cams
     if cams is None:
         return written, notes
-    from dicompipe.explain import cam_volume
+    from dicompipe.explain import cam_volume_uint8
     for label in labels:
         try:
-            img = cam_volume(cams, analysis.batch, label)
+            img, scale = cam_volume_uint8(cams, analysis.batch, label)
         except (DicompipeError, NotImplementedError) as e:
             notes.append(f"cam_{label}.nii.gz skipped: {e}")
             continue
         name = f"cam_{label}.nii.gz"
         write_nifti(img, stage / name, description=f"Grad-CAM {label} (uint8, scaled)",
-                    display_range=(0.0, float(cams.scale.get(label) or 0.0)),
-                    dtype=np.uint8, scaled=True)
+                    display_range=(0.0, float(cams.scale.get(label) or 0.0)), slope=scale)
         written.append(name)
     return written, notes

@@ -42,13 +42,15 @@ def nifti_affine(image: sitk.Image) -> np.ndarray:
 
 def write_nifti(image: sitk.Image, path, *, description: str | None = None,
                 display_range: tuple[float, float] | None = None, dtype=None,
-                scaled: bool = False) -> Path:
+                scaled: bool = False, slope: float | None = None) -> Path:
     """Write a 3D SimpleITK image (LPS) as NIfTI-1 with qform = sform = the RAS affine.
 
     ``dtype``: cast the voxels (e.g. ``np.int16`` for HU, rounded); default keeps them.
     ``scaled``: with an integer ``dtype``, store the values scaled into its range with the
     header's scl_slope/scl_inter (a Grad-CAM map as uint8 is a quarter of float32 and
     compresses far better; every reader applies the scale, so values stay in their units).
+    ``slope``: the image already holds scaled integers (e.g. from
+    ``preprocess.to_volume_uint8``): stored as they are, with scl_slope = ``slope``.
     ``display_range``: stored as cal_min/cal_max (viewers' default window).
     Returns the path written. Raises :class:`ReportError` for a bad path or image.
 
@@ -80,6 +82,8 @@ def write_nifti(image: sitk.Image, path, *, description: str | None = None,
     img = nib.Nifti1Image(data, affine)
     if scaled and dtype is not None:
         img.set_data_dtype(dt)
+    if slope is not None:
+        img.header.set_slope_inter(float(slope), 0.0)
     img.set_qform(affine, code=1)           # 1 = scanner-based anatomical coordinates
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")

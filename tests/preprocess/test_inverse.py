@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from geometry import OBLIQUE, blob, centroid_lps, make_batch, make_volume, rotation
 
 from dicompipe.errors import PreprocessError, ReportError
-from dicompipe.preprocess.inverse import to_grid, to_slice, to_volume
+from dicompipe.preprocess.inverse import to_grid, to_slice, to_volume, to_volume_uint8
 from dicompipe.report.nifti import nifti_affine, write_nifti
 from dicompipe.types import ModelSlice, PreprocessSpec, SliceBatch
 
@@ -119,6 +119,24 @@ def test_one_slice_equals_that_slice_of_the_volume(oblique_case):
     assert cams.volumes.peek("x") is None
     with pytest.raises(PreprocessError, match="outside the volume"):
         to_slice(batch, maps, full.shape[0])
+
+
+def test_uint8_volume_is_the_float_volume_quantised(oblique_case, tmp_path):
+    """What cam_*.nii.gz store: the float volume within half a step, same geometry, and a
+    NIfTI reader gets the values back through scl_slope."""
+    import nibabel as nib
+
+    vol, batch, _ = oblique_case
+    maps = np.abs(batch.tensors[:, 0])                       # CAM maps are >= 0 (ReLU)
+    full = sitk.GetArrayFromImage(to_volume(batch, maps))
+    img, scale = to_volume_uint8(batch, maps, chunk=5)       # chunks that do not divide z
+    assert img.GetPixelID() == sitk.sitkUInt8 and scale == pytest.approx(maps.max() / 255)
+    for get in ("GetOrigin", "GetSpacing", "GetDirection", "GetSize"):
+        assert getattr(img, get)() == getattr(vol.image, get)()
+    assert np.abs(sitk.GetArrayFromImage(img) * scale - full).max() <= 0.5 * scale + 1e-5
+    path = write_nifti(img, tmp_path / "cam.nii.gz", slope=scale)
+    back = np.transpose(np.asarray(nib.load(path).dataobj, np.float32), (2, 1, 0))
+    assert np.abs(back - full).max() <= 0.5 * scale + 1e-5
 
 
 def test_grid_with_its_own_direction_uses_resample():
