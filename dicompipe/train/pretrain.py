@@ -192,15 +192,17 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     w_real /= w_real.sum()
     real_va = np.nonzero(parts == "val")[0]
 
+    arch = {"layer4_dilation": str(layer4_dilation)}     # the weights cannot tell; finalize reads it
+
     def save(tag=None):
         sd = {kk: v.contiguous() for kk, v in net.state_dict().items()}
-        save_file(sd, str(wd / "last.tmp"))
+        save_file(sd, str(wd / "last.tmp"), metadata=arch)
         os.replace(wd / "last.tmp", wd / "last.safetensors")
         torch.save({"opt": opt.state_dict()}, wd / "opt.tmp")
         os.replace(wd / "opt.tmp", wd / "opt.pt")
         (wd / "state.json").write_text(json.dumps(state, indent=1))
         if tag:
-            save_file(sd, str(wd / f"{tag}.safetensors"))
+            save_file(sd, str(wd / f"{tag}.safetensors"), metadata=arch)
 
     def check(size, phase):
         rec = {"step": state["step"], "phase": phase, "size": size,

@@ -120,11 +120,14 @@ def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = Non
 
 def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, version: str,
                     training: dict, workdir="training", calibrate_on: str = "val",
-                    n_boot: int = 1000, layer4_dilation: int = 1, log=print) -> tuple[Path, dict]:
+                    n_boot: int = 1000, layer4_dilation: int | None = None,
+                    log=print) -> tuple[Path, dict]:
     """A 2.x bundle from trained ``weights``: the data rendered at ``size`` exactly as
     inference renders it, a prior correction (:func:`fit_prior_bias`, folded into the
     head's bias, so every backend applies it) and a temperature fitted on the validation
     part, leak-free test metrics with bootstrap intervals. Returns (bundle folder, metrics).
+    ``layer4_dilation``: default, what the weights file's metadata says
+    (:func:`dicompipe.train.pretrain.train_lesions` records it), else 1.
     """
     import torch
     from safetensors.torch import load_file
@@ -143,6 +146,10 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     stored = json.loads(Path(split_file).read_text())
     parts = np.array([stored["parts"].get(os.path.relpath(it.path, data)) or "" for it in items])
     y = np.array([it.label for it in items])
+    if layer4_dilation is None:
+        from safetensors import safe_open
+        with safe_open(str(weights), "pt") as f:
+            layer4_dilation = int((f.metadata() or {}).get("layer4_dilation", 1))
     net = resnet50(len(labels), layer4_dilation=layer4_dilation)
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)

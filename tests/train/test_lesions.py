@@ -146,6 +146,7 @@ def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
 
 
 def test_init_keeps_the_head_when_its_classes_match(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from dicompipe.model.network import resnet50
@@ -160,9 +161,13 @@ def test_init_keeps_the_head_when_its_classes_match(tmp_path):
     logs: list[str] = []
     # a zero-length phase: the weights as initialised are what is saved
     train_lesions(*args, tmp_path / "a", organ="lung", phases=[("finetune-head", 0.0, 32)],
-                  bs=4, threads=1, init=three, real_share=0.75, log=logs.append)
+                  bs=4, threads=1, init=three, real_share=0.75, layer4_dilation=2,
+                  log=logs.append)
     assert "network initialised from three.safetensors" in logs
-    kept = load_file(str(tmp_path / "a" / "phase0_finetune-head.safetensors"))
+    out = tmp_path / "a" / "phase0_finetune-head.safetensors"
+    with safe_open(str(out), "pt") as f:                 # what finalize_bundle reads
+        assert f.metadata() == {"layer4_dilation": "2"}
+    kept = load_file(str(out))
     assert all(np.array_equal(v.numpy(), kept[k].numpy()) for k, v in load_file(str(three)).items())
     train_lesions(*args, tmp_path / "b", organ="lung", phases=[("finetune-head", 0.0, 32)],
                   bs=4, threads=1, init=two, log=logs.append)
