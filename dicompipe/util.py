@@ -179,3 +179,24 @@ def writable(folder: Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def lazy_getattr(package: str, where: dict[str, str]):
+    """A module ``__getattr__`` (PEP 562) importing ``package.<where[name]>`` on the first
+    use of ``name`` and caching the value in the package, so that importing the package
+    pulls in nothing heavy (torch, MONAI).
+
+    >>> __getattr__ = lazy_getattr(__name__, {"resnet50": "network"})
+    """
+    import importlib
+    import sys
+
+    def __getattr__(name):
+        if name not in where:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+

@@ -17,6 +17,7 @@ from dicompipe.explain.gradcam import (  # noqa: F401
     normalise_like_grad_cam,
     upsample,
 )
+from dicompipe.util import lazy_getattr
 
 #: the torch parts (autograd Grad-CAM, faithfulness checks) are imported on first use, so
 #: the ONNX Runtime / OpenVINO path never imports torch
@@ -25,10 +26,4 @@ _TORCH = {"autograd_cam": "autograd", "default_target_layer": "autograd",
           "volume_faithfulness": "faithfulness"}
 
 
-def __getattr__(name):
-    if name not in _TORCH:
-        raise AttributeError(f"module 'dicompipe.explain' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"dicompipe.explain.{_TORCH[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _TORCH)

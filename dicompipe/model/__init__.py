@@ -9,6 +9,7 @@ Example::
 """
 # numpy-only, imported now (the function shadows its module's name, as before)
 from dicompipe.model.aggregate import aggregate, softmax  # noqa: E402,F401
+from dicompipe.util import lazy_getattr
 
 # the torch/MONAI parts are imported on first use, so that serialising an Analysis
 # (aggregate.softmax) does not pull in torch
@@ -23,10 +24,4 @@ _PUBLIC = {
 __all__ = sorted([*_PUBLIC, "aggregate", "softmax"])
 
 
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'dicompipe.model' has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"dicompipe.model.{_PUBLIC[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _PUBLIC)
