@@ -575,6 +575,10 @@ def _p_listen(sub):
                         "0.0.0.0 with --allow-aet for a PACS on the network)")
     p.add_argument("--forward", metavar="AE@HOST:PORT",
                    help="send each result's SR and SC there (C-STORE)")
+    p.add_argument("--forward-retries", type=int, default=2, metavar="N",
+                   help="with --forward: try a failed send N more times, 5 s apart and "
+                        "doubling, before leaving the results in the run folder "
+                        "(default %(default)s)")
     p.add_argument("--allow-aet", action="append", metavar="AE",
                    help="accept associations only from this calling AE title (repeatable)")
     p.add_argument("--settle", type=float, default=10.0, metavar="S",
@@ -605,7 +609,8 @@ def _cmd_listen(args) -> int:
                    organ=args.organ, spool=args.spool,
                    forward=parse_peer(args.forward) if args.forward else None,
                    allow_aet=args.allow_aet, settle_s=args.settle, queue_size=args.queue,
-                   max_spool_bytes=parse_size(args.max_spool), case_options=_case_kwargs(args))
+                   max_spool_bytes=parse_size(args.max_spool), case_options=_case_kwargs(args),
+                   forward_retries=args.forward_retries)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_aet:
         logging.getLogger("dicompipe.pacs").warning(
             "listening on %s with no --allow-aet: any AE that reaches this port can store "

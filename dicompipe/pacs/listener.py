@@ -115,19 +115,23 @@ class Listener:
     """The receiver, its spool, its queue and its worker (see the module doc).
 
     ``case_options`` go to :func:`run_case` (formats, history, include_phi, deidentify,
-    model, backend, ...); with ``forward`` the "dicom" format is always written.
+    model, backend, ...); with ``forward`` the "dicom" format is always written. A failed
+    forward is tried again ``forward_retries`` times, ``forward_wait_s`` apart, doubling
+    (a PACS restarting or briefly busy); after that the results stay in the run folder.
     """
 
     def __init__(self, *, aet: str = "DICOMPIPE", host: str = "127.0.0.1", port: int = 11112,
                  out="runs", organ: str = "auto", spool=None, forward: Peer | None = None,
                  allow_aet=None, settle_s: float = 10.0, queue_size: int = 4,
-                 max_spool_bytes: int = 8 * 1024 ** 3, case_options: dict | None = None):
+                 max_spool_bytes: int = 8 * 1024 ** 3, case_options: dict | None = None,
+                 forward_retries: int = 2, forward_wait_s: float = 5.0):
         self.aet = check_aet(aet)
         self.host, self.port = host, int(port)
         self.out = Path(out)
         self.organ = organ
         self.spool = Path(spool) if spool else self.out / ".dicompipe-spool"
         self.forward = forward
+        self.forward_retries, self.forward_wait_s = max(0, int(forward_retries)), float(forward_wait_s)
         self.allow_aet = [check_aet(a, "--allow-aet") for a in (allow_aet or [])]
         if settle_s <= 0 or queue_size < 1:
             raise PacsError("--settle must be > 0 seconds and --queue at least 1.")
@@ -421,9 +425,8 @@ class Listener:
             log.warning("%s: the case history was not written (%s)", held.label,
                         type(res.history_error).__name__)
         if self.forward is not None:
-            from dicompipe.pacs.dimse import send
             try:
-                outcome.forwarded = send(result_files(run_dir), self.forward, self.aet)
+                outcome.forwarded = self._send_results(run_dir, held.label, scrub)
                 log.info("%s: sent %d result instance(s) to %s", held.label, outcome.forwarded,
                          self.forward)
             except Exception as e:  # noqa: BLE001 - the results stay in the run folder
@@ -436,6 +439,28 @@ class Listener:
         log.info("%s done: %s %s -> %s (%.1f s after its last instance)", held.label,
                  res.analysis.organ, outcome.verdict, run_dir.name, outcome.latency_s)
         self._record(outcome)
+
+    def _send_results(self, run_dir: Path, label: str, scrub) -> int:
+        """Send the run's DICOM results to ``forward``, with the retries; the last error
+        is raised. A stopping listener does not wait for another try."""
+        from dicompipe.pacs import dimse
+
+        peer = self.forward
+        assert peer is not None
+        wait, tries = self.forward_wait_s, 0
+        while True:
+            try:
+                return dimse.send(result_files(run_dir), peer, self.aet)
+            except Exception as e:  # noqa: BLE001 - tried again, then raised
+                tries += 1
+                if tries > self.forward_retries or self._stop.is_set():
+                    raise
+                log.warning("%s: forwarding to %s failed (%s); trying again in %.0f s "
+                            "(%d of %d)", label, peer, scrub(str(e)), wait, tries,
+                            self.forward_retries)
+                if self._stop.wait(wait):
+                    raise
+                wait *= 2
 
     def _failed(self, held: HeldSeries, why: str) -> None:
         target = self.spool / FAILED / held.folder.name

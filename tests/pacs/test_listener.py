@@ -284,3 +284,32 @@ def test_logs_keep_only_dicompipe_lines(tmp_path):
     assert NAME in seen.getvalue()
     assert "series u:0123456789 done" in text and "Association Rejected" in text
     _no_identifiers(text, [uid])
+
+
+@pytest.mark.parametrize("failures, forwarded", [(1, 2), (3, 0)])
+def test_a_failed_forward_is_tried_again(tmp_path, monkeypatch, caplog, failures, forwarded):
+    """A PACS that refuses once (restarting, busy) gets the results on the next try; one
+    that keeps refusing leaves them in the run folder, the error named in the outcome."""
+    from dicompipe.errors import PacsError
+    from dicompipe.pacs import dimse
+
+    caplog.set_level(logging.INFO, logger="dicompipe.pacs")
+    tries = []
+
+    def flaky_send(files, peer, aet, timeout=30.0):
+        tries.append(peer)
+        if len(tries) <= failures:
+            raise PacsError(f"{peer} did not accept an association")
+        return 2
+    monkeypatch.setattr(dimse, "send", flaky_send)
+    monkeypatch.setattr(pipeline, "run_case", lambda folder, **kw: _fake_case(tmp_path / "run"))
+    lst = Listener(port=0, out=tmp_path / "runs", settle_s=0.3, forward=Peer("PACS", "127.0.0.1", 1),
+                   forward_retries=2, forward_wait_s=0.05, case_options={"history": False}).start()
+    try:
+        assert send(make_study(tmp_path / "st", n=2), lst.address[1]) == [0, 0]
+        outcome = lst.wait(1, timeout=20)[0]
+    finally:
+        lst.stop(timeout=10)
+    assert len(tries) == min(failures + 1, 3) and outcome.forwarded == forwarded
+    assert (outcome.error is None) == (failures < 3)
+    assert "trying again in 0 s (1 of 2)" in caplog.text
