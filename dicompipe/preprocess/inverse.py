@@ -102,8 +102,7 @@ def to_volume(batch: SliceBatch, maps, *, default: float = 0.0,
     if method not in ("auto", "separable", "resample"):
         raise ValueError(f"method must be 'auto', 'separable' or 'resample', not {method!r}")
     ref = batch.volume.image
-    same_dir = np.allclose(ref.GetDirection(), batch.grid.GetDirection(), atol=1e-6) \
-        if batch.grid is not None else False
+    same_dir = _separable_ok(batch)
     if method == "separable" and not same_dir:
         raise PreprocessError("to_volume(method='separable') needs the grid to share the "
                               "volume's direction; use method='resample'.")
@@ -125,6 +124,14 @@ def to_volume(batch: SliceBatch, maps, *, default: float = 0.0,
         masked.CopyInformation(out)
         out = masked
     return out
+
+
+def _separable_ok(batch: SliceBatch) -> bool:
+    """Whether the separable path applies: a source volume, and a grid sharing its direction
+    (what ``prepare`` makes)."""
+    vol = batch.volume.image if batch.volume is not None else None
+    return vol is not None and batch.grid is not None and \
+        bool(np.allclose(vol.GetDirection(), batch.grid.GetDirection(), atol=1e-6))
 
 
 def _uncovered(batch: SliceBatch, nz: int) -> list[int]:
@@ -202,9 +209,7 @@ def to_volume_uint8(batch: SliceBatch, maps, *, chunk: int = 16) -> tuple[sitk.I
     >>> img, scale = to_volume_uint8(batch, cams.maps[:, 1])
     """
     m = np.asarray(maps, np.float32)
-    ref = batch.volume.image if batch.volume is not None else None
-    if ref is None or batch.grid is None or \
-            not np.allclose(ref.GetDirection(), batch.grid.GetDirection(), atol=1e-6):
+    if not _separable_ok(batch):
         return quantise(to_volume(batch, m))
     scale = _scale(float(m.max()) if m.size else 0.0)
     stack, wx, wy, wz = _separable_parts(batch, m)
@@ -220,7 +225,7 @@ def to_volume_uint8(batch: SliceBatch, maps, *, chunk: int = 16) -> tuple[sitk.I
         np.clip(np.rint(b, out=b), 0, 255, out=b)
         out[z:z + len(b)] = b
     img = sitk.GetImageFromArray(out)
-    img.CopyInformation(ref)
+    img.CopyInformation(batch.volume.image)
     return img, scale
 
 
@@ -249,8 +254,7 @@ def to_slice(batch: SliceBatch, maps, z: int) -> np.ndarray | None:
     >>> np.allclose(to_slice(batch, m, 7), sitk.GetArrayViewFromImage(to_volume(batch, m))[7])
     True
     """
-    if batch.volume is None or batch.volume.image is None or batch.grid is None or \
-            not np.allclose(batch.volume.image.GetDirection(), batch.grid.GetDirection(), atol=1e-6):
+    if not _separable_ok(batch):
         return None
     stack, wx, wy, wz = _separable_parts(batch, maps)
     if not 0 <= z < wz.shape[0]:
