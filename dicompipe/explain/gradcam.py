@@ -205,8 +205,7 @@ def cam_volume_uint8(cams, batch, label: str):
 
     if cams is None or label not in cams.labels:
         return None
-    vols = cams.volumes
-    img = vols.peek(label) if isinstance(vols, CamVolumes) else vols.get(label)
+    img = _made(cams, label)
     if img is not None:
         return quantise(img)
     return to_volume_uint8(batch, cams.maps[:, cams.labels.index(label)])
@@ -223,8 +222,7 @@ def cam_slice(cams, batch, label: str, z: int) -> np.ndarray | None:
     """
     if cams is None or label not in cams.labels:
         return None
-    vols = cams.volumes
-    img = vols.peek(label) if isinstance(vols, CamVolumes) else vols.get(label)
+    img = _made(cams, label)
     if img is None:
         from dicompipe.preprocess.inverse import to_slice
         arr = to_slice(batch, cams.maps[:, cams.labels.index(label)], z)
@@ -233,6 +231,12 @@ def cam_slice(cams, batch, label: str, z: int) -> np.ndarray | None:
         img = cam_volume(cams, batch, label)
     import SimpleITK as sitk
     return np.array(sitk.GetArrayViewFromImage(img)[z])      # copied while the image is held
+
+
+def _made(cams, label: str):
+    """``label``'s volume if it is already made (nothing is computed), else None."""
+    vols = cams.volumes
+    return vols.peek(label) if isinstance(vols, CamVolumes) else vols.get(label)
 
 
 class CamVolumes(MutableMapping):

@@ -193,8 +193,8 @@ def _nifti_labels(analysis: Analysis, which: str) -> list[str]:
 
 def _start_nifti(analysis: Analysis, stage: Path, which: str, ct: bool | None) -> Future:
     """Write the NIfTIs in a worker thread; its result is (files written, notes)."""
-    # the CAM volumes are made in the worker too: the slice images need single slices
-    # only (explain.cam_slice), so both run at once (numpy and zlib release the GIL)
+    # the CAM maps go onto the CT grid in the worker too: the slice images need single
+    # slices only (explain.cam_slice), so both run at once (numpy and zlib release the GIL)
     labels = _nifti_labels(analysis, which)
     pool = ThreadPoolExecutor(1, thread_name_prefix="dicompipe-nifti")
     if ct is None:
