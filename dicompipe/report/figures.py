@@ -378,7 +378,8 @@ def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
 
 
 def save_rgb(rgb: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB uint8 array (e.g. from :func:`to_rgb`) as PNG atomically; returns ``path``."""
+    """Write an RGB uint8 array (e.g. from :mod:`dicompipe.report.slice_images` or
+    :func:`to_rgb`) as PNG atomically; returns ``path``."""
     from PIL import Image
 
     path = Path(path)

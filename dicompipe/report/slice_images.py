@@ -204,7 +204,6 @@ class MontageLayout:
 
     width: int
     height: int
-    top: int
     ct: list[tuple[int, int, int, int]]
     cam: list[tuple[int, int, int, int]]
 
@@ -224,7 +223,7 @@ def montage_layout(n: int, ncols: int = 5, *, tile: int = 250, top: int = 70,
         x, y = x0 + col * (tile + gap), top + blk * (block_h + gap)
         ct.append((x, y, tile, tile))
         cam.append((x, y + tile + gap, tile, tile))
-    return MontageLayout(width, top + blocks * (block_h + gap) + bottom, top, ct, cam)
+    return MontageLayout(width, top + blocks * (block_h + gap) + bottom, ct, cam)
 
 
 def montage_image(analysis: Analysis, label: str | None = None, *, ncols: int = 5) -> np.ndarray:
