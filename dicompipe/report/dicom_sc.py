@@ -61,7 +61,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *, label: str | 
         rgb = (images or {}).get(im.rank)
         if rgb is None:
             rgb = slice_images.key_slice_image(analysis, im.key, label)
-        edges = figures.slice_view(analysis, im.key.row, label).edges
+        edges = figures.edge_letters(analysis.volume.image.GetDirection())
         src = im.dataset
         try:
             sc = hd.sc.SCImage(
