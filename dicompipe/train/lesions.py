@@ -15,9 +15,13 @@ label-free tumour synthesis (Hu et al., CVPR 2023; Li et al., 2023 for the pancr
   10-40 mm, centred on soft tissue in the central abdomen (the pancreas lies centrally,
   in front of the spine; on 8-bit slices without a label this box is the organ prior).
 
-Texture comes from the slice itself: a lung lesion copies a soft-tissue patch of the same
-slice (the speckle of an 8-bit export or the smooth grey of a 5 mm DICOM), a pancreas
-lesion darkens the texture under it; edges get a partial-volume ramp and noise is added.
+Texture comes from the slice itself: a lung lesion is tiled from a soft-tissue square of
+the same slice, scaled to a dense-tissue level but otherwise untouched (the speckle of an
+8-bit export or the smooth grey of a 5 mm DICOM): a lesion smoother or noisier than the
+slice's own tissue would teach "smooth grey = tumour", which every DICOM rendering then
+satisfies. Half of the malignant-like lesions touch the lung's border (pleura, mediastinum,
+diaphragm), as most large carcinomas do. A pancreas lesion darkens the texture under it;
+edges get a partial-volume ramp.
 
 Example::
 
@@ -72,10 +76,33 @@ def _paste(alpha: np.ndarray, cy: int, cx: int, shape) -> np.ndarray:
     return out
 
 
-def _soft_tissue_pixels(smooth: np.ndarray, lo=0.3, hi=0.8) -> tuple[np.ndarray, np.ndarray]:
-    """(ys, xs) inside large soft-tissue regions (heart, muscle: 15 px mean grey in
-    [lo, hi], so thin speckle and bone are not taken): texture sources."""
-    return np.nonzero((smooth > lo) & (smooth < hi))
+def soft_tissue(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, 15 px mean) of the slice's soft tissue: denser than lung or fat on average
+    (mean > 0.08: the sparse speckle of some exports' heart counts), no bone within 2 px."""
+    smooth = ndimage.uniform_filter(img, 15)
+    return (smooth > 0.08) & (smooth < 0.8) & (ndimage.maximum_filter(img, 5) < 0.9), smooth
+
+
+def tissue_texture(img: np.ndarray, level: float, rng) -> np.ndarray | None:
+    """A full-size texture (s, s) tiled, with random flips, from a square inside the slice's
+    thickest soft tissue (:func:`soft_tissue`: heart, liver, muscle), scaled so its mean is
+    ``level``; None when the slice has none."""
+    tissue, _ = soft_tissue(img)
+    depth = ndimage.distance_transform_edt(tissue)
+    if depth.max() < 6:          # a tile under ~8 px would repeat visibly
+        return None
+    ys, xs = np.nonzero(depth >= 0.7 * depth.max())
+    i = int(rng.integers(len(ys)))
+    h = max(4, int(depth[ys[i], xs[i]] / 1.5))
+    tile = img[max(0, ys[i] - h):ys[i] + h, max(0, xs[i] - h):xs[i] + h]
+    tile = tile * (level / max(float(tile.mean()), 1e-3))
+    n = img.shape[0]
+    row = [tile[:, ::-1] if rng.uniform() < 0.5 else tile for _ in range(n // tile.shape[1] + 2)]
+    band = np.concatenate(row, 1)
+    rows = [band[::-1] if rng.uniform() < 0.5 else band for _ in range(n // tile.shape[0] + 2)]
+    full = np.concatenate(rows, 0)
+    oy, ox = (int(rng.integers(tile.shape[k])) for k in (0, 1))
+    return np.ascontiguousarray(full[oy:oy + n, ox:ox + img.shape[1]], np.float32)
 
 
 def insert_lung_lesion(img: np.ndarray, lung: np.ndarray, kind: str, rng,
@@ -83,9 +110,11 @@ def insert_lung_lesion(img: np.ndarray, lung: np.ndarray, kind: str, rng,
     """Draw one lesion ("benign" or "malignant"-like) into ``img``; (image, mask) or None
     when the slice has no lung field or soft tissue to take texture from."""
     ys, xs = np.nonzero(lung)
-    smooth = ndimage.uniform_filter(img, 15)
-    tex = _soft_tissue_pixels(smooth)
-    if len(ys) == 0 or len(tex[0]) == 0:
+    if len(ys) == 0:
+        return None
+    mask, smooth = soft_tissue(img)
+    tissue = smooth[mask]
+    if len(tissue) == 0:
         return None
     if kind == "benign":
         d_mm = rng.uniform(5, 15)
@@ -96,23 +125,26 @@ def insert_lung_lesion(img: np.ndarray, lung: np.ndarray, kind: str, rng,
         spikes = int(rng.integers(0, 14)) if rng.uniform() < 0.6 else 0
         edge = rng.uniform(0.7, 1.8)
     r = max(1.2, d_mm / 2 / mm_per_px)
+    if kind == "malignant" and rng.uniform() < 0.5:
+        # attached: centred r/4..4r/5 inside the lung's border, so it meets the wall
+        inside = ndimage.distance_transform_edt(lung)
+        near = np.nonzero(lung & (inside >= 0.25 * r) & (inside <= 0.8 * r))
+        if len(near[0]):
+            ys, xs = near
     i = int(rng.integers(len(ys)))
     cy, cx = int(ys[i]), int(xs[i])
     alpha = _paste(_shape(r, rng, lobes, spikes, edge), cy, cx, img.shape)
-    # texture: the slice's own soft tissue, moved under the lesion
-    j = int(rng.integers(len(tex[0])))
-    shift = (cy - int(tex[0][j]), cx - int(tex[1][j]))
-    # the tissue's own speckle, lifted to the level of the slice's denser soft tissue (the
-    # heart's 15 px mean): a solid tumour is as dense as muscle or blood, never fat
-    level = rng.uniform(float(np.percentile(smooth[tex], 75)), float(np.percentile(smooth[tex], 99)))
-    patch = 0.25 * np.roll(img, shift, axis=(0, 1)) + 0.75 * level
+    # a solid tumour is as dense as muscle or blood (the slice's denser soft tissue), never fat
+    level = rng.uniform(float(np.percentile(tissue, 60)), float(np.percentile(tissue, 95)))
+    patch = tissue_texture(img, level, rng)
+    if patch is None:
+        return None
     if kind == "benign" and rng.uniform() < 0.3:
         patch = np.full_like(img, rng.uniform(0.85, 1.0))               # calcified
     elif kind == "malignant" and rng.uniform() < 0.25:                  # part-solid: weaker rim
         core = _paste(_shape(r * rng.uniform(0.4, 0.7), rng, lobes, 0, edge), cy, cx, img.shape)
         alpha = np.maximum(alpha * rng.uniform(0.45, 0.7), core)
     out = img * (1 - alpha) + patch * alpha
-    out += alpha * rng.normal(0, rng.uniform(0.0, 0.05), img.shape).astype(np.float32)
     return np.clip(out, 0, 1).astype(np.float32), alpha > 0.5
 
 

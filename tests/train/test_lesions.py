@@ -45,6 +45,40 @@ def test_lung_lesion_lies_in_the_lung_and_changes_only_its_surroundings():
     assert L.insert_lung_lesion(img, np.zeros_like(f), "benign", np.random.default_rng(0)) is None
 
 
+def test_lung_lesion_texture_is_the_slices_own():
+    """A lesion carries the slice's tissue texture: the speckle of an 8-bit export stays a
+    speckle (black dots included), smooth DICOM tissue stays smooth; otherwise "smooth grey"
+    would be what marks a tumour, and every DICOM rendering has it."""
+    smooth_img = rendered_chest()
+    rng = np.random.default_rng(0)
+    speckled = np.where(rng.uniform(size=smooth_img.shape) < 0.5, smooth_img, 0).astype(np.float32)
+    for img, dots in ((smooth_img, False), (speckled, True)):
+        f = L.lung_fields(img)
+        tissue, _ = L.soft_tissue(img)
+        core = np.zeros_like(f)
+        for seed in range(10):
+            out, mask = L.insert_lung_lesion(img, f, "malignant", np.random.default_rng(seed))
+            core = ndimage.binary_erosion(mask, iterations=3) & f
+            if core.sum() > 30:
+                break
+        black_tissue = float((img[tissue] < 0.02).mean())
+        black_lesion = float((out[core] < 0.02).mean())
+        if dots:
+            assert black_tissue > 0.3 and abs(black_lesion - black_tissue) < 0.2
+        else:
+            assert black_lesion < 0.05 and out[core].std() < 3 * img[tissue].std() + 0.02
+
+
+def test_half_the_malignant_lesions_meet_the_lung_border():
+    img = rendered_chest()
+    f = L.lung_fields(img)
+    touching = 0
+    for seed in range(20):
+        res = L.insert_lung_lesion(img, f, "malignant", np.random.default_rng(seed))
+        touching += bool((res[1] & ~f).sum() > 0.1 * res[1].sum())
+    assert 5 <= touching <= 18
+
+
 def test_pancreas_lesion_is_darker_inside_the_prior():
     rng = np.random.default_rng(0)
     img = np.clip(rng.normal(0.55, 0.05, (128, 128)), 0, 1).astype(np.float32)
