@@ -33,6 +33,24 @@ def test_body_mask_drops_table_and_fov_and_keeps_the_lungs(transfer):
     assert m[~body].mean() < 0.03                       # and the air / FOV border
 
 
+def test_body_mask_keeps_a_front_cut_off_by_black_fat():
+    """Under the lung transfer fat is black: at the diaphragm dome the heart and the front
+    chest wall can be one piece, apart from the back and sides, with its centre beyond
+    their hull (a Lung-PET-CT-Dx slice lost its front this way). It belongs to the body."""
+    n = 256
+    yy, xx = np.mgrid[:n, :n].astype(float)
+    r = np.hypot((yy - 128) / 100, (xx - 128) / 110)
+    img = np.zeros((n, n), np.float32)
+    img[(r > 0.75) & (r < 1.0) & (yy > 100)] = 200.0                 # back and sides
+    img[(yy > 170) & (np.abs(xx - 128) < 20)] = 255.0                # spine
+    front = (r > 0.88) & (r < 1.0) & (yy < 90)                       # front chest wall
+    front |= (yy < 90) & (yy > 30) & (np.abs(xx - 140) < 8)
+    front |= np.hypot(yy - 112, xx - 140) < 26                        # heart, partly in the U
+    img[front] = 180.0
+    m = body_mask(img)
+    assert m[front].mean() > 0.97 and m[img > 0].mean() > 0.97
+
+
 def test_adaptive_mask_ignores_grey_air_inside_the_field_of_view():
     n = 200
     yy, xx = np.mgrid[:n, :n] / n
