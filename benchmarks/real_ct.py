@@ -227,7 +227,10 @@ def synthetic_only_scores(weights: Path, organ: str, data: Path, split_file: Pat
     keep = (y == 0) | (y == pos)
     images = D.build_cache([it for it, t in zip(items, te) if t], spec,
                            ROOT / "training" / f"cache_v2_{organ}_{size}_test.npz", log=None)
-    net = resnet50(len(labels))
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:          # lesion training records the dilation
+        dilation = int((f.metadata() or {}).get("layer4_dilation", 1))
+    net = resnet50(len(labels), layer4_dilation=dilation)
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)
     p = softmax(predict_logits(net, images, spec), np.float64)[:, pos]
