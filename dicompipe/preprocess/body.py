@@ -83,7 +83,7 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
     kept = {int(np.argmax(sizes))}
     near = int(round(0.03 * max(small.shape)))
     for _ in range(8):
-        hull = convex_hull_image(np.isin(lab, [i + 1 for i in kept]))
+        hull = filled_hull(np.isin(lab, [i + 1 for i in kept]))
         zone = ndimage.binary_dilation(hull, disk(near)) if near else hull
         more = {i for i in big if i not in kept
                 and (zone[int(round(centres[i][0])), int(round(centres[i][1]))]
@@ -97,6 +97,40 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
         out[:hull.shape[0], :hull.shape[1]] = hull[:ny, :nx]
         return out
     return hull
+
+
+def filled_hull(mask: np.ndarray) -> np.ndarray:
+    """Convex hull of ``mask`` filled (the mask's own pixels always in), like
+    ``skimage.morphology.convex_hull_image`` but about 10x faster: the hull of the pixel
+    centres is scan-filled instead of testing every pixel of the grid against it.
+
+    >>> int(filled_hull(np.eye(4, dtype=bool) | np.eye(4, dtype=bool)[::-1]).sum())   # an X -> a square
+    16
+    """
+    from scipy.spatial import ConvexHull, QhullError
+    rows = np.nonzero(mask.any(1))[0]
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
+    # each row's ends span the same hull as all the pixels
+    pts = np.concatenate([np.stack([rows, left], 1), np.stack([rows, right], 1)])
+    if len(pts) < 3:
+        return mask.copy()
+    try:
+        v = pts[ConvexHull(pts).vertices].astype(np.float64)
+    except QhullError:                      # all on one line: nothing to fill
+        return convex_hull_image(mask)
+    ys = np.arange(int(v[:, 0].min()), int(v[:, 0].max()) + 1)
+    lo, hi = np.full(len(ys), np.inf), np.full(len(ys), -np.inf)
+    for a, b in zip(v, np.roll(v, -1, axis=0)):         # each edge: its x on the rows it spans
+        sel = (ys >= min(a[0], b[0])) & (ys <= max(a[0], b[0]))
+        x = np.array([a[1], b[1]]) if a[0] == b[0] else a[1] + (ys[sel] - a[0]) * (b[1] - a[1]) / (b[0] - a[0])
+        lo[sel], hi[sel] = np.minimum(lo[sel], np.min(x) if a[0] == b[0] else x), \
+            np.maximum(hi[sel], np.max(x) if a[0] == b[0] else x)
+    cols = np.arange(mask.shape[1])
+    out = mask.copy()
+    # half a pixel wider: the hull of the pixels themselves, as convex_hull_image takes it
+    out[ys] |= (cols >= np.ceil(lo - 0.5)[:, None]) & (cols <= np.floor(hi + 0.5)[:, None])
+    return out
 
 
 def body_box(mask: np.ndarray, margin: float = 0.04) -> tuple[int, int, int, int] | None:

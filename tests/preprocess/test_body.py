@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 from synth import chest_hu
 
-from dicompipe.preprocess.body import body_box, body_mask, to_u8
+from dicompipe.preprocess.body import body_box, body_mask, filled_hull, to_u8
 from dicompipe.preprocess.render import equalize, render
 from dicompipe.train.run import LUNG_TRANSFER, spec_v2
 
@@ -49,6 +49,16 @@ def test_body_mask_keeps_a_front_cut_off_by_black_fat():
     img[front] = 180.0
     m = body_mask(img)
     assert m[front].mean() > 0.97 and m[img > 0].mean() > 0.97
+
+
+def test_filled_hull_matches_skimage_within_a_rim():
+    from skimage.morphology import convex_hull_image
+    m = to_u8(chest_hu()[0], LUNG_TRANSFER) > 40
+    ours, ref = filled_hull(m), convex_hull_image(m)
+    assert (m <= ours).all() and not (ours & ~ref).any()
+    assert (ref & ~ours).sum() < 0.005 * ref.sum()            # a few rim pixels at most
+    assert filled_hull(np.eye(6, dtype=bool)).sum() == 6      # a line stays a line
+    assert not filled_hull(np.zeros((4, 4), bool)).any()
 
 
 def test_adaptive_mask_ignores_grey_air_inside_the_field_of_view():
