@@ -101,7 +101,7 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
 
 def filled_hull(mask: np.ndarray) -> np.ndarray:
     """Convex hull of ``mask`` filled (the mask's own pixels always in), like
-    ``skimage.morphology.convex_hull_image`` but about 10x faster: the hull of the pixel
+    ``skimage.morphology.convex_hull_image`` but ~4x faster (2 vs 8.7 ms at 256 px): the hull of the pixel
     centres is scan-filled instead of testing every pixel of the grid against it.
 
     >>> int(filled_hull(np.eye(4, dtype=bool) | np.eye(4, dtype=bool)[::-1]).sum())   # an X -> a square
