@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 from synth import chest_hu
 
-from dicompipe.preprocess.body import body_box, body_mask, filled_hull, to_u8
+from dicompipe.preprocess.body import body_box, body_mask, close_open, filled_hull, to_u8
 from dicompipe.preprocess.render import equalize, render
 from dicompipe.train.run import LUNG_TRANSFER, spec_v2
 
@@ -59,6 +59,16 @@ def test_filled_hull_matches_skimage_within_a_rim():
     assert (ref & ~ours).sum() < 0.005 * ref.sum()            # a few rim pixels at most
     assert filled_hull(np.eye(6, dtype=bool)).sum() == 6      # a line stays a line
     assert not filled_hull(np.zeros((4, 4), bool)).any()
+
+
+def test_close_open_equals_scipy():
+    from scipy import ndimage
+    from skimage.morphology import disk
+    rng = np.random.default_rng(0)
+    for k in range(8):                        # speckle, blobs and thin lines up to the border
+        m = ndimage.binary_dilation(rng.uniform(size=(96, 80)) < 0.03, iterations=k % 4)
+        ref = ndimage.binary_opening(ndimage.binary_closing(m, disk(2)), disk(2))
+        np.testing.assert_array_equal(close_open(m), ref)
 
 
 def test_adaptive_mask_ignores_grey_air_inside_the_field_of_view():
