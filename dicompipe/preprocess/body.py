@@ -10,7 +10,7 @@ a crop to the body.
   from the largest piece, pieces (>= 1 % of it) whose centre lies near the convex hull so
   far (distance of the centre to the hull's polygon), or a quarter of which lies inside it,
   join it; the final convex hull holds lungs, fat and gaps inside. Computed on a <= 256 px
-  copy: about 20 ms a slice on a 2-core AMD EPYC.
+  copy: about 6 ms a 512² slice on a 2-core AMD EPYC.
 - :func:`body_box`: the bounding box of a mask with a margin.
 
 Example::
@@ -63,10 +63,10 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
     a = np.asarray(u8, np.float32)
     ny, nx = a.shape
     step = max(1, int(np.ceil(max(ny, nx) / _MASK_SIDE)))
-    small = a[::step, ::step] if step > 1 else a
+    small = a
     if step > 1:   # block maximum, so thin bright structures are not lost by subsampling
         h, w = (ny // step) * step, (nx // step) * step
-        small = a[:h, :w].reshape(h // step, step, w // step, step).max(axis=(1, 3))
+        small = np.maximum.reduce([a[i:h:step, j:w:step] for i in range(step) for j in range(step)])
     # closing joins the speckle of the 8-bit exports; opening drops thin table lines and blankets
     if adaptive and (small > threshold).sum() > 16:
         threshold = max(threshold, float(threshold_otsu(small[small > threshold])))
@@ -87,7 +87,9 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
         hull, v = _filled_hull(np.isin(lab, [i + 1 for i in kept]))
         share = ndimage.sum_labels(hull, lab, np.arange(1, n + 1)) / sizes
         cand = [i for i in big if i not in kept]
-        if v is not None and cand:
+        if not cand:
+            break
+        if v is not None:
             close = _polygon_distance(np.round([centres[i] for i in cand]), v) <= near
         else:
             zone = ndimage.binary_dilation(hull, disk(near)) if near else hull
