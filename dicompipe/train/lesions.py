@@ -83,11 +83,12 @@ def soft_tissue(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (smooth > 0.08) & (smooth < 0.8) & (ndimage.maximum_filter(img, 5) < 0.9), smooth
 
 
-def tissue_texture(img: np.ndarray, level: float, rng) -> np.ndarray | None:
+def tissue_texture(img: np.ndarray, level: float, rng, tissue: np.ndarray | None = None) -> np.ndarray | None:
     """A full-size texture (s, s) tiled, with random flips, from a square inside the slice's
-    thickest soft tissue (:func:`soft_tissue`: heart, liver, muscle), scaled so its mean is
-    ``level``; None when the slice has none."""
-    tissue, _ = soft_tissue(img)
+    thickest soft tissue (``tissue``, default :func:`soft_tissue`: heart, liver, muscle),
+    scaled so its mean is ``level``; None when the slice has none."""
+    if tissue is None:
+        tissue = soft_tissue(img)[0]
     depth = ndimage.distance_transform_edt(tissue)
     if depth.max() < 6:          # a tile under ~8 px would repeat visibly
         return None
@@ -136,7 +137,7 @@ def insert_lung_lesion(img: np.ndarray, lung: np.ndarray, kind: str, rng,
     alpha = _paste(_shape(r, rng, lobes, spikes, edge), cy, cx, img.shape)
     # a solid tumour is as dense as muscle or blood (the slice's denser soft tissue), never fat
     level = rng.uniform(float(np.percentile(tissue, 60)), float(np.percentile(tissue, 95)))
-    patch = tissue_texture(img, level, rng)
+    patch = tissue_texture(img, level, rng, mask)
     if patch is None:
         return None
     if kind == "benign" and rng.uniform() < 0.3:
