@@ -12,7 +12,7 @@ label-free tumour synthesis (Hu et al., CVPR 2023; Li et al., 2023 for the pancr
   bundle's representation sets everything below 0 HU to black, as the IQ-OTH/NCCD export
   does, so ground-glass is invisible in it.
 - **pancreas**: hypo-attenuating (darker than the tissue around it), ill-defined edges,
-  10-40 mm, centred on soft tissue in the central abdomen (the pancreas lies centrally,
+  8-40 mm, centred on soft tissue in the central abdomen (the pancreas lies centrally,
   in front of the spine; on 8-bit slices without a label this box is the organ prior).
 
 Texture comes from the slice itself: a lung lesion is tiled from a soft-tissue square of
@@ -20,8 +20,8 @@ the same slice, scaled to a dense-tissue level but otherwise untouched (the spec
 8-bit export or the smooth grey of a 5 mm DICOM): a lesion smoother or noisier than the
 slice's own tissue would teach "smooth grey = tumour", which every DICOM rendering then
 satisfies. Half of the malignant-like lesions touch the lung's border (pleura, mediastinum,
-diaphragm), as most large carcinomas do. A pancreas lesion darkens the texture under it;
-edges get a partial-volume ramp.
+diaphragm), as most large carcinomas do. A pancreas lesion only darkens the texture under
+it (no flattening, no extra noise); edges get a partial-volume ramp.
 
 Example::
 
@@ -163,19 +163,19 @@ def central_soft_tissue(img: np.ndarray, box=0.2, lo=0.3, hi=0.8) -> np.ndarray:
 
 def insert_pancreas_lesion(img: np.ndarray, region: np.ndarray, rng,
                            mm_per_px: float = MM_PER_PX) -> tuple[np.ndarray, np.ndarray] | None:
-    """A hypo-attenuating, ill-defined lesion centred in ``region``; (image, mask) or None."""
+    """A hypo-attenuating, ill-defined lesion (8-40 mm) centred in ``region``; (image, mask)
+    or None. The tissue under it keeps its own texture, only darkened: a lesion smoother or
+    noisier than the slice would mark itself by texture, not by attenuation."""
     ys, xs = np.nonzero(region)
     if len(ys) == 0:
         return None
-    r = max(2.0, rng.uniform(10, 40) / 2 / mm_per_px)
+    r = max(2.0, rng.uniform(8, 40) / 2 / mm_per_px)
     i = int(rng.integers(len(ys)))
-    alpha = _paste(_shape(r, rng, rng.uniform(0.05, 0.25), 0, rng.uniform(1.5, 3.5)),
+    alpha = _paste(_shape(r, rng, rng.uniform(0.05, 0.25), 0, rng.uniform(1.0, 3.5)),
                    int(ys[i]), int(xs[i]), img.shape)
     local = ndimage.uniform_filter(img, 9)
-    depth = rng.uniform(0.15, 0.45)
-    # a tumour replaces the gland's lobulated texture with a more uniform, darker mass
-    flat = rng.uniform(0.3, 0.8)
-    base = (1 - flat) * img + flat * local
-    out = img * (1 - alpha) + alpha * (base - depth * np.clip(local / 0.6, 0.5, 1.2))
-    out += alpha * rng.normal(0, rng.uniform(0.0, 0.04), img.shape).astype(np.float32)
+    # 0.08-0.45 is what a 20-60 HU drop in the pancreas becomes after the 2.x rendering
+    # (window, body mask, equalisation) of the shared abdomen series
+    depth = rng.uniform(0.08, 0.45)
+    out = img - alpha * depth * np.clip(local / 0.6, 0.5, 1.2)
     return np.clip(out, 0, 1).astype(np.float32), alpha > 0.5
