@@ -16,7 +16,7 @@ For each bundle given (default: the built-in lung and pancreas bundles):
   (20-60 HU darker, 8-30 mm, soft edge) is drawn into the pancreas of TotalSegmentator's
   label on one slice at a time; hit = the tumour CAM peak of that slice lies in the lesion.
 
-Run: ``python -m benchmarks.real_ct [--lung BUNDLE] [--pancreas BUNDLE] [--out FILE]``
+Run: ``python -m benchmarks.real_ct [--lung BUNDLE] [--pancreas BUNDLE] [--backend B] [--out FILE]``
 (reads ``../shared/data``; skips what is missing).
 """
 from __future__ import annotations
@@ -80,9 +80,9 @@ def body_shares(a) -> dict:
     return out
 
 
-def analyse(path: Path, organ: str, bundle):
+def analyse(path: Path, organ: str, bundle, backend: str = "auto"):
     import dicompipe
-    return dicompipe.analyze(str(path), organ=organ, model=bundle, allow_untrained=True)
+    return dicompipe.analyze(str(path), organ=organ, model=bundle, allow_untrained=True, backend=backend)
 
 
 def verdict_summary(a) -> dict:
@@ -153,7 +153,8 @@ def lidc_check(a, xml: Path) -> dict:
             "cam_peak_volume_to_outline_mm": dist(grid_lps(a.batch.grid, peak3d))}
 
 
-def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0) -> dict:
+def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0,
+                          backend: str = "auto") -> dict:
     """Insert one hypo-attenuating lesion into the pancreas (TotalSegmentator label 7) and
     check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices."""
     from dicompipe import explain, io, preprocess
@@ -182,7 +183,7 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         v2 = dataclasses.replace(vol, image=img)
         batch = preprocess.prepare(v2, bundle.spec, organ=None, select_slices=False)
         row = next(s.row for s in batch.slices if z in s.volume_z)
-        preds = predict(bundle, batch, backend="auto")
+        preds = predict(bundle, batch, backend=backend)
         cams = explain.gradcam(preds)
         from dicompipe.preprocess.inverse import to_volume
         k = cams.labels.index("tumour")
@@ -302,7 +303,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
 
 
 def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
-        organs=("lung", "pancreas")) -> dict:
+        organs=("lung", "pancreas"), backend: str = "auto") -> dict:
     from dicompipe import model as model_stage
     out: dict = {}
     given = {"lung": lung, "pancreas": pancreas}
@@ -310,14 +311,14 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
                for o in organs}
     for organ, b in bundles.items():
         out[organ] = {"bundle": f"{b.name} {b.version}", "bundle_path": str(b.path),
-                      "sha256": b.sha256, "series": {}}
+                      "sha256": b.sha256, "backend": backend, "series": {}}
     for name, (rel, _own_organ) in SERIES.items():
         path = data / rel
         if not path.exists():
             continue
         for organ, b in bundles.items():
             try:
-                a = analyse(path, organ, b)
+                a = analyse(path, organ, b, backend)
             except Exception as e:                               # noqa: BLE001 - reported
                 out[organ]["series"][name] = {"error": str(e)}
                 continue
@@ -333,7 +334,7 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
     seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if seg.exists() and lesion_trials and "pancreas" in bundles:
         out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
-            bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials)
+            bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials, backend=backend)
     return out
 
 
@@ -345,11 +346,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lesion-trials", type=int, default=20)
     ap.add_argument("--organs", default="lung,pancreas", help="which bundles to measure")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--backend", default="auto", help="inference backend, e.g. openvino-int8 (default auto)")
     ap.add_argument("--synthetic-only", nargs=4, action="append", default=[],
                     metavar=("ORGAN", "WEIGHTS", "SPLIT_JSON", "SIZE"),
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
-    res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")))
+    res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend)
     for organ, w, split, size in args.synthetic_only:
         res.setdefault(organ, {})["synthetic_only"] = synthetic_only_scores(
             Path(w), organ, args.data, Path(split), int(size))

@@ -19,7 +19,8 @@ the optimised model is saved once per export, runtime version and CPU under
 uint8 activations, MinMax ranges). The activation ranges come from the bundle's
 ``models/int8_calibration.json`` (written by ``benchmarks/int8_eval.py`` from a few hundred
 rendered training slices, and only when int8 passed the accuracy gate), so no data are needed
-at run time. Without that file int8 is refused with a :class:`ModelError`.
+at run time. Without that file, or when its ``validated`` list names only OpenVINO int8, int8
+is refused with a :class:`ModelError`.
 
 Example::
 
@@ -191,11 +192,12 @@ def calibration_path(bundle) -> Path:
     return Path(bundle.path) / CALIBRATION_FILE
 
 
-def quantize(bundle, path: Path | None = None, calibration: Path | None = None) -> Path:
-    """The int8 (QDQ, per-channel) model of ``bundle`` from its stored calibration ranges."""
-    path = Path(path) if path else model_path(bundle, "int8")
-    if path.is_file():
-        return path
+def quantize(bundle, path: Path | None = None, calibration: Path | None = None,
+             backend: str = "onnx-int8") -> Path:
+    """The int8 (QDQ, per-channel) model of ``bundle`` from its stored calibration ranges,
+    for ``backend`` ("onnx-int8" or "openvino-int8"): refused when the calibration lists the
+    backends that passed the accuracy gate and this one is not among them (the same QDQ file
+    can pass on one runtime's int8 kernels and fail on another's)."""
     cal = Path(calibration) if calibration else calibration_path(bundle)
     if not cal.is_file():
         raise ModelError(
@@ -206,6 +208,14 @@ def quantize(bundle, path: Path | None = None, calibration: Path | None = None) 
         raise ModelError(f"{cal} was calibrated for other weights (sha256 "
                          f"{str(data.get('sha256'))[:12]}…, bundle {bundle.sha256[:12]}…): "
                          "re-run benchmarks/int8_eval.py or use precision fp32.")
+    validated = data.get("validated")               # absent: files from before, valid for all
+    if validated is not None and backend not in validated:
+        raise ModelError(f"int8 of bundle {bundle.name!r} passed the accuracy gate only as "
+                         f"{', '.join(validated)}, not as {backend} (see {cal.name}): use "
+                         f"--backend {validated[0]} or fp32.")
+    path = Path(path) if path else model_path(bundle, "int8")
+    if path.is_file():
+        return path
     fp32 = export(bundle)
     with _atomic(path) as tmp, tempfile.TemporaryDirectory() as td:
         ranges = Path(td) / "ranges.json"

@@ -71,7 +71,7 @@ class OpenVinoBackend:
         self.device, self.precision = "cpu", precision
         self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
         if path is None:
-            path = quantize(bundle) if precision == "int8" else export(bundle)
+            path = quantize(bundle, backend="openvino-int8") if precision == "int8" else export(bundle)
         self.path = Path(path)
         self.threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
         config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",

@@ -127,6 +127,18 @@ def test_int8_needs_calibration(ob, bundle):
         get_backend(bundle, "onnx-int8", "cpu")
 
 
+
+def test_int8_refused_on_a_runtime_that_failed_the_gate(ob, bundle):
+    """One calibration, two int8 runtimes: only those listed as validated may use it."""
+    cal = ob.calibration_path(bundle)
+    cal.write_text(json.dumps({"sha256": bundle.sha256, "validated": ["openvino-int8"], "tensors": {}}))
+    try:
+        with pytest.raises(ModelError, match="only as openvino-int8, not as onnx-int8"):
+            ob.OnnxBackend(bundle, precision="int8")
+    finally:
+        os.unlink(cal)
+
+
 @pytest.mark.slow
 def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
     """The int8 path end to end on random data: calibrate, store ranges, quantize, run."""
