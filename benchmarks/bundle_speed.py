@@ -1,10 +1,11 @@
-"""Two lung bundles on the same synthetic 60-slice 512x512 study, in process (one
-:class:`dicompipe.Analyzer` each, warm, no reports): the ``predict`` stage and the whole
-``analyze`` call, median of the last ``--repeats`` runs (the first pays the compile), the
-bundles interleaved.
+"""Lung bundles (or one bundle on two backends) on the same synthetic 60-slice 512x512
+study, in process (one :class:`dicompipe.Analyzer` each, warm, no reports): the ``predict``
+stage and the whole ``analyze`` call, median of the last ``--repeats`` runs (the first pays
+the compile), the contenders interleaved.
 
 Run: ``python -m benchmarks.bundle_speed OLD_BUNDLE NEW_BUNDLE --out FILE`` (e.g. the
-previous bundle checked out of git against ``lung-resnet50``).
+previous bundle checked out of git against ``lung-resnet50``); ``BUNDLE@BACKEND`` picks the
+backend, e.g. ``lung-resnet50 lung-resnet50@openvino-bf16``.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ def main(argv=None) -> dict:
     import dicompipe
     from benchmarks.e2e import study as make_study
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundles", nargs=2)
+    ap.add_argument("bundles", nargs="+", help="BUNDLE or BUNDLE@BACKEND (default backend auto)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     study = make_study((60, 512, 512))
-    analyzers = {b: dicompipe.Analyzer(organ="lung", model=b) for b in args.bundles}
+    analyzers = {b: dicompipe.Analyzer(organ="lung", model=b.partition("@")[0], backend=b.partition("@")[2] or "auto")
+                 for b in args.bundles}
     runs: dict = {b: [] for b in args.bundles}
     for _ in range(args.repeats + 1):
         for b, an in analyzers.items():

@@ -168,6 +168,10 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     sp = vol.image.GetSpacing()
     hits, rows = 0, []
     base = sitk.GetArrayFromImage(vol.image)
+    batch0 = preprocess.prepare(vol, bundle.spec, organ=None, select_slices=False)
+    probs0 = predict(bundle, batch0, backend=backend).probabilities
+    k0 = bundle.labels.index("tumour")
+    p_without = {z: float(probs0[next(s.row for s in batch0.slices if z in s.volume_z), k0]) for z in zs}
     for t in range(trials):
         z = zs[t % len(zs)]
         ys, xs = np.nonzero(panc[z])
@@ -193,11 +197,21 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
         hit = bool(alpha[py, px] > 0.5)
         hits += hit
+        to_lesion = ndimage.distance_transform_edt(alpha <= 0.5, sampling=(sp[1], sp[0]))[py, px]
         rows.append({"z": z, "radius_mm": round(r_mm, 1), "hit": hit,
                      "p_tumour": round(float(preds.probabilities[row, k]), 3),
-                     "distance_mm": round(float(np.hypot((py - ys[i]) * sp[1], (px - xs[i]) * sp[0])), 1)})
+                     "p_tumour_without_lesion": round(p_without[z], 3),
+                     "distance_mm": round(float(np.hypot((py - ys[i]) * sp[1], (px - xs[i]) * sp[0])), 1),
+                     "distance_to_lesion_mm": round(float(to_lesion), 1)})
+    # the class map's cell: a bilinear map peaks on a cell centre, so a lesion smaller than a
+    # cell is hit only when it happens to hold one; "within half a cell" is the map's resolution
+    cell_mm = batch.pad[2] * batch.grid.GetSpacing()[0] / cams.maps.shape[-1]
+    near = sum(r["distance_to_lesion_mm"] <= cell_mm / 2 for r in rows)
     p_lesion = float(np.mean([r["p_tumour"] for r in rows]))
-    return {"trials": trials, "cam_peak_in_lesion": hits / trials, "mean_p_tumour_with_lesion": round(p_lesion, 3),
+    return {"trials": trials, "cam_peak_in_lesion": hits / trials,
+            "cam_cell_mm": round(cell_mm, 1), "cam_peak_within_half_a_cell_of_lesion": near / trials,
+            "mean_p_tumour_with_lesion": round(p_lesion, 3),
+            "mean_p_tumour_same_slices_without": round(float(np.mean([r["p_tumour_without_lesion"] for r in rows])), 3),
             "trials_detail": rows}
 
 
