@@ -154,9 +154,10 @@ def lidc_check(a, xml: Path) -> dict:
 
 
 def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0,
-                          backend: str = "auto") -> dict:
+                          backend: str = "auto", figure: Path | None = None) -> dict:
     """Insert one hypo-attenuating lesion into the pancreas (TotalSegmentator label 7) and
-    check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices."""
+    check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices.
+    ``figure``: a PNG of the first eight trials (lesion outline, tumour CAM, its peak)."""
     from dicompipe import explain, io, preprocess
     from dicompipe.model import predict
     vol = io.load(io.select(io.discover(series)))
@@ -166,7 +167,7 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     zs = [z for z in range(panc.shape[0]) if panc[z].sum() > 50]
     rng = np.random.default_rng(seed)
     sp = vol.image.GetSpacing()
-    hits, rows = 0, []
+    hits, rows, panels = 0, [], []
     base = sitk.GetArrayFromImage(vol.image)
     batch0 = preprocess.prepare(vol, bundle.spec, organ=None, select_slices=False)
     probs0 = predict(bundle, batch0, backend=backend).probabilities
@@ -197,6 +198,8 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
         hit = bool(alpha[py, px] > 0.5)
         hits += hit
+        if figure is not None and len(panels) < 8:
+            panels.append((arr[z], alpha > 0.5, cam, (py, px)))
         to_lesion = ndimage.distance_transform_edt(alpha <= 0.5, sampling=(sp[1], sp[0]))[py, px]
         rows.append({"z": z, "radius_mm": round(r_mm, 1), "hit": hit,
                      "p_tumour": round(float(preds.probabilities[row, k]), 3),
@@ -208,11 +211,36 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     cell_mm = batch.pad[2] * batch.grid.GetSpacing()[0] / cams.maps.shape[-1]
     near = sum(r["distance_to_lesion_mm"] <= cell_mm / 2 for r in rows)
     p_lesion = float(np.mean([r["p_tumour"] for r in rows]))
+    if figure is not None:
+        lesion_figure(panels, rows, figure)
     return {"trials": trials, "cam_peak_in_lesion": hits / trials,
             "cam_cell_mm": round(cell_mm, 1), "cam_peak_within_half_a_cell_of_lesion": near / trials,
             "mean_p_tumour_with_lesion": round(p_lesion, 3),
             "mean_p_tumour_same_slices_without": round(float(np.mean([r["p_tumour_without_lesion"] for r in rows])), 3),
             "trials_detail": rows}
+
+
+def lesion_figure(panels, rows, path: Path) -> None:
+    """Trials side by side: CT (W 400 / L 50), lesion outline (green), tumour CAM, its peak (+)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
+    for ax, (hu, lesion, cam, (py, px)), r in zip(axes.ravel(), panels, rows):
+        ax.imshow(np.clip((hu + 150) / 400, 0, 1), cmap="gray")
+        if cam.max() > 0:
+            ax.imshow(np.ma.masked_less(cam / cam.max(), 0.2), cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.contour(lesion, [0.5], colors="lime", linewidths=1)
+        ax.plot(px, py, "w+", ms=14, mew=2)
+        ax.set_title(f"z {r['z']}, r {r['radius_mm']} mm: P {r['p_tumour_without_lesion']:.2f} -> "
+                     f"{r['p_tumour']:.2f}, peak {r['distance_to_lesion_mm']:.0f} mm", fontsize=9)
+        ax.axis("off")
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Synthetic pancreas lesions (green) and the tumour Grad-CAM; research use only")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
 
 
 KAGGLE = {"lung": "iq-othnccd", "pancreas": "pancreas-ct-kaggle"}
@@ -317,7 +345,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
 
 
 def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
-        organs=("lung", "pancreas"), backend: str = "auto") -> dict:
+        organs=("lung", "pancreas"), backend: str = "auto", figure: Path | None = None) -> dict:
     from dicompipe import model as model_stage
     out: dict = {}
     given = {"lung": lung, "pancreas": pancreas}
@@ -348,7 +376,8 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
     seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if seg.exists() and lesion_trials and "pancreas" in bundles:
         out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
-            bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials, backend=backend)
+            bundles["pancreas"], data / "abdomen-ct-dicom" / "series", seg, lesion_trials,
+            backend=backend, figure=figure)
     return out
 
 
@@ -361,11 +390,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--organs", default="lung,pancreas", help="which bundles to measure")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--backend", default="auto", help="inference backend, e.g. openvino-int8 (default auto)")
+    ap.add_argument("--lesion-figure", type=Path, help="PNG of the first eight pancreas lesion trials")
     ap.add_argument("--synthetic-only", nargs=4, action="append", default=[],
                     metavar=("ORGAN", "WEIGHTS", "SPLIT_JSON", "SIZE"),
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
-    res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend)
+    res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend,
+              args.lesion_figure)
     for organ, w, split, size in args.synthetic_only:
         res.setdefault(organ, {})["synthetic_only"] = synthetic_only_scores(
             Path(w), organ, args.data, Path(split), int(size))
