@@ -9,6 +9,8 @@ run a fresh process, repeats interleaved across contenders, in one run:
   compile are paid in the run: what the very first run on a machine costs);
 - ``cli-int8``: the pancreas bundle (the built-in bundle that ships a validated int8
   calibration) with ``--backend openvino-int8 --all-slices``, warm;
+- ``cli-bf16``: ``cli-warm`` with ``--backend openvino-bf16`` (CPUs with native bf16 only:
+  AMX or AVX512-BF16);
 - ``naive``: :mod:`benchmarks.naive`, the straightforward pydicom + eager torch + autograd
   Grad-CAM script writing the same outputs;
 - ``in-process``: one :class:`dicompipe.Analyzer` running the 60-slice study ``n`` times
@@ -82,6 +84,7 @@ def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None 
         "cli-int8": lambda: _run(_cli(study, fresh("int8"), ("--organ", "pancreas", "--backend",
                                                              "openvino-int8", "--all-slices")),
                                  env(warm_cache)),
+        "cli-bf16": lambda: _run(_cli(study, fresh("bf16"), ("--backend", "openvino-bf16")), env(warm_cache)),
         "naive": lambda: _run([sys.executable, "-m", "benchmarks.naive", str(study),
                                str(fresh("naive"))]),
         **({"cli-baseline": lambda: _run(_cli(study, fresh("baseline")),
@@ -123,7 +126,7 @@ def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 
             study = make_study((n, 512, 512))
             runs = contenders(study, work, warm_cache, baseline)
             names = [k for k in runs if which is None or k in which]
-            for k in ("cli-warm", "cli-int8", "cli-baseline"):     # fill the caches, untimed
+            for k in ("cli-warm", "cli-int8", "cli-bf16", "cli-baseline"):   # fill the caches, untimed
                 if k in names or k == "cli-warm":
                     runs[k]()
             got: dict[str, list] = {k: [] for k in names}
@@ -175,7 +178,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", default="60,300")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", help="comma list of contenders (cli-warm, cli-cold, cli-int8, "
+    ap.add_argument("--only", help="comma list of contenders (cli-warm, cli-cold, cli-int8, cli-bf16, "
                                    "naive, in-process, cli-baseline)")
     ap.add_argument("--baseline-tree", type=Path,
                     help="also time `analyze` from this checkout (e.g. the previous release)")
