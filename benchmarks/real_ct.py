@@ -225,7 +225,7 @@ def lesion_figure(panels, rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 9), gridspec_kw={"hspace": 0.12, "wspace": 0.02})
     for ax, (hu, lesion, cam, (py, px)), r in zip(axes.ravel(), panels, rows):
         ax.imshow(np.clip((hu + 150) / 400, 0, 1), cmap="gray")
         if cam.max() > 0:
@@ -238,8 +238,7 @@ def lesion_figure(panels, rows, path: Path) -> None:
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.suptitle("Synthetic pancreas lesions (green) and the tumour Grad-CAM; research use only")
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=70, bbox_inches="tight")
     plt.close(fig)
 
 
