@@ -337,6 +337,11 @@ def _p_train(sub):
                    help="with --pretrain: lesion-free DICOM series whose slices join the "
                         "training part as normal (e.g. an upper-abdomen series: lung bases "
                         "under the diaphragm dome as hard negatives)")
+    p.add_argument("--lesion-box", type=float, default=0.2,
+                   help="with --pretrain, pancreas: lesions go into soft tissue within this "
+                        "half-width (fraction of the body crop) around the centre; 0.45 = "
+                        "nearly the whole body, so only their look says where they are "
+                        "(default %(default)s: the central abdomen)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -375,12 +380,13 @@ def _cmd_train(args) -> int:
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
                                 extra_normals=args.extra_normals, real_share=args.real_share,
-                                log=log)
+                                lesion_box=args.lesion_box, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
                           f"--cam-weight {args.cam_weight:g} --layer4-dilation {args.layer4_dilation}"
                           f" --real-share {args.real_share:g}"
+                          + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
                           + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
                                     for s in args.extra_normals),

@@ -139,11 +139,14 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
                   init: Path | None = None, layer4_dilation: int = 1, real_share: float = 0.5,
-                  log=print) -> dict:
+                  lesion_box: float = 0.2, log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
     slices; ``parts`` "train"/"val"/"test"/None per image (real labels ``y``).
+    ``lesion_box``: pancreas lesions are drawn in soft tissue within this half-width (a
+    fraction of the crop) around the centre; 0.45 = nearly the whole body, so that only a
+    lesion's appearance, not its place, tells where it is.
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -155,7 +158,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     fields = [None] * len(images)
     for i in normal_idx:
         img = images[i].astype(np.float32) / 255.0
-        fields[i] = L.lung_fields(img) if organ == "lung" else L.central_soft_tissue(img)
+        fields[i] = L.lung_fields(img) if organ == "lung" else L.central_soft_tissue(img, box=lesion_box)
     usable = np.array([i for i in normal_idx if fields[i].any()])
     val_normals = np.array([i for i in usable if parts[i] == "val"])
     # every lesion-free training slice is a base, also those with no room for a lesion (a

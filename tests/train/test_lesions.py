@@ -84,6 +84,8 @@ def test_pancreas_lesion_is_darker_inside_the_prior():
     img = np.clip(rng.normal(0.55, 0.05, (128, 128)), 0, 1).astype(np.float32)
     region = L.central_soft_tissue(img)
     assert region.any() and not region[:20].any()             # central box only
+    wide = L.central_soft_tissue(img, box=0.45)                # --lesion-box 0.45: nearly all
+    assert wide.sum() > 4 * region.sum() and wide[10:20].any()
     out, mask = L.insert_pancreas_lesion(img, region, rng)
     assert out[mask].mean() < img[mask].mean() - 0.05
     far = ~ndimage.binary_dilation(mask, iterations=12)
