@@ -6,7 +6,8 @@ Steps (``python -m benchmarks.int8_eval [--bundle lung-resnet50] [--data ../shar
    (``dicompipe.train.train.load_data`` + ``make_split``, and the bundle's stored
    ``docs/split.json`` when present, as ``dicompipe evaluate`` does).
 2. Calibrate: ``--calib`` (default 300) slices from the TRAIN part only, stratified by class,
-   rendered with the bundle's preprocessing (the same ``to_input`` as training) — never test.
+   rendered with the bundle's preprocessing (the same ``to_input`` as training) — never test;
+   ``--calib-extra SERIES...`` adds the rendered slices of DICOM series the bundle trained on.
 3. Quantize the fp32 ONNX export: QDQ, per-channel int8 weights, uint8 activations, MinMax.
 4. Score fp32 ONNX, int8 ONNX and torch on the test part with the bundle's temperature:
    balanced accuracy, macro AUROC (with a paired bootstrap of the int8 - fp32 difference),
@@ -123,7 +124,7 @@ def paired_bootstrap(y, p_ref, p_new, k, n_boot=1000, seed=0):
 
 
 def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_check=True,
-        log=print) -> dict:
+        calib_extra=(), log=print) -> dict:
     import torch
 
     from dicompipe.model import onnx_backend as ob
@@ -136,14 +137,22 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     spec, k, T = bundle.spec, len(bundle.labels), bundle.temperature
     te = np.nonzero(np.array([p == "test" for p in parts]))[0]
     cal = stratified(y, parts, "train", calib)
-    log(f"test {len(te)} slices, calibration {len(cal)} train slices")
+    cal_images, cal_idx = images, cal
+    if calib_extra:
+        # DICOM renderings activate the network differently from 8-bit exports: ranges taken
+        # from the exports alone clip them (lung rc.1: a0001 tumour-slice AUROC 0.80 -> 0.68)
+        from dicompipe.train.run import dicom_normals
+        extra = dicom_normals(calib_extra, bundle.organ, size=images.shape[-1])
+        cal_images = np.concatenate([images[cal], extra])
+        cal_idx = np.arange(len(cal_images))
+    log(f"test {len(te)} slices, calibration {len(cal)} train slices + {len(cal_idx) - len(cal)} DICOM")
 
     fp32 = ob.OnnxBackend(bundle, "cpu", "fp32")
     with tempfile.TemporaryDirectory() as td:
         ranges = Path(td) / "ranges.json"
         q = Path(td) / "int8.onnx"
         t = time.perf_counter()
-        ob.quantize_static_file(fp32.path, q, calibration_reader(images, spec, cal),
+        ob.quantize_static_file(fp32.path, q, calibration_reader(cal_images, spec, cal_idx),
                                 calibration_cache=ranges)
         t_quant = time.perf_counter() - t
         int8 = ob.OnnxBackend(bundle, "cpu", "int8", path=q)
@@ -162,6 +171,8 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
     res = {"bundle": bundle.name, "version": bundle.version, "sha256": bundle.sha256,
            "data": str(data), "split": info, "test_slices": int(len(te)),
            "calibration": {"slices": int(len(cal)), "part": "train", "method": "MinMax",
+                           "dicom_slices": int(len(cal_idx) - len(cal)),
+                           "dicom_series": [str(x) for x in calib_extra],
                            "format": "QDQ, per-channel int8 weights, uint8 activations"},
            "temperature": T, "quantize_seconds": round(t_quant, 1),
            "test_inference_seconds": {"fp32": round(t32, 2), "int8": round(t8, 2)}}
@@ -266,13 +277,17 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="do not write the int8 calibration into the bundle")
     ap.add_argument("--allow-untrained", action="store_true")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch-vs-ONNX check")
+    ap.add_argument("--calib-extra", nargs="+", default=[], metavar="SERIES",
+                    help="DICOM series (training data, e.g. the bundle's --extra-normals) whose "
+                         "rendered slices join the calibration set")
     a = ap.parse_args(argv)
     from dicompipe.model.bundle import load_bundle
     b = load_bundle(a.bundle, allow_untrained=a.allow_untrained)
     data = Path(a.data) if a.data else DEFAULT_DATA[b.organ]
     if not data.exists():
         sys.exit(f"{data} not found: pass --data")
-    res = run(b, data, a.calib, a.workdir, write=not a.dry_run, torch_check=not a.skip_torch)
+    res = run(b, data, a.calib, a.workdir, write=not a.dry_run, torch_check=not a.skip_torch,
+              calib_extra=a.calib_extra)
     print(report(res))
     return res
 

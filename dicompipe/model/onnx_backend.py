@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -118,7 +119,7 @@ def _remove_stale(target: Path, precision: str) -> None:
     (only beside a bundle: the shared user cache may serve several bundles)."""
     if target.parent.name != "onnx" or target.parent.parent.name != "models":
         return
-    for old in target.parent.glob(f"*.{precision}.onnx"):
+    for old in target.parent.glob(f"*.{precision}*.onnx"):
         if old != target:
             with contextlib.suppress(OSError):
                 old.unlink()
@@ -213,7 +214,9 @@ def quantize(bundle, path: Path | None = None, calibration: Path | None = None,
         raise ModelError(f"int8 of bundle {bundle.name!r} passed the accuracy gate only as "
                          f"{', '.join(validated)}, not as {backend} (see {cal.name}): use "
                          f"--backend {validated[0]} or fp32.")
-    path = Path(path) if path else model_path(bundle, "int8")
+    # the ranges are part of the model: a new calibration must not reuse an old int8 file
+    ranges_key = hashlib.sha256(cal.read_bytes()).hexdigest()[:12]
+    path = Path(path) if path else model_path(bundle, f"int8-{ranges_key}")
     if path.is_file():
         return path
     fp32 = export(bundle)
