@@ -6,7 +6,8 @@ size, opset 17, so the closed-form Grad-CAM works on its output unchanged. The `
 cached, keyed by the weights' sha256 (a change of weights means a new file, the stale one is
 removed):
 
-- next to a user bundle: ``BUNDLE/models/onnx/<sha256>.<precision>.onnx`` when writable;
+- next to a user bundle: ``BUNDLE/models/onnx/<sha256>.<precision>.onnx`` when writable
+  (int8: ``int8-<hash of the calibration ranges>``, so new ranges make a new file);
 - otherwise (built-in bundles inside the package, read-only folders) in the user cache
   ``$DICOMPIPE_CACHE`` or ``$XDG_CACHE_HOME/dicompipe/onnx`` (``~/.cache/dicompipe/onnx``).
 
