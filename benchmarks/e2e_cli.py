@@ -14,7 +14,8 @@ run a fresh process, repeats interleaved across contenders, in one run:
 - ``naive``: :mod:`benchmarks.naive`, the straightforward pydicom + eager torch + autograd
   Grad-CAM script writing the same outputs;
 - ``in-process``: one :class:`dicompipe.Analyzer` running the 60-slice study ``n`` times
-  in one process (run_case, default formats): the 2nd..Nth case's wall time;
+  in one process (run_case, default formats): the 2nd..Nth case's wall time
+  (``in-process-bf16``, only when named in ``--only``: the same on OpenVINO bf16);
 - ``cli-baseline`` (with ``--baseline-tree DIR``): the same ``analyze`` command run from
   another checkout of dicompipe (e.g. ``git worktree add --detach DIR v1.0``) with this
   environment's packages, warm: the before/after of a change, measured in one run.
@@ -94,19 +95,19 @@ def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None 
     }
 
 
-def in_process(study: Path, out: Path, cache: Path, n: int = 4) -> dict:
+def in_process(study: Path, out: Path, cache: Path, n: int = 4, backend: str = "auto") -> dict:
     """One Analyzer, ``n`` cases of ``study`` in one child process: wall time per case."""
     code = (
         "import json, sys, time\n"
         "t = time.perf_counter()\n"
         "import dicompipe\n"
-        "an = dicompipe.Analyzer(organ='lung', out=sys.argv[2], history=False)\n"
+        "an = dicompipe.Analyzer(organ='lung', out=sys.argv[2], history=False, backend=sys.argv[4])\n"
         "times = []\n"
         "for _ in range(int(sys.argv[3])):\n"
         "    t0 = time.perf_counter(); r = an.run_case(sys.argv[1]); assert r.ok, r.errors\n"
         "    times.append(round(time.perf_counter() - t0, 3))\n"
         "print(json.dumps(times))\n")
-    r = _run([sys.executable, "-c", code, str(study), str(out), str(n)],
+    r = _run([sys.executable, "-c", code, str(study), str(out), str(n), backend],
              {**os.environ, "DICOMPIPE_CACHE": str(cache)})
     if "error" in r:
         return r
@@ -146,6 +147,9 @@ def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 
                     v["ratio_to_naive"] = round(v["wall"]["median_s"] / base, 3)
             if n == min(slices) and (which is None or "in-process" in which):
                 summary["in-process"] = in_process(study, work / "inproc", warm_cache, n_in_process)
+            if n == min(slices) and which is not None and "in-process-bf16" in which:
+                summary["in-process-bf16"] = in_process(study, work / "inproc-bf16", warm_cache,
+                                                        n_in_process, "openvino-bf16")
             res["studies"][f"{n}"] = summary
             for d in work.iterdir():                   # run folders are big; keep the cache
                 if d != warm_cache:
@@ -161,7 +165,7 @@ def report_table(res: dict) -> str:
         for k, v in summary.items():
             if "error" in v:
                 rows.append([f"{n} slices", k, "error", str(v["error"])[:60]])
-            elif k == "in-process":
+            elif k.startswith("in-process"):
                 t = v["later_cases"]
                 rows.append([f"{n} slices", "in-process, 2nd..Nth case",
                              f"{t['median_s']:.2f} s [{t['min_s']:.2f}-{t['max_s']:.2f}]",
@@ -179,7 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--slices", default="60,300")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma list of contenders (cli-warm, cli-cold, cli-int8, cli-bf16, "
-                                   "naive, in-process, cli-baseline)")
+                                   "naive, in-process, in-process-bf16, cli-baseline)")
     ap.add_argument("--baseline-tree", type=Path,
                     help="also time `analyze` from this checkout (e.g. the previous release)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/e2e_cli-<machine>.json)")
