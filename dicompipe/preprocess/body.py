@@ -160,9 +160,11 @@ def _filled_hull(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     lo, hi = np.full(len(ys), np.inf), np.full(len(ys), -np.inf)
     for a, b in zip(v, np.roll(v, -1, axis=0)):         # each edge: its x on the rows it spans
         sel = (ys >= min(a[0], b[0])) & (ys <= max(a[0], b[0]))
-        x = np.array([a[1], b[1]]) if a[0] == b[0] else a[1] + (ys[sel] - a[0]) * (b[1] - a[1]) / (b[0] - a[0])
-        lo[sel], hi[sel] = np.minimum(lo[sel], np.min(x) if a[0] == b[0] else x), \
-            np.maximum(hi[sel], np.max(x) if a[0] == b[0] else x)
+        if a[0] == b[0]:                                  # horizontal: both ends on one row
+            x_lo, x_hi = min(a[1], b[1]), max(a[1], b[1])
+        else:
+            x_lo = x_hi = a[1] + (ys[sel] - a[0]) * (b[1] - a[1]) / (b[0] - a[0])
+        lo[sel], hi[sel] = np.minimum(lo[sel], x_lo), np.maximum(hi[sel], x_hi)
     cols = np.arange(mask.shape[1])
     out = mask.copy()
     # half a pixel wider: the hull of the pixels themselves, as convex_hull_image takes it
