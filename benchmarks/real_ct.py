@@ -181,8 +181,9 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         yy, xx = np.mgrid[:base.shape[1], :base.shape[2]]
         rho = np.hypot((yy - ys[i]) * sp[1], (xx - xs[i]) * sp[0])
         alpha = 1 / (1 + np.exp((rho - r_mm) / 1.5))
+        drop_hu = rng.uniform(20, 60)
         arr = base.copy()
-        arr[z] -= alpha * rng.uniform(20, 60)
+        arr[z] -= alpha * drop_hu
         img = sitk.GetImageFromArray(arr)
         img.CopyInformation(vol.image)
         v2 = dataclasses.replace(vol, image=img)
@@ -201,7 +202,7 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         if figure is not None and len(panels) < 8:
             panels.append((arr[z], alpha > 0.5, cam, (py, px)))
         to_lesion = ndimage.distance_transform_edt(alpha <= 0.5, sampling=(sp[1], sp[0]))[py, px]
-        rows.append({"z": z, "radius_mm": round(r_mm, 1), "hit": hit,
+        rows.append({"z": z, "radius_mm": round(r_mm, 1), "drop_hu": round(drop_hu, 1), "hit": hit,
                      "p_tumour": round(float(preds.probabilities[row, k]), 3),
                      "p_tumour_without_lesion": round(p_without[z], 3),
                      "distance_mm": round(float(np.hypot((py - ys[i]) * sp[1], (px - xs[i]) * sp[0])), 1),

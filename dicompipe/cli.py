@@ -307,6 +307,10 @@ def _p_train(sub):
     p.add_argument("--label-map", help='folder=label pairs, e.g. "Bengin cases=benign"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--bf16", action="store_true",
+                   help="train in bfloat16 autocast (weights and optimiser stay float32): "
+                        "about 1.8x the images per second on a CPU with AVX512-BF16 or AMX; "
+                        "refused where bf16 would be emulated")
     p.add_argument("--workdir", help="checkpoints, cache and log (default training/<organ>)")
     p.add_argument("--pretrain", choices=["synthetic-lesions"],
                    help="bundles 2.x: synthetic-lesion pretraining with a location loss, then "
@@ -351,7 +355,7 @@ def _cmd_train(args) -> int:
         train_bundle(args.data, args.organ, args.out, epochs=args.epochs, sizes=args.sizes,
                      budget_minutes=args.budget_minutes, low_size=args.low_size, lr=args.lr,
                      resume=args.resume, label_map=args.label_map, seed=args.seed,
-                     threads=args.threads, workdir=args.workdir)
+                     threads=args.threads, workdir=args.workdir, bf16=args.bf16)
         return 0
     import time
     from pathlib import Path
@@ -380,7 +384,7 @@ def _cmd_train(args) -> int:
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
                                 extra_normals=args.extra_normals, real_share=args.real_share,
-                                lesion_box=args.lesion_box, log=log)
+                                lesion_box=args.lesion_box, bf16=args.bf16, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
@@ -388,6 +392,7 @@ def _cmd_train(args) -> int:
                           f" --real-share {args.real_share:g}"
                           + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
+                          + (" --bf16" if args.bf16 else "")
                           + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
                                     for s in args.extra_normals),
                 "phases": [list(p) for p in phases], "steps": state["step"],

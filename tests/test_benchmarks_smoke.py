@@ -33,3 +33,13 @@ def test_benchmarks_tiny(tmp_path):
     assert "error" not in run and run["peak_rss_mb"]["max"] > 0 and run["slices"] > 0
     assert "TOTAL analyze()" in p.stdout                 # the one table was printed
     assert work.is_dir()                                # its scratch went where it was told
+
+
+@pytest.mark.slow
+def test_train_speed_compares_fp32_and_bf16(tmp_path):
+    from benchmarks import train_speed
+    res = train_speed.main(["--repeats", "1", "--batch", "2", "--size", "64",
+                            "--out", str(tmp_path / "t.json")])
+    assert set(res["img_per_s"]) == {"fp32", "bf16"}
+    assert all(r["median"] > 0 for r in res["img_per_s"].values()) and res["bf16_speedup"] > 0
+    assert json.loads((tmp_path / "t.json").read_text())["size"] == 64

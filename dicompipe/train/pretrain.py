@@ -39,6 +39,7 @@ from dicompipe.model.network import forward_with_features, resnet50
 from dicompipe.train import data as D
 from dicompipe.train import lesions as L
 from dicompipe.train.metrics import macro_auroc
+from dicompipe.train.train import autocast
 from dicompipe.types import softmax
 
 
@@ -139,7 +140,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
                   init: Path | None = None, layer4_dilation: int = 1, real_share: float = 0.5,
-                  lesion_box: float = 0.2, log=print) -> dict:
+                  lesion_box: float = 0.2, bf16: bool = False, log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
@@ -147,6 +148,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     ``lesion_box``: pancreas lesions are drawn in soft tissue within this half-width (a
     fraction of the crop) around the centre; 0.45 = nearly the whole body, so that only a
     lesion's appearance, not its place, tells where it is.
+    ``bf16``: the network's forward and backward in bfloat16 autocast (:func:`autocast`);
+    weights, optimiser and losses stay float32.
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -245,7 +248,9 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                 b = rng.choice(real_tr, bs - n_syn, p=w_real)
                 xs = torch.cat([xs, aug(torch.from_numpy(images[b]), spec, size)])
                 ys = torch.cat([ys, torch.from_numpy(y[b]).long()])
-            logits, feat = forward_with_features(net, xs.contiguous(memory_format=torch.channels_last))
+            with autocast(bf16):
+                logits, feat = forward_with_features(net, xs.contiguous(memory_format=torch.channels_last))
+            logits, feat = logits.float(), feat.float()
             ce = F.cross_entropy(logits, ys, label_smoothing=0.1)
             loc = location_loss(cell_logits(net, feat[:n_syn]), ms, ys[:n_syn])
             loss = ce + cam_weight * loc

@@ -83,16 +83,19 @@ def prepare_data(data, organ: str, split_file, workdir="training", extra_normals
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
                         cam_weight: float = 1.0, lr: float = 2e-3, init=None,
                         layer4_dilation: int = 1, extra_normals=(), real_share: float = 0.5,
-                        lesion_box: float = 0.2, log=print) -> dict:
+                        lesion_box: float = 0.2, bf16: bool = False, log=print) -> dict:
     """Set up the data (:func:`prepare_data`) and run
     :func:`dicompipe.train.pretrain.train_lesions`; resumable from ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
+    from dicompipe.train.train import check_bf16
+    if bf16:
+        check_bf16()
     images, y, parts, normal_idx, items, labels = prepare_data(
         data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
-                         real_share=real_share, lesion_box=lesion_box, log=log)
+                         real_share=real_share, lesion_box=lesion_box, bf16=bf16, log=log)
 
 
 def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,

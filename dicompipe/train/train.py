@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dicompipe import organs
+from dicompipe.errors import DicompipeError
 from dicompipe.model.network import resnet50
 from dicompipe.train import data as D
 from dicompipe.train import splits as S
@@ -159,6 +160,30 @@ def parse_sizes(text: str) -> list[int]:
 
 
 @torch.no_grad()
+def autocast(bf16: bool):
+    """The training forward's precision: bfloat16 autocast on the CPU when ``bf16`` (about
+    1.8x the images per second on a CPU with AVX512-BF16 or AMX; emulated, hence slower,
+    elsewhere: :func:`check_bf16`), else a no-op context.
+
+    >>> with autocast(True):
+    ...     logits = net(x)          # conv/matmul in bf16; take ``.float()`` for the loss
+    """
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_bf16() -> None:
+    """Refuse ``--bf16`` on a CPU without native bfloat16 (oneDNN would emulate it, slower
+    than float32)."""
+    if not native_bf16():
+        raise DicompipeError("--bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so "
+                         "bf16 training would be slower than float32; train without --bf16.")
+
+
 def predict_logits(net, images_u8: np.ndarray, spec, size=None, bs=32) -> np.ndarray:
     net.eval()
     out = []
@@ -180,14 +205,15 @@ def _save_ckpt(path, net, opt, sched, state):
 
 def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32,
           flip=False, resume=False, log=print, threads=2, patience=None, budget_s=None,
-          low_size=112, switch=0.7, label_smoothing=0.1):
+          low_size=112, switch=0.7, label_smoothing=0.1, bf16=False):
     """Train; returns (best state dict, history). Checkpoints/log under ``workdir``.
 
     ``sizes``: training image size per epoch (one-cycle LR over all of them). With
     ``budget_s`` instead, training runs on the clock: ``low_size`` for the first ``switch``
     fraction of the budget, then ``spec.size``; LR warm-up then cosine decay over the
     budget's time; it stops at the first epoch end past the budget. The network starts
-    with zero-initialised residual gammas; the loss uses ``label_smoothing``.
+    with zero-initialised residual gammas; the loss uses ``label_smoothing``; ``bf16``:
+    forward and backward in bfloat16 autocast (:func:`autocast`).
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -238,7 +264,9 @@ def train(images, y, parts, labels, spec, sizes, workdir, seed=0, lr=2e-3, bs=32
                 for gr in opt.param_groups:
                     gr["lr"] = lr * max(f, 0.01)
             x = aug(torch.from_numpy(xt[b]), spec, size)
-            loss = F.cross_entropy(net(x), torch.from_numpy(yt[b]).long(),
+            with autocast(bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), torch.from_numpy(yt[b]).long(),
                                    label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,18 +315,21 @@ def train_bundle(data: str | Path, organ: str, out: str | Path, *, epochs: int |
                  low_size: int = 112, lr: float = 2e-3, resume: bool = False,
                  label_map: str | None = None, seed: int = 0, threads: int = 2,
                  workdir: str | Path | None = None, size: int = 224,
-                 patience: int | None = None) -> Path:
+                 patience: int | None = None, bf16: bool = False) -> Path:
     """Train a 1.x ResNet50 bundle for ``organ`` on ``data`` and write it to ``out``; returns
     the bundle folder (``dicompipe train`` without ``--pretrain``).
 
     ``sizes``: image size per epoch ("128x8,224x2"; default from ``epochs``, 10: 8 at 128 px,
     2 at 224 px); ``budget_minutes``: train on the clock instead (``low_size`` px for the
-    first 70 %); ``workdir``: checkpoints, cache and log (default ``training/<organ>``).
+    first 70 %); ``workdir``: checkpoints, cache and log (default ``training/<organ>``);
+    ``bf16``: bfloat16 autocast (refused on a CPU without native bf16).
 
     >>> train_bundle("IQ-OTH_NCCD/", "lung", "my-lung", sizes="128x8,224x2")
     PosixPath('my-lung')
     """
     from dicompipe.model.bundle import save_bundle
+    if bf16:
+        check_bf16()
     workdir = Path(workdir or Path("training") / organ)
     workdir.mkdir(parents=True, exist_ok=True)
     logf = open(workdir / "train.log", "a")
@@ -327,7 +358,7 @@ def train_bundle(data: str | Path, organ: str, out: str | Path, *, epochs: int |
     best, state = train(images, y, parts, labels, spec, size_list, workdir, seed=seed, lr=lr,
                         flip=organs.get(organ).training.flip, resume=bool(resume),
                         log=log, patience=patience, threads=int(threads or 2),
-                        budget_s=budget * 60 if budget else None, low_size=low_size)
+                        budget_s=budget * 60 if budget else None, low_size=low_size, bf16=bf16)
     net = resnet50(len(labels))
     net.load_state_dict(best)
     va = np.array([p == "val" for p in parts])
@@ -356,7 +387,8 @@ def train_bundle(data: str | Path, organ: str, out: str | Path, *, epochs: int |
                      "hardware": _hardware(),
                      "optimizer": (f"AdamW lr {lr:g} wd 0.05, "
                                    "label smoothing 0.1, zero-init residual gammas, "
-                                   + ("warm-up 8% then cosine decay on the clock" if budget else "one-cycle")),
+                                   + ("warm-up 8% then cosine decay on the clock" if budget else "one-cycle")
+                                   + (", bfloat16 autocast" if bf16 else "")),
                      "batch_size": 32, "sampling": "class-balanced", "history": state["history"]},
         "metrics": {"validation_calibrated": val},
         "intended_use": "Research use only: not for clinical diagnosis or treatment decisions.",

@@ -232,3 +232,33 @@ def test_dicom_normals_render_as_inference_does(tmp_path):
     assert out.dtype == np.uint8 and out.shape == (len(batch.tensors), 64, 64) and len(out) == 4
     assert np.array_equal(out[0], D.to_cache(batch.tensors[0], spec))
     assert CACHE_SIZE == 256
+
+
+def test_bf16_training_updates_float32_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from dicompipe.model.network import resnet50
+    from dicompipe.train.pretrain import train_lesions
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    logs = []
+    state = train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                          spec_v2("lung", 32), tmp_path, organ="lung", phases=[("pretrain", 0.01, 32)],
+                          bs=4, threads=1, bf16=True, log=logs.append)
+    w = load_file(str(tmp_path / "phase0_pretrain.safetensors"))
+    torch.manual_seed(0)                                   # the trainer's initial network
+    start = resnet50(3, zero_init_residual=True).state_dict()
+    assert state["step"] > 0 and w["conv1.weight"].dtype == torch.float32
+    assert not torch.equal(w["conv1.weight"], start["conv1.weight"])
+    assert all(bool(v.isfinite().all()) for v in w.values())
+    assert np.isfinite(state["history"][-1]["synthetic_auroc_lesion_vs_none"])
+
+
+def test_bf16_is_refused_where_it_would_be_emulated(monkeypatch):
+    from dicompipe.errors import DicompipeError
+    from dicompipe.train import train as T
+    monkeypatch.setattr(T, "native_bf16", lambda: False)
+    with pytest.raises(DicompipeError, match="no native bfloat16"):
+        T.check_bf16()
