@@ -15,6 +15,9 @@ For each bundle given (default: the built-in lung and pancreas bundles):
 - **pancreas synthetic-lesion check** on ``abdomen-ct-dicom``: a hypo-attenuating lesion
   (20-60 HU darker, 8-30 mm, soft edge) is drawn into the pancreas of TotalSegmentator's
   label on one slice at a time; hit = the tumour CAM peak of that slice lies in the lesion.
+  The ceiling beside it: how often a perfect map at the CAM's resolution (each cell = the
+  lesion's share of it, upsampled the same way) peaks in the lesion. A bilinear map peaks
+  on a cell centre, so with cells larger than the lesion even a perfect detector misses.
 
 Run: ``python -m benchmarks.real_ct [--lung BUNDLE] [--pancreas BUNDLE] [--backend B] [--out FILE]``
 (reads ``../shared/data``; skips what is missing).
@@ -160,6 +163,7 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     ``figure``: a PNG of the first eight trials (lesion outline, tumour CAM, its peak)."""
     from dicompipe import explain, io, preprocess
     from dicompipe.model import predict
+    from dicompipe.preprocess.inverse import to_slice, to_volume
     vol = io.load(io.select(io.discover(series)))
     lab = sitk.DICOMOrient(sitk.ReadImage(str(seg)), "LPS")
     lab = sitk.Resample(lab, vol.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
@@ -167,7 +171,7 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     zs = [z for z in range(panc.shape[0]) if panc[z].sum() > 50]
     rng = np.random.default_rng(seed)
     sp = vol.image.GetSpacing()
-    hits, rows, panels = 0, [], []
+    hits, ceiling, rows, panels = 0, 0, [], []
     base = sitk.GetArrayFromImage(vol.image)
     batch0 = preprocess.prepare(vol, bundle.spec, organ=None, select_slices=False)
     probs0 = predict(bundle, batch0, backend=backend).probabilities
@@ -191,7 +195,6 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         row = next(s.row for s in batch.slices if z in s.volume_z)
         preds = predict(bundle, batch, backend=backend)
         cams = explain.gradcam(preds)
-        from dicompipe.preprocess.inverse import to_volume
         k = cams.labels.index("tumour")
         one = np.zeros_like(cams.maps[:, k])
         one[row] = cams.maps[row, k]
@@ -199,6 +202,10 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
         hit = bool(alpha[py, px] > 0.5)
         hits += hit
+        ideal = one * 0
+        ideal[row] = cell_cover(batch, row, z, alpha, one.shape[1:])
+        iy, ix = np.unravel_index(int(np.argmax(to_slice(batch, ideal, z))), cam.shape)
+        ceiling += bool(alpha[iy, ix] > 0.5)
         if figure is not None and len(panels) < 8:
             panels.append((arr[z], alpha > 0.5, cam, (py, px)))
         to_lesion = ndimage.distance_transform_edt(alpha <= 0.5, sampling=(sp[1], sp[0]))[py, px]
@@ -215,10 +222,29 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
     if figure is not None:
         lesion_figure(panels, rows, figure)
     return {"trials": trials, "cam_peak_in_lesion": hits / trials,
+            "cam_peak_in_lesion_ceiling": ceiling / trials,
             "cam_cell_mm": round(cell_mm, 1), "cam_peak_within_half_a_cell_of_lesion": near / trials,
             "mean_p_tumour_with_lesion": round(p_lesion, 3),
             "mean_p_tumour_same_slices_without": round(float(np.mean([r["p_tumour_without_lesion"] for r in rows])), 3),
             "trials_detail": rows}
+
+
+def cell_cover(batch, row: int, z: int, alpha: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The class map a perfect detector would give for slice ``z`` (model row ``row``): each
+    cell's share of lesion (``alpha``), weighted by the cell's footprint in the slice (the
+    bilinear hat that :func:`to_slice` spreads it over). Through the same upsampling, its
+    peak bounds how often a map of ``shape`` (h, w) cells can peak inside the lesion."""
+    from dicompipe.preprocess.inverse import to_slice
+    h, w = shape
+    cover = np.zeros((h, w))
+    basis = np.zeros((len(batch.tensors), h, w), np.float32)
+    for i in range(h):
+        for j in range(w):
+            basis[row, i, j] = 1.0
+            hat = to_slice(batch, basis, z)
+            basis[row, i, j] = 0.0
+            cover[i, j] = float((hat * alpha).sum() / max(float(hat.sum()), 1e-9))
+    return cover
 
 
 def lesion_figure(panels, rows, path: Path) -> None:
