@@ -10,7 +10,7 @@ a crop to the body.
   from the largest piece, pieces (>= 1 % of it) whose centre lies near the convex hull so
   far (distance of the centre to the hull's polygon), or a quarter of which lies inside it,
   join it; the final convex hull holds lungs, fat and gaps inside. Computed on a <= 256 px
-  copy: about 6 ms a 512² slice on a 2-core AMD EPYC.
+  copy: about 5 ms a 512² slice on a 2-core AMD EPYC.
 - :func:`body_box`: the bounding box of a mask with a margin.
 
 Example::
@@ -74,8 +74,14 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
     lab, n = ndimage.label(fg)
     if n == 0:
         return np.zeros((ny, nx), bool)
-    sizes = ndimage.sum_labels(fg, lab, index=np.arange(1, n + 1))
-    centres = ndimage.center_of_mass(fg, lab, np.arange(1, n + 1))
+    # per-piece sums by bincount: ndimage.sum_labels / center_of_mass cost a third of the mask
+    flat = lab.ravel()
+
+    def per_piece(weights=None):
+        return np.bincount(flat, weights, minlength=n + 1)[1:]
+    sizes = per_piece().astype(np.float64)
+    yy, xx = np.indices(lab.shape)
+    centres = np.stack([per_piece(yy.ravel()), per_piece(xx.ravel())], 1) / sizes[:, None]
     big = [i for i in range(n) if sizes[i] >= 0.01 * sizes.max()]
     # grow from the largest piece: a piece joins when its centre lies within 3 % of the side
     # of the hull so far (ribs, chest wall) or a quarter of it lies inside the hull (heart and
@@ -85,7 +91,7 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
     near = int(round(0.03 * max(small.shape)))
     for _ in range(8):
         hull, v = _filled_hull(np.isin(lab, [i + 1 for i in kept]))
-        share = ndimage.sum_labels(hull, lab, np.arange(1, n + 1)) / sizes
+        share = per_piece(hull.ravel()) / sizes
         cand = [i for i in big if i not in kept]
         if not cand:
             break

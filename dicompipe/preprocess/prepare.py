@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
@@ -181,18 +182,19 @@ def _render_in_background(render_rows, grid):
 
 
 def _crop_to_body(grid, arr, rows: list[int], spec: PreprocessSpec, windowed: bool):
-    """The grid cropped (exact geometry) to the union of the body boxes of slices ``rows``."""
-    box = None
-    for z in rows:
+    """The grid cropped (exact geometry) to the union of the body boxes of slices ``rows``.
+    The masks are computed on two threads (numpy and scipy release the GIL): this runs
+    before the model can start, while the second core would otherwise idle."""
+    def box_of(z):
         m = body_mask(model_gray(arr[z], spec, windowed) * 255.0, spec.mask_threshold, spec.mask_adaptive)
-        b = body_box(m, spec.crop_margin)
-        if b is not None:
-            box = b if box is None else (min(box[0], b[0]), max(box[1], b[1]),
-                                         min(box[2], b[2]), max(box[3], b[3]))
-    if box is None:
+        return body_box(m, spec.crop_margin)
+    with ThreadPoolExecutor(2 if len(rows) > 8 else 1) as ex:
+        boxes = np.array([b for b in ex.map(box_of, rows) if b is not None])
+    if not len(boxes):
         return grid
-    y0, y1, x0, x1 = (int(v) for v in box)
-    return grid[x0:x1, y0:y1, :]
+    y0, x0 = boxes[:, [0, 2]].min(0)
+    y1, x1 = boxes[:, [1, 3]].max(0)
+    return grid[int(x0):int(x1), int(y0):int(y1), :]
 
 
 def _resample_inplane(img, spacing: float, fill: float):
