@@ -159,7 +159,6 @@ def parse_sizes(text: str) -> list[int]:
     return out
 
 
-@torch.no_grad()
 def autocast(bf16: bool):
     """The training forward's precision: bfloat16 autocast on the CPU when ``bf16`` (about
     1.8x the images per second on a CPU with AVX512-BF16 or AMX; emulated, hence slower,
@@ -184,6 +183,7 @@ def check_bf16() -> None:
                          "bf16 training would be slower than float32; train without --bf16.")
 
 
+@torch.no_grad()
 def predict_logits(net, images_u8: np.ndarray, spec, size=None, bs=32) -> np.ndarray:
     net.eval()
     out = []
