@@ -309,7 +309,7 @@ def _p_train(sub):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--bf16", action="store_true",
                    help="train in bfloat16 autocast (weights and optimiser stay float32): "
-                        "about 1.8x the images per second on a CPU with AVX512-BF16 or AMX; "
+                        "about 2x the images per second on a CPU with AVX512-BF16 or AMX; "
                         "refused where bf16 would be emulated")
     p.add_argument("--workdir", help="checkpoints, cache and log (default training/<organ>)")
     p.add_argument("--pretrain", choices=["synthetic-lesions"],

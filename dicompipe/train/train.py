@@ -161,8 +161,8 @@ def parse_sizes(text: str) -> list[int]:
 
 def autocast(bf16: bool):
     """The training forward's precision: bfloat16 autocast on the CPU when ``bf16`` (about
-    1.8x the images per second on a CPU with AVX512-BF16 or AMX; emulated, hence slower,
-    elsewhere: :func:`check_bf16`), else a no-op context.
+    2x the images per second on a CPU with AVX512-BF16 or AMX, ``benchmarks.train_speed``;
+    emulated, hence slower, elsewhere: :func:`check_bf16`), else a no-op context.
 
     >>> with autocast(True):
     ...     logits = net(x)          # conv/matmul in bf16; take ``.float()`` for the loss
