@@ -167,7 +167,7 @@ def report_table(res: dict) -> str:
                 rows.append([f"{n} slices", k, "error", str(v["error"])[:60]])
             elif k.startswith("in-process"):
                 t = v["later_cases"]
-                rows.append([f"{n} slices", "in-process, 2nd..Nth case",
+                rows.append([f"{n} slices", f"{k}, 2nd..Nth case",
                              f"{t['median_s']:.2f} s [{t['min_s']:.2f}-{t['max_s']:.2f}]",
                              f"first case {v['case_s'][0]:.2f} s, peak RSS {v['peak_rss_mb']:.0f} MB"])
             else:
