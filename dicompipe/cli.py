@@ -328,8 +328,8 @@ def _p_train(sub):
                                   "network gives the backbone only)")
     p.add_argument("--real-share", type=float, default=0.5,
                    help="with --pretrain: share of each fine-tuning batch that is real labelled "
-                        "slices, the rest synthetic lesions with the location loss "
-                        "(default %(default)s)")
+                        "slices, the rest synthetic lesions with the location loss; 0 = "
+                        "synthetic lesions only (default %(default)s)")
     p.add_argument("--cam-weight", type=float, default=3.0,
                    help="with --pretrain: weight of the location loss that ties the class map "
                         "to the synthetic lesion (default %(default)s)")

@@ -244,7 +244,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng)
             xs, ms = aug(torch.from_numpy(s_img), spec, size, masks=torch.from_numpy(s_m))
             ys = torch.from_numpy(s_y).long()
-            if name.startswith("finetune"):
+            if name.startswith("finetune") and n_syn < bs:      # --real-share 0: synthetic only
                 b = rng.choice(real_tr, bs - n_syn, p=w_real)
                 xs = torch.cat([xs, aug(torch.from_numpy(images[b]), spec, size)])
                 ys = torch.cat([ys, torch.from_numpy(y[b]).long()])

@@ -186,6 +186,18 @@ def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
     assert changed and changed <= {"layer4", "fc"}          # BatchNorm statistics included
 
 
+def test_real_share_zero_fine_tunes_on_synthetic_lesions_only(tmp_path):
+    from dicompipe.train.pretrain import train_lesions
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    parts = ["train", "train", "val", "val", "train", "train"]
+    state = train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                          spec_v2("lung", 32), tmp_path, organ="lung",
+                          phases=[("finetune-l4", 0.01, 32)], bs=4, threads=1, real_share=0.0,
+                          log=lambda m: None)
+    assert state["step"] > 0 and (tmp_path / "phase0_finetune-l4.safetensors").exists()
+
+
 def test_init_keeps_the_head_when_its_classes_match(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
