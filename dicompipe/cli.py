@@ -346,6 +346,19 @@ def _p_train(sub):
                         "half-width (fraction of the body crop) around the centre; 0.45 = "
                         "nearly the whole body, so only their look says where they are "
                         "(default %(default)s: the central abdomen)")
+    p.add_argument("--prepared", metavar="NPZ",
+                   help="with --pretrain: the rendered training data in one file, written on "
+                        "first use; when it exists DATA is not read (e.g. on a GPU machine "
+                        "without the raw data or DICOM readers)")
+    p.add_argument("--device", default="cpu",
+                   help='with --pretrain: where the network trains, e.g. "cuda" (default cpu)')
+    p.add_argument("--workers", type=int, default=0,
+                   help="with --pretrain: processes that synthesise lesion batches ahead "
+                        "(use most cores with --device cuda; default 0 = in the trainer)")
+    p.add_argument("--batch-size", type=int, default=32, help="with --pretrain (default 32)")
+    p.add_argument("--no-bundle", action="store_true",
+                   help="with --pretrain: stop after training (weights in the workdir); the "
+                        "same command without it later writes the bundle")
     p.set_defaults(func=_cmd_train)
 
 
@@ -384,8 +397,13 @@ def _cmd_train(args) -> int:
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
                                 extra_normals=args.extra_normals, real_share=args.real_share,
-                                lesion_box=args.lesion_box, bf16=args.bf16, log=log)
+                                lesion_box=args.lesion_box, bf16=args.bf16, device=args.device,
+                                workers=args.workers, prepared=args.prepared, bs=args.batch_size,
+                                log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
+    if args.no_bundle:
+        print(f"trained: {last}; the same command without --no-bundle writes the bundle")
+        return 0
     training = {"recipe": f"dicompipe train {Path(args.data).name} --organ {args.organ} "
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
                           f"--cam-weight {args.cam_weight:g} --layer4-dilation {args.layer4_dilation}"
@@ -393,9 +411,12 @@ def _cmd_train(args) -> int:
                           + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
                           + (" --bf16" if args.bf16 else "")
+                          + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
+                          + (" --device cuda" if state.get("trained_on", "cpu") != "cpu" else "")
                           + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
                                     for s in args.extra_normals),
                 "phases": [list(p) for p in phases], "steps": state["step"],
+                "trained_on": state.get("trained_on", "cpu"),
                 "backbone_init": Path(args.init).name if args.init else "random (from scratch)",
                 "checks": state["history"]}
     finalize_bundle(last, args.organ, args.data, args.split_file, args.out, size=phases[-1][2],

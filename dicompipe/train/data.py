@@ -198,15 +198,18 @@ class Augment:
         self.rot, self.scale, self.shift, self.flip, self.vflip = rot, scale, shift, flip, vflip
         self.contrast, self.brightness, self.gamma = contrast, brightness, gamma
         self.noise, self.blur_p = noise, blur_p
+        self.seed = seed
         self.g = torch.Generator().manual_seed(seed)
+        self._g_dev: torch.Generator | None = None    # the noise's, for input on a GPU
 
     def _u(self, n, lo, hi):
         return torch.rand(n, generator=self.g) * (hi - lo) + lo
 
     def __call__(self, u8: torch.Tensor, spec: PreprocessSpec, size: int, masks=None):
         """uint8 (or float in [0, 1]) (n, s, s) -> model input; with ``masks`` (n, s, s) also
-        the masks under the same geometric transform, (n, 1, size, size) float."""
-        n = u8.shape[0]
+        the masks under the same geometric transform, (n, 1, size, size) float. Runs on the
+        input's device (the random parameters are drawn on the CPU)."""
+        n, dev = u8.shape[0], u8.device
         x = (u8.float().div_(255.0) if u8.dtype == torch.uint8 else u8.float())[:, None]
         ang = self._u(n, -self.rot, self.rot) * math.pi / 180
         sc = self._u(n, *self.scale)
@@ -217,6 +220,7 @@ class Augment:
         theta[:, 0, 0], theta[:, 0, 1] = cos * fl, -sin * vf
         theta[:, 1, 0], theta[:, 1, 1] = sin * fl, cos * vf
         theta[:, :, 2] = self._u(2 * n, -self.shift, self.shift).view(n, 2) * 2
+        theta = theta.to(dev)
         if size < x.shape[-1]:   # antialias before the geometric resample
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         grid = F.affine_grid(theta, (n, 1, size, size), align_corners=False)
@@ -225,20 +229,28 @@ class Augment:
             masks = F.grid_sample(masks.float()[:, None], grid, mode="bilinear",
                                   padding_mode="zeros", align_corners=False)
         # intensity: window width/level jitter, gamma
-        c = self._u(n, *self.contrast).view(n, 1, 1, 1)
-        b = self._u(n, -self.brightness, self.brightness).view(n, 1, 1, 1)
+        c = self._u(n, *self.contrast).view(n, 1, 1, 1).to(dev)
+        b = self._u(n, -self.brightness, self.brightness).view(n, 1, 1, 1).to(dev)
         x = ((x - 0.5) * c + 0.5 + b).clamp_(0, 1)
-        x = x.pow(self._u(n, *self.gamma).view(n, 1, 1, 1))
+        x = x.pow(self._u(n, *self.gamma).view(n, 1, 1, 1).to(dev))
         blur = torch.rand(n, generator=self.g) < self.blur_p
         if blur.any():
-            k = torch.tensor([1., 2., 1.]) / 4
+            k = torch.tensor([1., 2., 1.], device=dev) / 4
             k2 = (k[:, None] * k[None]).view(1, 1, 3, 3)
-            x[blur] = F.conv2d(x[blur], k2, padding=1)
             twice = blur & (torch.rand(n, generator=self.g) < 0.5)   # a wider blur for some
+            blur, twice = blur.to(dev), twice.to(dev)
+            x[blur] = F.conv2d(x[blur], k2, padding=1)
             if twice.any():
                 x[twice] = F.conv2d(x[twice], k2, padding=1)
-        sig = self._u(n, 0, self.noise).view(n, 1, 1, 1)
-        x = (x + sig * torch.randn(x.shape, generator=self.g)).clamp_(0, 1)
+        sig = self._u(n, 0, self.noise).view(n, 1, 1, 1).to(dev)
+        x = (x + sig * self._randn(x.shape, dev)).clamp_(0, 1)
         x = (x - spec.mean) / spec.std
         x = x.expand(-1, spec.channels, -1, -1).contiguous(memory_format=torch.channels_last)
         return x if masks is None else (x, masks)
+
+    def _randn(self, shape, dev) -> torch.Tensor:
+        if dev.type == "cpu":
+            return torch.randn(shape, generator=self.g)
+        if self._g_dev is None:
+            self._g_dev = torch.Generator(device=dev).manual_seed(self.seed)
+        return torch.randn(shape, generator=self._g_dev, device=dev)

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,51 @@ def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, o
     return np.stack(out), np.array(ys), np.stack(ms)
 
 
+_WORKER: dict = {}      # what synthesis processes inherit at fork: images, fields, organ, k
+
+
+def _synth_u8(task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthesis process's job: :func:`synth_batch` for (indices, seed), images as uint8
+    (a quarter of the bytes to send back; the inputs are 8-bit renderings anyway)."""
+    idx, seed = task
+    w = _WORKER
+    img, ys, ms = synth_batch(w["images"], w["fields"], idx, w["organ"], w["k"],
+                              np.random.default_rng(seed))
+    return np.rint(img * 255).astype(np.uint8), ys, ms
+
+
+class SynthFeed:
+    """Synthetic batches made ahead by ``workers`` processes (fork).
+
+    Synthesis is numpy/scipy on one core per batch; on a GPU it is the bottleneck, so the
+    pool keeps ``2 * workers`` batches in flight. Create it before CUDA is initialised.
+
+    >>> feed = SynthFeed(images, fields, "lung", 3, workers=8)
+    >>> img_u8, y, masks = feed.next(lambda: (base_idx, seed))   # an earlier request's batch
+    """
+
+    def __init__(self, images, fields, organ: str, k: int, workers: int):
+        import multiprocessing as mp
+        _WORKER.update(images=images, fields=fields, organ=organ, k=k)
+        self.pool, self.pending, self.depth = mp.get_context("fork").Pool(workers), [], 2 * workers
+
+    def next(self, make_task):
+        """The next batch; ``make_task()`` -> (indices, seed) draws a request (called
+        enough times to keep the pool full)."""
+        while len(self.pending) < self.depth:
+            self.pending.append(self.pool.apply_async(_synth_u8, (make_task(),)))
+        return self.pending.pop(0).get()
+
+    def drain(self):
+        """Drop the batches in flight (their size belongs to the phase that ended)."""
+        for r in self.pending:
+            r.wait()
+        self.pending = []
+
+    def close(self):
+        self.pool.terminate()
+
+
 def cell_logits(net, a: torch.Tensor) -> torch.Tensor:
     """Per-cell class logits (n, k, h, w) from layer4 ``a``; their mean is the class logit."""
     return torch.einsum("nchw,kc->nkhw", a, net.fc.weight) + net.fc.bias[None, :, None, None]
@@ -87,17 +133,17 @@ def location_loss(cells: torch.Tensor, masks: torch.Tensor, y: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def synthetic_check(net, images, y, masks, spec, size) -> dict:
+def synthetic_check(net, images, y, masks, spec, size, device="cpu") -> dict:
     """AUROC (any lesion vs none) and the share of lesion slices whose predicted class's
     CAM peak lies in the lesion mask, on fixed synthetic slices."""
     net.eval()
     probs, hits, n_les = [], 0, 0
     for a in range(0, len(images), 32):
-        x = D.to_input(torch.from_numpy(images[a:a + 32]), spec, size)
+        x = D.to_input(torch.from_numpy(images[a:a + 32]).to(device), spec, size)
         logits, feat = forward_with_features(net, x)
-        probs.append(softmax(logits.float().numpy(), np.float64))
+        probs.append(softmax(logits.float().cpu().numpy(), np.float64))
         cells = cell_logits(net, feat).relu()
-        up = F.interpolate(cells, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(cells, size=images.shape[-2:], mode="bilinear", align_corners=False).cpu()
         for j in range(len(x)):
             c = int(y[a + j])
             if c == 0:
@@ -140,7 +186,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
                   init: Path | None = None, layer4_dilation: int = 1, real_share: float = 0.5,
-                  lesion_box: float = 0.2, bf16: bool = False, log=print) -> dict:
+                  lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
+                  workers: int = 0, fields: list | None = None, log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
@@ -150,6 +197,10 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     lesion's appearance, not its place, tells where it is.
     ``bf16``: the network's forward and backward in bfloat16 autocast (:func:`autocast`);
     weights, optimiser and losses stay float32.
+    ``device``: where the network trains ("cuda" on a GPU machine); ``workers``: processes
+    that synthesise lesion batches ahead (:class:`SynthFeed`; 0 = in this process, as on
+    2 CPU cores). ``fields``: the lesion regions per image (:func:`lesion_fields`), when
+    already computed.
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -158,10 +209,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     wd.mkdir(parents=True, exist_ok=True)
     k = len(labels)
     parts = np.array([p or "" for p in parts])
-    fields = [None] * len(images)
-    for i in normal_idx:
-        img = images[i].astype(np.float32) / 255.0
-        fields[i] = L.lung_fields(img) if organ == "lung" else L.central_soft_tissue(img, box=lesion_box)
+    if fields is None:
+        fields = lesion_fields(images, normal_idx, organ, lesion_box)
     usable = np.array([i for i in normal_idx if fields[i].any()])
     val_normals = np.array([i for i in usable if parts[i] == "val"])
     # every lesion-free training slice is a base, also those with no room for a lesion (a
@@ -174,8 +223,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     v_idx = np.concatenate([val_normals] * reps)
     sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng)
 
+    feed = SynthFeed(images, fields, organ, k, workers) if workers else None   # before CUDA
     net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation)
-    net = net.to(memory_format=torch.channels_last)
     if init is not None:
         # the head too when its classes match (it is half of the class map); not from
         # another organ's network (e.g. the lung lesion network for the pancreas)
@@ -184,12 +233,15 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         net.load_state_dict(sd if head else {kk: v for kk, v in sd.items() if not kk.startswith("fc.")},
                             strict=head)
         log(f"{'network' if head else 'backbone'} initialised from {Path(init).name}")
+    net = net.to(device, memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     state = {"phase": 0, "phase_seconds": 0.0, "step": 0, "history": [], "best": -1.0}
     if (wd / "state.json").exists():
         state = json.loads((wd / "state.json").read_text())
-        net.load_state_dict(load_file(str(wd / "last.safetensors")))
-        opt.load_state_dict(torch.load(wd / "opt.pt", weights_only=True)["opt"])
+        net.load_state_dict(load_file(str(wd / "last.safetensors"), device=str(device)))
+        if (wd / "opt.pt").exists():          # absent when only a finished run's weights came back
+            opt.load_state_dict(torch.load(wd / "opt.pt", weights_only=True, map_location=device)["opt"])
         log(f"resumed: phase {state['phase']}, {state['phase_seconds']:.0f} s into it, step {state['step']}")
     aug = D.Augment(flip=flip, vflip=vflip, seed=seed + state["step"], noise=0.04, blur_p=0.4)
     rng = np.random.default_rng(seed + state["step"])
@@ -201,7 +253,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     arch = {"layer4_dilation": str(layer4_dilation)}     # the weights cannot tell; finalize reads it
 
     def save(tag=None):
-        sd = {kk: v.contiguous() for kk, v in net.state_dict().items()}
+        sd = {kk: v.detach().cpu().contiguous() for kk, v in net.state_dict().items()}
         save_file(sd, str(wd / "last.tmp"), metadata=arch)
         os.replace(wd / "last.tmp", wd / "last.safetensors")
         torch.save({"opt": opt.state_dict()}, wd / "opt.tmp")
@@ -212,10 +264,10 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
 
     def check(size, phase):
         rec = {"step": state["step"], "phase": phase, "size": size,
-               **synthetic_check(net, sv_img, sv_y, sv_m, spec, size)}
+               **synthetic_check(net, sv_img, sv_y, sv_m, spec, size, device)}
         if phase.startswith("finetune") and len(real_va):
             from dicompipe.train.train import predict_logits
-            p = softmax(predict_logits(net, images[real_va], spec, size=size), np.float64)
+            p = softmax(predict_logits(net, images[real_va], spec, size=size, device=device), np.float64)
             rec["real_val_macro_auroc"] = float(macro_auroc(y[real_va], p))
         log("CHECK " + json.dumps(rec))
         state["history"].append(rec)
@@ -227,9 +279,11 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         plr = lr * 0.3 if name.startswith("finetune") else lr
         t_phase0 = time.time() - state["phase_seconds"]
         last_eval = time.time()
-        recent: list[float] = []
+        recent: deque = deque(maxlen=50)      # tensors: no GPU sync per step
+        last_log = 0.0
         frozen = set_trainable(net, name)
         train_mode(net, frozen)
+        state["trained_on"] = torch.cuda.get_device_name(device) if net.fc.weight.is_cuda else "cpu"
         while True:
             el = time.time() - t_phase0
             if el >= budget:
@@ -240,15 +294,20 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                 g["lr"] = plr * max(f, 0.02)
             n_syn = bs - round(bs * real_share) if name.startswith("finetune") else bs
             # each base slice once per class: within a batch the lesion is the only difference
-            base = np.repeat(rng.choice(train_normals, -(-n_syn // k)), k)[:n_syn]
-            s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng)
-            xs, ms = aug(torch.from_numpy(s_img), spec, size, masks=torch.from_numpy(s_m))
-            ys = torch.from_numpy(s_y).long()
+            if feed is None:
+                base = np.repeat(rng.choice(train_normals, -(-n_syn // k)), k)[:n_syn]
+                s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng)
+            else:
+                s_img, s_y, s_m = feed.next(lambda n=n_syn: (
+                    np.repeat(rng.choice(train_normals, -(-n // k)), k)[:n], int(rng.integers(2**31))))
+            xs, ms = aug(torch.from_numpy(s_img).to(device), spec, size,
+                         masks=torch.from_numpy(s_m).to(device))
+            ys = torch.from_numpy(s_y).long().to(device)
             if name.startswith("finetune") and n_syn < bs:      # --real-share 0: synthetic only
                 b = rng.choice(real_tr, bs - n_syn, p=w_real)
-                xs = torch.cat([xs, aug(torch.from_numpy(images[b]), spec, size)])
-                ys = torch.cat([ys, torch.from_numpy(y[b]).long()])
-            with autocast(bf16):
+                xs = torch.cat([xs, aug(torch.from_numpy(images[b]).to(device), spec, size)])
+                ys = torch.cat([ys, torch.from_numpy(y[b]).long().to(device)])
+            with autocast(bf16, device):
                 logits, feat = forward_with_features(net, xs.contiguous(memory_format=torch.channels_last))
             logits, feat = logits.float(), feat.float()
             ce = F.cross_entropy(logits, ys, label_smoothing=0.1)
@@ -258,14 +317,15 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             loss.backward()
             opt.step()
             state["step"] += 1
-            recent.append(float(ce.detach()))
+            recent.append(ce.detach())
             tfile = wd / "threads"            # lets a long run take more cores later
             if tfile.exists() and int(tfile.read_text() or threads) != torch.get_num_threads():
                 torch.set_num_threads(int(tfile.read_text()))
-            if state["step"] % 10 == 0:
+            if state["step"] % 10 == 0 and time.time() - last_log > 5:
+                last_log = time.time()
                 # batch CE is noisy: the mean of the last 50 steps shows whether it learns
                 log(f"{name} step {state['step']} size {size} ce {float(ce.detach()):.3f} "
-                    f"(last 50: {np.mean(recent[-50:]):.3f}) loc {float(loc.detach()):.3f} "
+                    f"(last 50: {float(torch.stack(list(recent)).mean()):.3f}) loc {float(loc.detach()):.3f} "
                     f"lr {opt.param_groups[0]['lr']:.2e} {el / 60:.1f}/{minutes:.0f} min")
             if time.time() - last_eval > eval_every_min * 60:
                 state["phase_seconds"] = time.time() - t_phase0
@@ -273,6 +333,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                 train_mode(net, frozen)
                 save()
                 last_eval = time.time()
+        if feed is not None:
+            feed.drain()
         state["phase_seconds"] = 0.0
         state["phase"] = pi + 1
         rec = check(size, name)
@@ -280,4 +342,16 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
         set_trainable(net, "all")
         net.train()
         log(f"phase {name} done: {json.dumps(rec)}")
+    if feed is not None:
+        feed.close()
     return state
+
+
+def lesion_fields(images: np.ndarray, idx, organ: str, lesion_box: float = 0.2) -> list:
+    """Where lesions may go in each of ``images[idx]`` (lung fields, or the pancreas prior);
+    None for the other images."""
+    fields: list = [None] * len(images)
+    for i in idx:
+        img = images[i].astype(np.float32) / 255.0
+        fields[i] = L.lung_fields(img) if organ == "lung" else L.central_soft_tissue(img, box=lesion_box)
+    return fields

@@ -80,22 +80,72 @@ def prepare_data(data, organ: str, split_file, workdir="training", extra_normals
     return images, y, parts, normal_idx, items, labels
 
 
+def prepared_data(path, data, organ: str, split_file, workdir, extra_normals=(),
+                  lesion_box: float = 0.2, log=print) -> dict:
+    """What lesion training needs, rendered once and kept in one ``.npz`` at ``path``:
+    images, y, parts, normal_idx, labels, fields (where lesions may go). Written on first
+    use from ``data`` (:func:`prepare_data`); later read from ``path`` alone, so that a
+    machine without the raw data or the DICOM readers (a GPU box) can train on it.
+
+    >>> d = prepared_data("training/lung.npz", "iq-othnccd", "lung", "split.json", "training")
+    """
+    from dicompipe.errors import DicompipeError
+    from dicompipe.train.pretrain import lesion_fields
+    path = Path(path)
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        if (meta["organ"], meta["lesion_box"]) != (organ, lesion_box):
+            raise DicompipeError(f"{path} holds {meta['organ']} data (lesion box "
+                                 f"{meta['lesion_box']}), not {organ} ({lesion_box}): "
+                                 "give another --prepared file.")
+        n, s = z["images"].shape[0], z["images"].shape[-1]
+        fields = [None] * n
+        for i, bits in zip(z["normal_idx"], z["fields"]):
+            fields[i] = np.unpackbits(bits)[:s * s].reshape(s, s).astype(bool)
+        log(f"prepared data: {path} ({n} images)")
+        return {"images": z["images"], "y": z["y"], "parts": list(z["parts"]),
+                "normal_idx": z["normal_idx"], "labels": meta["labels"], "fields": fields}
+    images, y, parts, normal_idx, _, labels = prepare_data(
+        data, organ, split_file, workdir, extra_normals=extra_normals, log=log)
+    fields = lesion_fields(images, normal_idx, organ, lesion_box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"organ": organ, "lesion_box": lesion_box, "labels": labels, "data": Path(data).name,
+            "split_file": str(split_file), "extra_normals": [str(e) for e in extra_normals]}
+    np.savez_compressed(path, images=images, y=y, parts=np.array([p or "" for p in parts]),
+                        normal_idx=normal_idx, meta=json.dumps(meta),
+                        fields=np.stack([np.packbits(fields[i]) for i in normal_idx]))
+    log(f"prepared data written: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return {"images": images, "y": y, "parts": parts, "normal_idx": normal_idx, "labels": labels,
+            "fields": fields}
+
+
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
                         cam_weight: float = 1.0, lr: float = 2e-3, init=None,
                         layer4_dilation: int = 1, extra_normals=(), real_share: float = 0.5,
-                        lesion_box: float = 0.2, bf16: bool = False, log=print) -> dict:
-    """Set up the data (:func:`prepare_data`) and run
-    :func:`dicompipe.train.pretrain.train_lesions`; resumable from ``workdir``."""
+                        lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
+                        workers: int = 0, prepared=None, bs: int = 32, log=print) -> dict:
+    """Set up the data (:func:`prepare_data`, or :func:`prepared_data` when ``prepared``
+    names an .npz) and run :func:`dicompipe.train.pretrain.train_lesions`; resumable from
+    ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
     from dicompipe.train.train import check_bf16
-    if bf16:
+    if bf16 and device == "cpu":
         check_bf16()
-    images, y, parts, normal_idx, items, labels = prepare_data(
-        data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
+    fields = None
+    if prepared:
+        d = prepared_data(prepared, data, organ, split_file, Path(workdir).parent,
+                          extra_normals=extra_normals, lesion_box=lesion_box, log=log)
+        images, y, parts, normal_idx, labels, fields = (d[k] for k in (
+            "images", "y", "parts", "normal_idx", "labels", "fields"))
+    else:
+        images, y, parts, normal_idx, _, labels = prepare_data(
+            data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
-                         real_share=real_share, lesion_box=lesion_box, bf16=bf16, log=log)
+                         real_share=real_share, lesion_box=lesion_box, bf16=bf16, device=device,
+                         workers=workers, fields=fields, bs=bs, log=log)
 
 
 def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,

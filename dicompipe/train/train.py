@@ -159,15 +159,15 @@ def parse_sizes(text: str) -> list[int]:
     return out
 
 
-def autocast(bf16: bool):
-    """The training forward's precision: bfloat16 autocast on the CPU when ``bf16`` (about
-    2x the images per second on a CPU with AVX512-BF16 or AMX, ``benchmarks.train_speed``;
+def autocast(bf16: bool, device: str = "cpu"):
+    """The training forward's precision: bfloat16 autocast when ``bf16`` (on the CPU about
+    2x the images per second with AVX512-BF16 or AMX, ``benchmarks.train_speed``;
     emulated, hence slower, elsewhere: :func:`check_bf16`), else a no-op context.
 
     >>> with autocast(True):
     ...     logits = net(x)          # conv/matmul in bf16; take ``.float()`` for the loss
     """
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def native_bf16() -> bool:
@@ -184,12 +184,12 @@ def check_bf16() -> None:
 
 
 @torch.no_grad()
-def predict_logits(net, images_u8: np.ndarray, spec, size=None, bs=32) -> np.ndarray:
+def predict_logits(net, images_u8: np.ndarray, spec, size=None, bs=32, device="cpu") -> np.ndarray:
     net.eval()
     out = []
     for a in range(0, len(images_u8), bs):
-        x = D.to_input(torch.from_numpy(images_u8[a:a + bs]), spec, size or spec.size)
-        out.append(net(x).float().numpy())
+        x = D.to_input(torch.from_numpy(images_u8[a:a + bs]).to(device), spec, size or spec.size)
+        out.append(net(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 

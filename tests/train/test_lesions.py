@@ -274,3 +274,58 @@ def test_bf16_is_refused_where_it_would_be_emulated(monkeypatch):
     monkeypatch.setattr(T, "native_bf16", lambda: False)
     with pytest.raises(DicompipeError, match="no native bfloat16"):
         T.check_bf16()
+
+
+def test_synthesis_workers_give_the_same_batches_and_feed_training(tmp_path):
+    """--workers: lesion batches made in other processes are synth_batch's (as uint8) for
+    the same seed, and a run trained from them checkpoints as usual."""
+    from dicompipe.train import pretrain as P
+
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img] * 6), np.array([0, 0, 0, 0, 2, 1])
+    fields = P.lesion_fields(images, np.arange(4), "lung")
+    P._WORKER.update(images=images, fields=fields, organ="lung", k=3)
+    u8, ys, ms = P._synth_u8((np.array([0, 0, 0, 1, 1, 1]), 7))
+    ref, ref_y, ref_m = P.synth_batch(images, fields, np.array([0, 0, 0, 1, 1, 1]), "lung", 3,
+                                      np.random.default_rng(7))
+    assert u8.dtype == np.uint8 and np.array_equal(u8, np.rint(ref * 255).astype(np.uint8))
+    assert np.array_equal(ys, ref_y) and np.array_equal(ms, ref_m)
+    parts = ["train", "train", "val", "val", "train", "train"]
+    state = P.train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                            spec_v2("lung", 32), tmp_path, organ="lung", workers=2,
+                            phases=[("pretrain", 0.02, 32), ("finetune-l4", 0.02, 32)],
+                            bs=6, threads=1, log=lambda m: None)
+    assert state["phase"] == 2 and state["step"] > 0 and state["trained_on"] == "cpu"
+    # only the weights came back (e.g. from a GPU machine): resuming finds nothing to do
+    (tmp_path / "opt.pt").unlink()
+    logs: list[str] = []
+    again = P.train_lesions(images, y, parts, np.arange(4), ["normal", "benign", "malignant"],
+                            spec_v2("lung", 32), tmp_path, organ="lung",
+                            phases=[("pretrain", 0.02, 32), ("finetune-l4", 0.02, 32)],
+                            bs=6, threads=1, log=logs.append)
+    assert again["step"] == state["step"] and any("resumed" in m for m in logs)
+
+
+def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
+    """--prepared: the rendered data and lesion fields written once, read back without the
+    raw data; a file made for another organ is refused."""
+    from dicompipe.errors import DicompipeError
+    from dicompipe.train import run as R
+
+    img = (rendered_chest(64) * 255).astype(np.uint8)
+    images, y = np.stack([img, img[::-1], img, img]), np.array([0, 0, 2, 0])
+    parts = ["train", "val", "train", None]
+    labels = ["normal", "benign", "malignant"]
+    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (images, y, parts, np.array([0, 1]),
+                                                            [], labels))
+    npz = tmp_path / "lung.npz"
+    first = R.prepared_data(npz, "data", "lung", "split.json", tmp_path, log=lambda m: None)
+    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: pytest.fail("raw data read again"))
+    back = R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None)
+    assert np.array_equal(back["images"], images) and np.array_equal(back["y"], y)
+    assert back["parts"] == ["train", "val", "train", ""] and back["labels"] == labels
+    assert list(back["normal_idx"]) == [0, 1]
+    assert all(np.array_equal(back["fields"][i], first["fields"][i]) for i in (0, 1))
+    assert back["fields"][0].any() and back["fields"][2] is None
+    with pytest.raises(DicompipeError, match="holds lung data"):
+        R.prepared_data(npz, None, "pancreas", None, tmp_path, log=lambda m: None)
