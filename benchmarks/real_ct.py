@@ -4,7 +4,7 @@ For each bundle given (default: the built-in lung and pancreas bundles):
 
 - **lung** on ``lung-pet-ct-dx-a0001`` (biopsy-proven adenocarcinoma, radiologists' boxes):
   the verdict; per-slice AUROC of P(malignant), tumour slices (z inside the boxes' z range
-  +- half a slice) vs the rest; the malignant CAM peak (on the most malignant slice, and
+  +- half a slice) vs the rest, and the same for the malignant Grad-CAM's mass per slice; the malignant CAM peak (on the most malignant slice, and
   over the whole volume) against the boxes (inside with 10 mm in-plane and 5 mm z margin?
   distance in mm); on ``lidc-idri-0001`` the distance from the malignant CAM peak to the
   readers' outline (malignancy >= 4).
@@ -104,7 +104,12 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
     p = a.predictions.probabilities[:, k]
     z_mm = np.array([grid_lps(grid, (s.z, 0, 0))[2] for s in a.batch.included])
     tumour = (z_mm >= min(bz) - dz / 2) & (z_mm <= max(bz) + dz / 2)
-    auc = float(macro_auroc(tumour.astype(int), np.stack([1 - p, p], 1))) if 0 < tumour.sum() < len(p) else None
+    both = 0 < tumour.sum() < len(p)
+    auc = float(macro_auroc(tumour.astype(int), np.stack([1 - p, p], 1))) if both else None
+    # the malignant Grad-CAM's mass per slice (ReLU'd, raw): the positive evidence alone,
+    # without the head's bias and the competition with the other classes that P includes
+    mass = a.cams.maps[:, a.cams.labels.index("malignant")].reshape(len(p), -1).mean(1)
+    auc_mass = float(macro_auroc(tumour.astype(int), np.stack([-mass, mass], 1))) if both else None
     g = grid_maps(a, "malignant")
 
     def box_distance(pt):
@@ -124,6 +129,7 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
     return {"n_slices": int(len(p)), "n_tumour_slices": int(tumour.sum()),
             "slice_auroc_malignant": None if auc is None else round(auc, 4),
+            "slice_auroc_malignant_cam_mass": None if auc_mass is None else round(auc_mass, 4),
             "mean_p_malignant_tumour_slices": round(float(p[tumour].mean()), 4) if tumour.any() else None,
             "mean_p_malignant_other_slices": round(float(p[~tumour].mean()), 4) if (~tumour).any() else None,
             "most_malignant_slice_z_mm": round(float(z_mm[int(np.argmax(p))]), 1),
