@@ -4,10 +4,11 @@ For each bundle given (default: the built-in lung and pancreas bundles):
 
 - **lung** on ``lung-pet-ct-dx-a0001`` (biopsy-proven adenocarcinoma, radiologists' boxes):
   the verdict; per-slice AUROC of P(malignant), tumour slices (z inside the boxes' z range
-  +- half a slice) vs the rest, and the same for the malignant Grad-CAM's mass per slice; the malignant CAM peak (on the most malignant slice, and
-  over the whole volume) against the boxes (inside with 10 mm in-plane and 5 mm z margin?
-  distance in mm); on ``lidc-idri-0001`` the distance from the malignant CAM peak to the
-  readers' outline (malignancy >= 4).
+  +- half a slice) vs the rest, and the same for the malignant Grad-CAM's mass per slice;
+  the malignant CAM peak (on the most malignant slice, and over the whole volume) against
+  the boxes (inside with 10 mm in-plane and 5 mm z margin? distance in mm); on
+  ``lidc-idri-0001`` the distance from the malignant CAM peak to the readers' outline
+  (malignancy >= 4).
 - **CAM mass inside the body** on every key slice of the three shared series for the
   verdict's evidence class and for the positive class: the share of the slice's CAM (on the
   model's grid) inside an HU body mask made independently of the model (HU > -500,
