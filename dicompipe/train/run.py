@@ -92,13 +92,15 @@ def prepared_data(path, data, organ: str, split_file, workdir, extra_normals=(),
     from dicompipe.errors import DicompipeError
     from dicompipe.train.pretrain import lesion_fields
     path = Path(path)
+    made_from = _prepared_from(organ, lesion_box, split_file, extra_normals)
     if path.exists():
         z = np.load(path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
-        if (meta["organ"], meta["lesion_box"]) != (organ, lesion_box):
-            raise DicompipeError(f"{path} holds {meta['organ']} data (lesion box "
-                                 f"{meta['lesion_box']}), not {organ} ({lesion_box}): "
-                                 "give another --prepared file.")
+        differ = [f"{k} {meta.get(k)!r} (asked: {v!r})" for k, v in made_from.items()
+                  if v is not None and meta.get(k) != v]
+        if differ:
+            raise DicompipeError(f"{path} was prepared from other settings: {'; '.join(differ)}. "
+                                 "Give another --prepared file (it is written on first use).")
         n, s = z["images"].shape[0], z["images"].shape[-1]
         fields = [None] * n
         for i, bits in zip(z["normal_idx"], z["fields"]):
@@ -110,14 +112,25 @@ def prepared_data(path, data, organ: str, split_file, workdir, extra_normals=(),
         data, organ, split_file, workdir, extra_normals=extra_normals, log=log)
     fields = lesion_fields(images, normal_idx, organ, lesion_box)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"organ": organ, "lesion_box": lesion_box, "labels": labels, "data": Path(data).name,
-            "split_file": str(split_file), "extra_normals": [str(e) for e in extra_normals]}
+    meta = {**made_from, "labels": labels, "data": Path(data).name}
     np.savez_compressed(path, images=images, y=y, parts=np.array([p or "" for p in parts]),
                         normal_idx=normal_idx, meta=json.dumps(meta),
                         fields=np.stack([np.packbits(fields[i]) for i in normal_idx]))
     log(f"prepared data written: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return {"images": images, "y": y, "parts": parts, "normal_idx": normal_idx, "labels": labels,
             "fields": fields}
+
+
+def _prepared_from(organ, lesion_box, split_file, extra_normals) -> dict:
+    """What a prepared file depends on; None where this machine cannot tell (no split file)."""
+    import hashlib
+    split = Path(split_file) if split_file else None
+    return {"organ": organ, "lesion_box": lesion_box,
+            "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest()
+            if split and split.is_file() else None,
+            # by the last two path parts: the same series is ../shared/data/x/series here
+            # and x/series on another machine
+            "extra_normals": [f"{Path(e).parent.name}/{Path(e).name}" for e in extra_normals]}
 
 
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,

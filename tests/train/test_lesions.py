@@ -308,7 +308,7 @@ def test_synthesis_workers_give_the_same_batches_and_feed_training(tmp_path):
 
 def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
     """--prepared: the rendered data and lesion fields written once, read back without the
-    raw data; a file made for another organ is refused."""
+    raw data; a file made for another organ, split or set of extra normals is refused."""
     from dicompipe.errors import DicompipeError
     from dicompipe.train import run as R
 
@@ -318,14 +318,25 @@ def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
     labels = ["normal", "benign", "malignant"]
     monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (images, y, parts, np.array([0, 1]),
                                                             [], labels))
-    npz = tmp_path / "lung.npz"
-    first = R.prepared_data(npz, "data", "lung", "split.json", tmp_path, log=lambda m: None)
+    npz, split = tmp_path / "lung.npz", tmp_path / "split.json"
+    split.write_text('{"parts": {}}')
+    first = R.prepared_data(npz, "data", "lung", split, tmp_path, log=lambda m: None,
+                            extra_normals=["../shared/data/abdomen/series"])
     monkeypatch.setattr(R, "prepare_data", lambda *a, **k: pytest.fail("raw data read again"))
-    back = R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None)
+    # elsewhere (a GPU machine): the same series under another root, the split file absent
+    back = R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None,
+                           extra_normals=["abdomen/series"])
     assert np.array_equal(back["images"], images) and np.array_equal(back["y"], y)
     assert back["parts"] == ["train", "val", "train", ""] and back["labels"] == labels
     assert list(back["normal_idx"]) == [0, 1]
     assert all(np.array_equal(back["fields"][i], first["fields"][i]) for i in (0, 1))
     assert back["fields"][0].any() and back["fields"][2] is None
-    with pytest.raises(DicompipeError, match="holds lung data"):
-        R.prepared_data(npz, None, "pancreas", None, tmp_path, log=lambda m: None)
+    with pytest.raises(DicompipeError, match="prepared from other settings: organ 'lung'"):
+        R.prepared_data(npz, None, "pancreas", None, tmp_path, log=lambda m: None,
+                        extra_normals=["abdomen/series"])
+    split.write_text('{"parts": {"a.jpg": "test"}}')
+    with pytest.raises(DicompipeError, match="split_sha256"):
+        R.prepared_data(npz, None, "lung", split, tmp_path, log=lambda m: None,
+                        extra_normals=["abdomen/series"])
+    with pytest.raises(DicompipeError, match="extra_normals"):
+        R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None)
