@@ -296,7 +296,7 @@ def _p_train(sub):
     p = sub.add_parser("train", help="train a bundle on labelled images or DICOM")
     p.add_argument("data", help="class-folder image tree or CSV manifest")
     p.add_argument("--organ", choices=organs.names(), required=True)
-    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--out", help="bundle folder to write (required unless --no-bundle)")
     p.add_argument("--epochs", type=int, help="epochs (default 10: 8 at 128 px, 2 at 224 px)")
     p.add_argument("--sizes", help='image size per epoch, e.g. "128x8,224x2" (overrides --epochs)')
     p.add_argument("--budget-minutes", type=float, help="train on the clock instead of epochs")
@@ -363,6 +363,9 @@ def _p_train(sub):
 
 
 def _cmd_train(args) -> int:
+    if not args.out and not (args.pretrain and args.no_bundle):
+        raise DicompipeError("dicompipe train needs --out (the bundle folder to write); only "
+                             "--pretrain ... --no-bundle, which writes no bundle, does without.")
     if not args.pretrain:
         from dicompipe.train.train import train_bundle
         train_bundle(args.data, args.organ, args.out, epochs=args.epochs, sizes=args.sizes,

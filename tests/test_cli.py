@@ -48,3 +48,10 @@ def test_lesion_training_options_are_checked_before_any_work(tmp_path, capsys, e
     assert main(["train", str(tmp_path), "--organ", "lung", "--out", str(tmp_path / "b"),
                  "--pretrain", "synthetic-lesions", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_needs_out_unless_no_bundle(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--organ", "lung"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--organ", "lung", "--no-bundle"]) == 2   # 1.x trainer
+    assert "needs --out" in capsys.readouterr().err
