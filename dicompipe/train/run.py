@@ -143,7 +143,9 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
     ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
     from dicompipe.train.train import check_bf16
-    if bf16 and device == "cpu":
+    state = Path(workdir) / "state.json"
+    finished = state.exists() and json.loads(state.read_text())["phase"] >= len(phases)
+    if bf16 and device == "cpu" and not finished:   # finishing a GPU run's bundle trains nothing
         check_bf16()
     fields = None
     if prepared:

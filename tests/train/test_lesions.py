@@ -340,3 +340,20 @@ def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
                         extra_normals=["abdomen/series"])
     with pytest.raises(DicompipeError, match="extra_normals"):
         R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None)
+
+
+def test_bf16_check_is_skipped_when_only_the_bundle_is_left_to_write(tmp_path, monkeypatch):
+    """A GPU run trained with --bf16; writing its bundle on a CPU without bf16 trains
+    nothing, so it is not refused; an unfinished run still is."""
+    from dicompipe.errors import DicompipeError
+    from dicompipe.train import pretrain as P
+    from dicompipe.train import run as R
+    from dicompipe.train import train as T
+    monkeypatch.setattr(T, "native_bf16", lambda: False)
+    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (None,) * 6)
+    monkeypatch.setattr(P, "train_lesions", lambda *a, **k: {"trained": True})
+    phases = [("pretrain", 1.0, 32)]
+    with pytest.raises(DicompipeError, match="no native bfloat16"):
+        R.run_lesion_training("data", "lung", None, tmp_path, phases, bf16=True)
+    (tmp_path / "state.json").write_text(json.dumps({"phase": 1}))
+    assert R.run_lesion_training("data", "lung", None, tmp_path, phases, bf16=True) == {"trained": True}
