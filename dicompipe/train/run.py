@@ -133,6 +133,23 @@ def _prepared_from(organ, lesion_box, split_file, extra_normals) -> dict:
             "extra_normals": [f"{Path(e).parent.name}/{Path(e).name}" for e in extra_normals]}
 
 
+def check_device(device: str) -> None:
+    """Refuse a training device torch cannot use, before any work.
+
+    >>> check_device("cpu")
+    """
+    import torch
+
+    from dicompipe.errors import DicompipeError
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DicompipeError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DicompipeError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU on "
+                             "this machine; train with --device cpu (the default).")
+
+
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
                         cam_weight: float = 1.0, lr: float = 2e-3, init=None,
                         layer4_dilation: int = 1, extra_normals=(), real_share: float = 0.5,
@@ -143,6 +160,7 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
     ``workdir``."""
     from dicompipe.train.pretrain import train_lesions
     from dicompipe.train.train import check_bf16
+    check_device(device)
     state = Path(workdir) / "state.json"
     finished = state.exists() and json.loads(state.read_text())["phase"] >= len(phases)
     if bf16 and device == "cpu" and not finished:   # finishing a GPU run's bundle trains nothing

@@ -357,3 +357,17 @@ def test_bf16_check_is_skipped_when_only_the_bundle_is_left_to_write(tmp_path, m
         R.run_lesion_training("data", "lung", None, tmp_path, phases, bf16=True)
     (tmp_path / "state.json").write_text(json.dumps({"phase": 1}))
     assert R.run_lesion_training("data", "lung", None, tmp_path, phases, bf16=True) == {"trained": True}
+
+
+def test_a_device_torch_cannot_use_is_refused_before_any_work(monkeypatch):
+    import torch
+
+    from dicompipe.errors import DicompipeError
+    from dicompipe.train import run as R
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(DicompipeError, match="sees no CUDA GPU"):
+        R.run_lesion_training("data", "lung", None, "w", [("pretrain", 1.0, 32)], device="cuda")
+    with pytest.raises(DicompipeError, match="not a device name"):
+        R.check_device("gpu0")
+    R.check_device("cpu")
