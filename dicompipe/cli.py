@@ -376,7 +376,7 @@ def _cmd_train(args) -> int:
     import time
     from pathlib import Path
 
-    from dicompipe.train.run import finalize_bundle, run_lesion_training
+    from dicompipe.train.run import finalize_bundle, run_lesion_training, series_name
     phases = []
     for part in args.phases.split(","):
         try:
@@ -416,8 +416,7 @@ def _cmd_train(args) -> int:
                           + (" --bf16" if args.bf16 else "")
                           + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
                           + (" --device cuda" if state.get("trained_on", "cpu") != "cpu" else "")
-                          + "".join(f" --extra-normals {Path(s).parent.name}/{Path(s).name}"
-                                    for s in args.extra_normals),
+                          + "".join(f" --extra-normals {series_name(s)}" for s in args.extra_normals),
                 "phases": [list(p) for p in phases], "steps": state["step"],
                 "trained_on": state.get("trained_on", "cpu"),
                 "backbone_init": Path(args.init).name if args.init else "random (from scratch)",

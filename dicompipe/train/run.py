@@ -128,9 +128,17 @@ def _prepared_from(organ, lesion_box, split_file, extra_normals) -> dict:
     return {"organ": organ, "lesion_box": lesion_box,
             "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest()
             if split and split.is_file() else None,
-            # by the last two path parts: the same series is ../shared/data/x/series here
-            # and x/series on another machine
-            "extra_normals": [f"{Path(e).parent.name}/{Path(e).name}" for e in extra_normals]}
+            "extra_normals": [series_name(e) for e in extra_normals]}
+
+
+def series_name(path) -> str:
+    """A series folder by its last two path parts (``/data/ct/abdomen/series`` ->
+    ``abdomen/series``): the same series under another root on another machine.
+
+    >>> series_name("/data/ct/abdomen/series")
+    'abdomen/series'
+    """
+    return f"{Path(path).parent.name}/{Path(path).name}"
 
 
 def check_device(device: str) -> None:

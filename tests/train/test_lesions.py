@@ -321,7 +321,7 @@ def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
     npz, split = tmp_path / "lung.npz", tmp_path / "split.json"
     split.write_text('{"parts": {}}')
     first = R.prepared_data(npz, "data", "lung", split, tmp_path, log=lambda m: None,
-                            extra_normals=["../shared/data/abdomen/series"])
+                            extra_normals=["/data/ct/abdomen/series"])
     monkeypatch.setattr(R, "prepare_data", lambda *a, **k: pytest.fail("raw data read again"))
     # elsewhere (a GPU machine): the same series under another root, the split file absent
     back = R.prepared_data(npz, None, "lung", None, tmp_path, log=lambda m: None,
