@@ -18,8 +18,8 @@ def step_fn(bf16: bool, size: int = 160, bs: int = 32, threads: int = 2):
     import torch
     import torch.nn.functional as F
 
-    from dicompipe.model.network import forward_with_features, resnet50
-    from dicompipe.train.pretrain import cell_logits, location_loss
+    from dicompipe.model.network import cell_logits, forward_with_features, resnet50
+    from dicompipe.train.pretrain import location_loss
     from dicompipe.train.train import autocast
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -337,6 +337,11 @@ def _p_train(sub):
                    help="with --pretrain: 2 = layer4 at stride 16 (dilated), a class map and "
                         "Grad-CAM twice as fine (10 x 10 at 160 px) for ~1.3x the forward time; "
                         "1 = the standard stride 32 (default %(default)s)")
+    p.add_argument("--abnormal-top", type=float, default=0.0, metavar="SHARE",
+                   help="with --pretrain: each abnormal class's logit is the mean of its "
+                        "SHARE most abnormal class-map cells (MIL-style evidence pooling, e.g. "
+                        "0.05 = 5 of 10 x 10 cells), so a slice scores by its strongest "
+                        "evidence; 0 = the global average (default)")
     p.add_argument("--extra-normals", nargs="+", default=[], metavar="SERIES",
                    help="with --pretrain: lesion-free DICOM series whose slices join the "
                         "training part as normal (e.g. an upper-abdomen series: lung bases "
@@ -399,6 +404,7 @@ def _cmd_train(args) -> int:
     state = run_lesion_training(args.data, args.organ, args.split_file, workdir, phases,
                                 threads=args.threads, lr=args.lr, init=args.init,
                                 cam_weight=args.cam_weight, layer4_dilation=args.layer4_dilation,
+                                abnormal_top=args.abnormal_top,
                                 extra_normals=args.extra_normals, real_share=args.real_share,
                                 lesion_box=args.lesion_box, bf16=args.bf16, device=args.device,
                                 workers=args.workers, prepared=args.prepared, bs=args.batch_size,
@@ -411,6 +417,7 @@ def _cmd_train(args) -> int:
                           f"--pretrain synthetic-lesions --phases {args.phases} --lr {args.lr:g} "
                           f"--cam-weight {args.cam_weight:g} --layer4-dilation {args.layer4_dilation}"
                           f" --real-share {args.real_share:g}"
+                          + (f" --abnormal-top {args.abnormal_top:g}" if args.abnormal_top else "")
                           + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
                           + (" --bf16" if args.bf16 else "")
@@ -422,8 +429,7 @@ def _cmd_train(args) -> int:
                 "backbone_init": Path(args.init).name if args.init else "random (from scratch)",
                 "checks": state["history"]}
     finalize_bundle(last, args.organ, args.data, args.split_file, args.out, size=phases[-1][2],
-                    version=args.version, training=training, workdir=workdir.parent,
-                    layer4_dilation=args.layer4_dilation, log=log)
+                    version=args.version, training=training, workdir=workdir.parent, log=log)
     return 0
 
 

@@ -54,12 +54,14 @@ def make_bundle(path, organ: str = "lung", *, labels: list[str] | None = None,
                 spec: PreprocessSpec | None = None, trained: bool = False, seed: int = 0,
                 favour: str | None = None, bias: float = 6.0, name: str | None = None,
                 aggregation: dict | None = None, temperature: float = 1.0,
-                dtype: str = "float16", layer4_dilation: int = 1) -> Path:
+                dtype: str = "float16", layer4_dilation: int = 1,
+                abnormal_top: float = 0.0) -> Path:
     """Write a test bundle folder at ``path`` and return it.
 
     ``favour``: a label that should win (its head bias is raised by ``bias``).
     ``trained``: what metadata.json claims (False by default, like a fixture should).
-    ``layer4_dilation``: recorded in the metadata's ``network`` (2 = the 2.x bundles' finer map).
+    ``layer4_dilation``: recorded in the metadata's ``network`` (2 = the 2.x bundles' finer map),
+    as ``abnormal_top`` (evidence pooling of the abnormal logits).
     """
     labels = list(labels or LABELS[organ])
     spec = spec or PreprocessSpec(windows=[(-600.0, 1500.0), (40.0, 400.0), (-160.0, 240.0)]
@@ -71,8 +73,8 @@ def make_bundle(path, organ: str = "lung", *, labels: list[str] | None = None,
           "calibration": {"temperature": temperature, "method": "fixture"},
           "training": {"data": "none: seeded random weights for tests"},
           "intended_use": "Tests only. Random weights."}
-    if layer4_dilation != 1:
-        md["network"] = {"layer4_dilation": layer4_dilation}
+    md["network"] = {**({"layer4_dilation": layer4_dilation} if layer4_dilation != 1 else {}),
+                     **({"abnormal_top": abnormal_top} if abnormal_top else {})}
     if aggregation:
         md["aggregation"] = aggregation
     return save_bundle(path, net, md, dtype=dtype)

@@ -124,7 +124,10 @@ def _model_card(md: dict) -> str:
              f"- Task: {md['task']} of {md['organ']} CT slices into {', '.join(md['labels'])}",
              "- Network: ResNet50 (MONAI, Bottleneck [3,4,6,3], 2D, stride-2 stem"
              + (f", layer4 dilated x{d}: stride 16" if (d := md["network"].get("layer4_dilation", 1)) != 1
-                else "") + f"), {md['network']['in_channels']} input channels",
+                else "")
+             + (f", abnormal logits = mean of the top {t:g} of cells"
+                if (t := md["network"].get("abnormal_top", 0)) else "")
+             + f"), {md['network']['in_channels']} input channels",
              f"- Trained: {'yes' if md['trained'] else 'NO (random/fixture weights: not for use)'}",
              f"- Preprocessing: `{json.dumps(md['preprocessing'])}`",
              f"- Aggregation: `{json.dumps(md['aggregation'])}`",
@@ -174,6 +177,12 @@ class Bundle:
         return int((self.metadata.get("network") or {}).get("layer4_dilation", 1))
 
     @property
+    def abnormal_top(self) -> float:
+        """0 for the standard head (global average), else the share of cells whose mean
+        is each abnormal class's logit (:func:`dicompipe.model.network.class_logits`)."""
+        return float((self.metadata.get("network") or {}).get("abnormal_top", 0.0))
+
+    @property
     def positive_labels(self) -> list[str]:
         return list(self.metadata.get("positive_labels") or [])
 
@@ -187,7 +196,7 @@ class Bundle:
             from dicompipe.model.network import resnet50  # MONAI: imported only when needed
             net = resnet50(num_classes=len(self.labels),
                            in_channels=int(self.metadata.get("network", {}).get("in_channels", 3)),
-                           layer4_dilation=self.layer4_dilation)
+                           layer4_dilation=self.layer4_dilation, abnormal_top=self.abnormal_top)
             state = {k: (v.float() if v.is_floating_point() else v)
                      for k, v in read_weights(self.weights_path).items()}
             own = net.state_dict()
@@ -266,7 +275,8 @@ class Bundle:
             # where dicompipe is installed (a user's own bundle keeps the path it was given)
             "builtin": self.builtin, "path": None if self.builtin else str(self.path),
             "architecture": "resnet50 (MONAI, conv1_t_stride=2"
-                            + (f", layer4 dilation {self.layer4_dilation})" if self.layer4_dilation != 1 else ")"),
+                            + (f", layer4 dilation {self.layer4_dilation}" if self.layer4_dilation != 1 else "")
+                            + (f", abnormal top {self.abnormal_top:g}" if self.abnormal_top else "") + ")",
             "preprocessing": md.get("preprocessing"),
             "aggregation": self.aggregation, "temperature": self.temperature,
             "calibration": md.get("calibration") or {},

@@ -16,8 +16,17 @@ import torch
 from monai.networks.nets import ResNet
 
 
+class _ResNet50(ResNet):
+    """MONAI's ResNet whose ``forward`` pools the class logits as :func:`class_logits` does
+    (``net(x)`` and the exported :class:`WithFeatures` agree for every head)."""
+    abnormal_top = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_with_features(self, x)[0]
+
+
 def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = False,
-             layer4_dilation: int = 1) -> ResNet:
+             layer4_dilation: int = 1, abnormal_top: float = 0.0) -> ResNet:
     """A standard-topology ResNet50 (stride-2 stem, no bias in downsample convs).
 
     ``zero_init_residual`` starts each block's last BatchNorm at gamma 0, so every residual
@@ -26,8 +35,9 @@ def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = 
     last downsampling, as torchvision's ``replace_stride_with_dilation``): the class map
     and Grad-CAM get 2x finer (10 x 10 cells at 160 px) for ~1.6x the FLOPs (1.3x the
     torch forward time measured at 160 px, batch 16, 2 CPU threads); same weight shapes.
+    ``abnormal_top``: see :func:`class_logits` (0 = the standard global average).
     """
-    net = ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
+    net = _ResNet50("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
                  n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
                  num_classes=num_classes, bias_downsample=False)
     if zero_init_residual:
@@ -36,6 +46,7 @@ def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = 
                 torch.nn.init.zeros_(block.bn3.weight)
     if layer4_dilation != 1:
         dilate_layer4(net, layer4_dilation)
+    net.abnormal_top = float(abnormal_top)
     return net
 
 
@@ -50,12 +61,37 @@ def dilate_layer4(net: ResNet, dilation: int = 2) -> None:
         block.conv2.padding = (dilation, dilation)
 
 
+def cell_logits(net: ResNet, a: torch.Tensor) -> torch.Tensor:
+    """Per-cell class logits (n, k, h, w) from layer4 ``a``: the class maps that Grad-CAM
+    shows (``w_c . A_ij + b_c``); their mean over cells is a standard head's class logit."""
+    return torch.einsum("nchw,kc->nkhw", a, net.fc.weight) + net.fc.bias[None, :, None, None]
+
+
+def class_logits(net: ResNet, a: torch.Tensor) -> torch.Tensor:
+    """The class logits from layer4 ``a``: the global average of each class map, or, when
+    ``net.abnormal_top`` > 0, for every class but the first (normal) the mean of its top
+    ``abnormal_top`` share of cells (MIL-style evidence pooling: a small lesion counts as
+    much as a large one; normal stays the global average).
+
+    >>> net.abnormal_top = 0.05          # 10 x 10 cells: each abnormal logit = its 5 best cells
+    """
+    top = float(getattr(net, "abnormal_top", 0.0))
+    if not top:
+        return net.fc(torch.flatten(net.avgpool(a), 1))
+    cells = torch.flatten(cell_logits(net, a), 2)                       # (n, k, h*w)
+    # tensor arithmetic, not Python ints: the ONNX export keeps the cell count dynamic
+    ranked = cells[:, 1:].sort(-1, descending=True).values
+    rank = torch.arange(ranked.shape[-1], device=a.device).to(ranked.dtype)
+    m = (torch.as_tensor(ranked.shape[-1]).to(ranked.dtype) * top).round().clamp(min=1)
+    abnormal = (ranked * (rank < m)).sum(-1) / m
+    return torch.cat([cells[:, :1].mean(-1), abnormal], 1)
+
+
 def forward_with_features(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass returning (logits, layer4 activations) — layer4 feeds Grad-CAM."""
     x = net.maxpool(net.act(net.bn1(net.conv1(x))))
     a = net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    logits = net.fc(torch.flatten(net.avgpool(a), 1))
-    return logits, a
+    return class_logits(net, a), a
 
 
 class WithFeatures(torch.nn.Module):

@@ -103,7 +103,8 @@ def cache_dir(bundle) -> Path:
 def model_path(bundle, precision: str = "fp32") -> Path:
     """The cache file for ``bundle`` at ``precision`` (it may not exist yet). The name holds
     the architecture as well as the weights: a dilated layer4 has the same weight shapes."""
-    arch = f".l4d{bundle.layer4_dilation}" if bundle.layer4_dilation != 1 else ""
+    arch = (f".l4d{bundle.layer4_dilation}" if bundle.layer4_dilation != 1 else "") + (
+        f".top{bundle.abnormal_top:g}" if bundle.abnormal_top else "")
     return cache_dir(bundle) / f"{bundle.sha256}.v{EXPORT_VERSION}{arch}.{precision}.onnx"
 
 

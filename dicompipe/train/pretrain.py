@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicompipe.model.network import forward_with_features, resnet50
+from dicompipe.model.network import cell_logits, forward_with_features, resnet50
 from dicompipe.train import data as D
 from dicompipe.train import lesions as L
 from dicompipe.train.metrics import macro_auroc
@@ -110,11 +110,6 @@ class SynthFeed:
         self.pool.terminate()
 
 
-def cell_logits(net, a: torch.Tensor) -> torch.Tensor:
-    """Per-cell class logits (n, k, h, w) from layer4 ``a``; their mean is the class logit."""
-    return torch.einsum("nchw,kc->nkhw", a, net.fc.weight) + net.fc.bias[None, :, None, None]
-
-
 def location_loss(cells: torch.Tensor, masks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """BCE of the abnormal classes' cell maps against the lesion mask: the most covered cell
     of a lesion slice -> 1, the others in proportion to their cover (a lesion a few pixels
@@ -185,7 +180,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   phases=(("pretrain", 40.0, 128),), lr: float = 1e-3, bs: int = 32,
                   cam_weight: float = 1.0, flip: bool = False, vflip: bool = False,
                   threads: int = 2, seed: int = 0, eval_every_min: float = 10.0,
-                  init: Path | None = None, layer4_dilation: int = 1, real_share: float = 0.5,
+                  init: Path | None = None, layer4_dilation: int = 1, abnormal_top: float = 0.0,
+                  real_share: float = 0.5,
                   lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
                   workers: int = 0, fields: list | None = None, log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
@@ -200,7 +196,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     ``device``: where the network trains ("cuda" on a GPU machine); ``workers``: processes
     that synthesise lesion batches ahead (:class:`SynthFeed`; 0 = in this process, as on
     2 CPU cores). ``fields``: the lesion regions per image (:func:`lesion_fields`), when
-    already computed.
+    already computed. ``abnormal_top``: evidence pooling of the abnormal logits
+    (:func:`dicompipe.model.network.class_logits`; 0 = global average).
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -224,7 +221,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng)
 
     feed = SynthFeed(images, fields, organ, k, workers) if workers else None   # before CUDA
-    net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation)
+    net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation, abnormal_top=abnormal_top)
     if init is not None:
         # the head too when its classes match (it is half of the class map); not from
         # another organ's network (e.g. the lung lesion network for the pancreas)
@@ -250,7 +247,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     w_real /= w_real.sum()
     real_va = np.nonzero(parts == "val")[0]
 
-    arch = {"layer4_dilation": str(layer4_dilation)}     # the weights cannot tell; finalize reads it
+    # the weights cannot tell; finalize reads it
+    arch = {"layer4_dilation": str(layer4_dilation), "abnormal_top": str(abnormal_top)}
 
     def save(tag=None):
         sd = {kk: v.detach().cpu().contiguous() for kk, v in net.state_dict().items()}

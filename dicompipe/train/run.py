@@ -160,7 +160,8 @@ def check_device(device: str) -> None:
 
 def run_lesion_training(data, organ: str, split_file, workdir, phases, *, threads: int = 2,
                         cam_weight: float = 1.0, lr: float = 2e-3, init=None,
-                        layer4_dilation: int = 1, extra_normals=(), real_share: float = 0.5,
+                        layer4_dilation: int = 1, abnormal_top: float = 0.0,
+                        extra_normals=(), real_share: float = 0.5,
                         lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
                         workers: int = 0, prepared=None, bs: int = 32, log=print) -> dict:
     """Set up the data (:func:`prepare_data`, or :func:`prepared_data` when ``prepared``
@@ -185,8 +186,8 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
-                         real_share=real_share, lesion_box=lesion_box, bf16=bf16, device=device,
-                         workers=workers, fields=fields, bs=bs, log=log)
+                         abnormal_top=abnormal_top, real_share=real_share, lesion_box=lesion_box,
+                         bf16=bf16, device=device, workers=workers, fields=fields, bs=bs, log=log)
 
 
 def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,
@@ -214,14 +215,14 @@ def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = Non
 
 def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, version: str,
                     training: dict, workdir="training", calibrate_on: str = "val",
-                    n_boot: int = 1000, layer4_dilation: int | None = None,
-                    log=print) -> tuple[Path, dict]:
+                    n_boot: int = 1000, log=print) -> tuple[Path, dict]:
     """A 2.x bundle from trained ``weights``: the data rendered at ``size`` exactly as
     inference renders it, a prior correction (:func:`fit_prior_bias`, folded into the
     head's bias, so every backend applies it) and a temperature fitted on the validation
     part, leak-free test metrics with bootstrap intervals. Returns (bundle folder, metrics).
-    ``layer4_dilation``: default, what the weights file's metadata says
-    (:func:`dicompipe.train.pretrain.train_lesions` records it), else 1.
+    The architecture (layer4 dilation, evidence pooling) is what the weights file's
+    metadata says (:func:`dicompipe.train.pretrain.train_lesions` records it), else the
+    standard ResNet50's.
     """
     import torch
     from safetensors.torch import load_file
@@ -240,11 +241,11 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     stored = json.loads(Path(split_file).read_text())
     parts = np.array([stored["parts"].get(os.path.relpath(it.path, data)) or "" for it in items])
     y = np.array([it.label for it in items])
-    if layer4_dilation is None:
-        from safetensors import safe_open
-        with safe_open(str(weights), "pt") as f:
-            layer4_dilation = int((f.metadata() or {}).get("layer4_dilation", 1))
-    net = resnet50(len(labels), layer4_dilation=layer4_dilation)
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        arch = f.metadata() or {}
+    layer4_dilation, abnormal_top = int(arch.get("layer4_dilation", 1)), float(arch.get("abnormal_top", 0))
+    net = resnet50(len(labels), layer4_dilation=layer4_dilation, abnormal_top=abnormal_top)
     net.load_state_dict(load_file(str(weights)))
     torch.set_num_threads(2)
     va, te = parts == "val", parts == "test"
@@ -262,7 +263,8 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
         "name": f"{organ}-resnet50", "version": version, "task": "classification", "organ": organ,
         "labels": labels, "positive_labels": D.positive_of(organ),
         "network": {"arch": "resnet50", "in_channels": spec.channels, "conv1_t_stride": 2,
-                    "layer4_dilation": layer4_dilation},
+                    "layer4_dilation": layer4_dilation,
+                    **({"abnormal_top": abnormal_top} if abnormal_top else {})},
         "preprocessing": spec.to_dict(),
         "aggregation": {"rule": "topk_mean", "k": 5, "uncertain_band": [0.4, 0.6]},
         "calibration": {"temperature": T, "method": how + " after a prior correction",

@@ -84,6 +84,23 @@ def test_dilated_layer4_bundle(ob, tmp_path):
     assert np.abs(lg - tl).max() <= 1e-4 * max(1.0, np.abs(tl).max())
 
 
+def test_evidence_pooling_bundle(ob, tmp_path):
+    """A bundle whose abnormal logits pool the top cells: its ONNX export gives the torch
+    network's logits, and it has its own cache file (the weights alone cannot tell)."""
+    plain = load_bundle(make_bundle(tmp_path / "p", organ="lung", seed=3, layer4_dilation=2),
+                        allow_untrained=True)
+    top = load_bundle(make_bundle(tmp_path / "t", organ="lung", seed=3, layer4_dilation=2,
+                                  abnormal_top=0.25), allow_untrained=True)
+    assert top.abnormal_top == 0.25 and top.network().abnormal_top == 0.25
+    assert ".top0.25." in ob.model_path(top).name and ".top" not in ob.model_path(plain).name
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    tl, _ = _torch(top, x)
+    pl, _ = _torch(plain, x)
+    assert not np.allclose(tl, pl)
+    lg, _ = ob.OnnxBackend(top, "cpu")(x)
+    assert np.abs(lg - tl).max() <= 1e-4 * max(1.0, np.abs(tl).max())
+
+
 def test_dynamic_batch_and_get_backend(ob, bundle, backend):
     x = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
     assert backend(x)[0].shape == (1, 3)
@@ -101,7 +118,7 @@ def test_cache_beside_bundle_keyed_by_sha(ob, bundle, backend):
     assert not list(p.parent.glob(".*.tmp"))                             # atomic: no leftovers
 
     class Other:                                                         # new weights -> new file
-        path, name, sha256, layer4_dilation = bundle.path, "x", "0" * 64, 1
+        path, name, sha256, layer4_dilation, abnormal_top = bundle.path, "x", "0" * 64, 1, 0.0
     assert ob.model_path(Other, "fp32") != p
     stale = p.parent / f"{'f' * 64}.v{ob.EXPORT_VERSION}.fp32.onnx"
     stale.write_bytes(b"old")

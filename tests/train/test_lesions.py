@@ -116,13 +116,35 @@ def test_location_loss_prefers_maps_on_the_lesion():
 def test_cell_logits_average_to_the_class_logits():
     import torch
 
-    from dicompipe.model.network import forward_with_features, resnet50
-    from dicompipe.train.pretrain import cell_logits
+    from dicompipe.model.network import cell_logits, forward_with_features, resnet50
     net = resnet50(3).eval()
     with torch.no_grad():
         logits, a = forward_with_features(net, torch.randn(2, 3, 64, 64))
         cells = cell_logits(net, a)
     torch.testing.assert_close(cells.mean((2, 3)), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_evidence_pooling_scores_the_strongest_cells():
+    """``abnormal_top``: each abnormal logit is the mean of its best cells (normal stays the
+    global mean); a bias folded into the head (the prior correction) shifts it as much."""
+    import torch
+
+    from dicompipe.model.network import cell_logits, forward_with_features, resnet50
+    net = resnet50(3, layer4_dilation=2, abnormal_top=0.25).eval()      # 4 x 4 cells: best 4
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        logits, a = forward_with_features(net, x)
+        torch.testing.assert_close(net(x), logits)                      # training's net(x) too
+        cells = cell_logits(net, a).flatten(2)
+        want = torch.stack([cells[:, 0].mean(-1), *(cells[:, c].topk(4, -1).values.mean(-1)
+                                                    for c in (1, 2))], 1)
+        torch.testing.assert_close(logits, want)
+        assert (logits[:, 1:] > cells[:, 1:].mean(-1)).all()
+        x = torch.ones(1, 3, 64, 64)
+        before = forward_with_features(net, x)[0]
+        net.fc.bias += torch.tensor([0.0, 1.0, -2.0])
+        torch.testing.assert_close(forward_with_features(net, x)[0] - before,
+                                   torch.tensor([[0.0, 1.0, -2.0]]))
 
 
 def test_prior_bias_lifts_balanced_accuracy_and_keeps_sensitivity():
@@ -215,11 +237,11 @@ def test_init_keeps_the_head_when_its_classes_match(tmp_path):
     # a zero-length phase: the weights as initialised are what is saved
     train_lesions(*args, tmp_path / "a", organ="lung", phases=[("finetune-head", 0.0, 32)],
                   bs=4, threads=1, init=three, real_share=0.75, layer4_dilation=2,
-                  log=logs.append)
+                  abnormal_top=0.05, log=logs.append)
     assert "network initialised from three.safetensors" in logs
     out = tmp_path / "a" / "phase0_finetune-head.safetensors"
     with safe_open(str(out), "pt") as f:                 # what finalize_bundle reads
-        assert f.metadata() == {"layer4_dilation": "2"}
+        assert f.metadata() == {"layer4_dilation": "2", "abnormal_top": "0.05"}
     kept = load_file(str(out))
     assert all(np.array_equal(v.numpy(), kept[k].numpy()) for k, v in load_file(str(three)).items())
     train_lesions(*args, tmp_path / "b", organ="lung", phases=[("finetune-head", 0.0, 32)],
