@@ -115,7 +115,8 @@ def _p_analyze(sub):
                         "validated int8 calibration; "
                         "openvino*: pip install dicompipe[openvino]; openvino-bf16: CPUs with "
                         "native bfloat16, reduced precision)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int,
+                   help="slices per network call (default 16 on a CPU, 64 on a GPU)")
     p.add_argument("--all-slices", action="store_true", help="do not skip slices outside the organ")
     p.add_argument("--cam", dest="cam", action="store_true", default=True, help="Grad-CAM (default)")
     p.add_argument("--no-cam", dest="cam", action="store_false", help="skip Grad-CAM")

@@ -31,7 +31,7 @@ Progress = Callable[[str, float, str], None]
 def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
             device: str = "auto", backend: str = "auto", cam: bool = True,
             select_slices: bool = True, config: str | Path | None = None,
-            batch_size: int = 16, include_phi: bool = False,
+            batch_size: int | None = None, include_phi: bool = False,
             progress: Progress | None = None, allow_untrained: bool = False,
             max_memory=None, spacing=None) -> Analysis:
     """Analyse one CT: discover -> select -> load -> prepare -> predict -> aggregate -> Grad-CAM.

@@ -1,5 +1,7 @@
 """model.predict (batched torch inference, layer4 kept) and model.aggregate (rules,
 temperature, uncertain band, key slices)."""
+import dataclasses
+
 import numpy as np
 import pytest
 from tiny_bundle import chest_phantom, make_bundle, make_volume
@@ -62,6 +64,26 @@ def test_predict_is_deterministic_and_batch_size_invariant(bundle, batch):
     c = predict(bundle, batch, backend="torch", device="cpu", batch_size=2)
     np.testing.assert_array_equal(a.logits, b.logits)
     np.testing.assert_allclose(a.logits, c.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_default_batch_is_larger_on_a_gpu(bundle, batch, monkeypatch):
+    """No batch size given: 16 slices per call on a CPU, 64 where the backend runs on a GPU."""
+    import importlib
+    P = importlib.import_module("dicompipe.model.predict")     # the module, not the function
+    assert predict(bundle, batch, backend="torch", device="cpu").model_info["batch_size"] == 16
+    calls = []
+
+    class OnGpu:                     # what a torch backend on "cuda" looks like to predict()
+        device = "cuda:0"
+
+        def __call__(self, x):
+            calls.append(len(x))
+            return np.zeros((len(x), 3), np.float32), np.zeros((len(x), 2048, 2, 2), np.float32)
+    monkeypatch.setattr(P, "get_backend", lambda *a, **k: OnGpu())
+    big = dataclasses.replace(batch, tensors=np.repeat(batch.tensors, 20, axis=0),
+                              slices=batch.slices * 20)
+    assert P.predict(bundle, big).model_info["batch_size"] == 64
+    assert calls == [64, 64, len(big.tensors) - 128]
 
 
 def test_predict_rejects_wrong_tensors_and_options(bundle, batch):
