@@ -43,3 +43,22 @@ def test_train_speed_compares_fp32_and_bf16(tmp_path):
     assert set(res["img_per_s"]) == {"fp32", "bf16"}
     assert all(r["median"] > 0 for r in res["img_per_s"].values()) and res["bf16_speedup"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["size"] == 64
+
+
+def test_evidence_heads_fit_what_they_can_express():
+    """benchmarks.evidence_head: an evidence head fitted on labels made from the CAM mass
+    separates them; the malignant-evidence head keeps the other classes' logits' order."""
+    import numpy as np
+
+    from benchmarks.evidence_head import fit_head, head_logits
+    rng = np.random.default_rng(0)
+    mass = rng.gamma(2.0, 1.0, (600, 3))
+    logits = rng.normal(0, 1, (600, 3))
+    y = mass.argmax(1)                                 # each slice's class: its largest mass
+    p = fit_head("evidence", logits, mass, y, mal=2)
+    assert (head_logits("evidence", p, logits, mass, 2).argmax(1) == y).mean() > 0.9
+    assert (head_logits("bundle", np.zeros(0), logits, mass, 2) == logits).all()
+    q = fit_head("malignant evidence", logits, mass, y, mal=2)
+    z = head_logits("malignant evidence", q, logits, mass, 2)
+    assert np.array_equal(np.argsort(z[:, 0]), np.argsort(logits[:, 0]))
+    assert np.corrcoef(z[:, 2], mass[:, 2])[0, 1] > 0.999
