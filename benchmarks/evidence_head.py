@@ -13,7 +13,8 @@ leak-free test part and on the DICOM series (never used for fitting):
 - ``malignant evidence``: normal and benign as shipped (one common scale), malignant from
   its CAM mass.
 
-Figures per head: test macro AUROC, balanced accuracy, malignant sensitivity, ECE; on a0001
+Figures per head: test macro AUROC (and each class's one-vs-rest AUROC), balanced accuracy,
+malignant sensitivity, ECE; on a0001
 the tumour-slice AUROC of P(malignant) and whether the most malignant slice is a tumour
 slice; the same on lidc-idri-0001 with the slices of the readers' outline (malignancy >= 4).
 
@@ -152,7 +153,8 @@ def run(lung=None, data: Path = DATA) -> dict:
             T, _ = calibrate(zv + bias, yv)
         m = classification_metrics(yt, softmax((head_logits(name, p, lt, mt, mal) + bias) / T, np.float64),
                                    labels, n_boot=1000)
-        rec = {k: round(float(m[k]), 4) for k in ("macro_auroc", "balanced_accuracy", "sensitivity_malignant", "ece")}
+        rec = {k: round(float(m[k]), 4) for k in ("macro_auroc", "balanced_accuracy", "sensitivity_malignant", "ece",
+                                                   *(f"auroc_{c}" for c in labels))}
         rec["macro_auroc_ci95"] = [round(float(v), 4) for v in m["macro_auroc_ci95"]]
         for series, (lg, ms, flag) in dic.items():
             pm = softmax((head_logits(name, p, lg, ms, mal) + bias) / T, np.float64)[:, mal]
