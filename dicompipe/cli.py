@@ -391,6 +391,9 @@ def _cmd_train(args) -> int:
         except ValueError:
             raise DicompipeError(f"--phases entry {part!r} is not NAME:MINUTES:SIZE "
                                  "(e.g. pretrain:40:128).") from None
+    if not 0 <= args.abnormal_top < 1:
+        raise DicompipeError(f"--abnormal-top {args.abnormal_top:g} is not in [0, 1): the share of "
+                             "class-map cells each abnormal logit averages (0 = all, the standard head).")
     if not 0 <= args.real_share < 1:
         raise DicompipeError(f"--real-share {args.real_share:g} is not in [0, 1): each batch "
                              "needs synthetic lesion slices for the location loss.")

@@ -41,6 +41,7 @@ def test_spacing_of_image_slices_from_the_command_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--real-share", "1"], "--real-share 1 is not in [0, 1)"),
+    (["--abnormal-top", "1.5"], "--abnormal-top 1.5 is not in [0, 1)"),
     (["--phases", "pretrain:40"], "is not NAME:MINUTES:SIZE"),
     ([], "--pretrain needs --split-file"),
 ])
