@@ -303,15 +303,20 @@ class OnnxBackend:
 
     def _cached_session(self, providers):
         """The session from ONNX Runtime's optimised model file in the user cache (keyed by
-        the export's name, the runtime version and the CPU, as the optimised graph is CPU
-        specific); the first run optimises and saves it. None when the cache is off
-        (``DICOMPIPE_ORT_CACHE=0``) or not writable."""
+        the export's name, size and modification time, the runtime version and the CPU, as
+        the optimised graph is CPU specific); the first run optimises and saves it, and drops
+        the one made from an earlier file of the same name (a re-export). None when the cache
+        is off (``DICOMPIPE_ORT_CACHE=0``) or not writable."""
         if os.environ.get("DICOMPIPE_ORT_CACHE", "1") == "0":
             return None
         folder = user_cache("onnx-optimized") / f"{ort.__version__}-{cpu_key()}"
         if not writable(folder):
             return None
-        target = folder / f"{self.path.stem}.opt.onnx"
+        st = self.path.stat()
+        target = folder / f"{self.path.stem}.{st.st_size:x}-{st.st_mtime_ns:x}.opt.onnx"
+        for old in folder.glob(f"{self.path.stem}.*opt.onnx"):
+            if old != target:
+                old.unlink(missing_ok=True)
         if target.exists():
             so = session_options(self.threads)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
