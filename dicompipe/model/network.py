@@ -38,8 +38,8 @@ def resnet50(num_classes: int, in_channels: int = 3, zero_init_residual: bool = 
     ``abnormal_top``: see :func:`class_logits` (0 = the standard global average).
     """
     net = _ResNet50("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], spatial_dims=2,
-                 n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
-                 num_classes=num_classes, bias_downsample=False)
+                    n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2,
+                    num_classes=num_classes, bias_downsample=False)
     if zero_init_residual:
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
             for block in layer:
