@@ -163,38 +163,76 @@ def lidc_check(a, xml: Path) -> dict:
             "cam_peak_volume_to_outline_mm": dist(grid_lps(a.batch.grid, peak3d))}
 
 
-def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0,
-                          backend: str = "auto", figure: Path | None = None) -> dict:
-    """Insert one hypo-attenuating lesion into the pancreas (TotalSegmentator label 7) and
-    check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices.
-    ``figure``: a PNG of the first eight trials (lesion outline, tumour CAM, its peak)."""
-    from dicompipe import explain, io, preprocess
-    from dicompipe.model import predict
-    from dicompipe.preprocess.inverse import to_slice, to_volume
-    vol = io.load(io.select(io.discover(series)))
+def lesion_trials(vol, seg: Path, trials: int = 20, seed: int = 0) -> list[dict]:
+    """``trials`` hypo-attenuating lesions in the pancreas (TotalSegmentator label 7 of
+    ``seg``), one slice each, cycling over the slices with > 50 pancreas voxels: z, centre,
+    radius 4-15 mm, soft edge (1.5 mm), drop 20-60 HU, and ``alpha`` (the lesion's
+    weight per pixel of that slice)."""
     lab = sitk.DICOMOrient(sitk.ReadImage(str(seg)), "LPS")
     lab = sitk.Resample(lab, vol.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     panc = sitk.GetArrayFromImage(lab) == 7
     zs = [z for z in range(panc.shape[0]) if panc[z].sum() > 50]
     rng = np.random.default_rng(seed)
     sp = vol.image.GetSpacing()
-    hits, ceiling, rows, panels = 0, 0, [], []
-    base = sitk.GetArrayFromImage(vol.image)
-    batch0 = preprocess.prepare(vol, bundle.spec, organ=None, select_slices=False)
-    probs0 = predict(bundle, batch0, backend=backend).probabilities
-    k0 = bundle.labels.index("tumour")
-    p_without = {z: float(probs0[next(s.row for s in batch0.slices if z in s.volume_z), k0]) for z in zs}
+    yy, xx = np.mgrid[:panc.shape[1], :panc.shape[2]]
+    out = []
     for t in range(trials):
         z = zs[t % len(zs)]
         ys, xs = np.nonzero(panc[z])
         i = int(rng.integers(len(ys)))
         r_mm = rng.uniform(4, 15)
-        yy, xx = np.mgrid[:base.shape[1], :base.shape[2]]
         rho = np.hypot((yy - ys[i]) * sp[1], (xx - xs[i]) * sp[0])
-        alpha = 1 / (1 + np.exp((rho - r_mm) / 1.5))
-        drop_hu = rng.uniform(20, 60)
+        out.append({"z": z, "centre": (ys[i], xs[i]), "radius_mm": r_mm,
+                    "alpha": 1 / (1 + np.exp((rho - r_mm) / 1.5)), "drop_hu": rng.uniform(20, 60)})
+    return out
+
+
+def ideal_hit(batch, z: int, alpha: np.ndarray, cells: tuple[int, int]) -> bool:
+    """Does a perfect map of ``cells`` (h, w) on slice ``z`` (:func:`cell_cover`) peak
+    inside the lesion, through the same upsampling as the CAM?"""
+    from dicompipe.preprocess.inverse import to_slice
+    row = next(s.row for s in batch.slices if z in s.volume_z)
+    ideal = np.zeros((len(batch.tensors), *cells), np.float32)
+    ideal[row] = cell_cover(batch, row, z, alpha, cells)
+    iy, ix = np.unravel_index(int(np.argmax(to_slice(batch, ideal, z))), alpha.shape)
+    return bool(alpha[iy, ix] > 0.5)
+
+
+def ceiling_by_cells(series: Path, seg: Path, spec, cells=(10, 20, 40), trials: int = 20,
+                     seed: int = 0) -> dict:
+    """The lesion check's ceiling at several class-map resolutions (n x n cells) for the
+    slices as ``spec`` renders them: what a finer CAM would allow, no model needed. The
+    geometry is that of the lesion-free series (a lesion does not move the body crop)."""
+    from dicompipe import io, preprocess
+    vol = io.load(io.select(io.discover(series)))
+    batch = preprocess.prepare(vol, spec, organ=None, select_slices=False)
+    field_mm = batch.pad[2] * batch.grid.GetSpacing()[0]
+    out = {}
+    for n in cells:
+        hits = sum(ideal_hit(batch, t["z"], t["alpha"], (n, n)) for t in lesion_trials(vol, seg, trials, seed))
+        out[f"{n}x{n}"] = {"cell_mm": round(field_mm / n, 1), "ceiling": hits / trials}
+    return {"trials": trials, "size_px": spec.size, "by_cells": out}
+
+
+def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, seed: int = 0,
+                          backend: str = "auto", figure: Path | None = None) -> dict:
+    """Insert one hypo-attenuating lesion into the pancreas (:func:`lesion_trials`) and
+    check where the tumour CAM of that slice peaks; ``trials`` lesions over the slices.
+    ``figure``: a PNG of the first eight trials (lesion outline, tumour CAM, its peak)."""
+    from dicompipe import explain, io, preprocess
+    from dicompipe.model import predict
+    from dicompipe.preprocess.inverse import to_volume
+    vol = io.load(io.select(io.discover(series)))
+    sp = vol.image.GetSpacing()
+    hits, ceiling, rows, panels = 0, 0, [], []
+    base = sitk.GetArrayFromImage(vol.image)
+    batch0 = preprocess.prepare(vol, bundle.spec, organ=None, select_slices=False)
+    probs0 = predict(bundle, batch0, backend=backend).probabilities
+    k0 = bundle.labels.index("tumour")
+    for les in lesion_trials(vol, seg, trials, seed):
+        z, alpha, (cy, cx) = les["z"], les["alpha"], les["centre"]
         arr = base.copy()
-        arr[z] -= alpha * drop_hu
+        arr[z] -= alpha * les["drop_hu"]
         img = sitk.GetImageFromArray(arr)
         img.CopyInformation(vol.image)
         v2 = dataclasses.replace(vol, image=img)
@@ -209,17 +247,15 @@ def pancreas_lesion_check(bundle, series: Path, seg: Path, trials: int = 20, see
         py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
         hit = bool(alpha[py, px] > 0.5)
         hits += hit
-        ideal = np.zeros_like(one)
-        ideal[row] = cell_cover(batch, row, z, alpha, one.shape[1:])
-        iy, ix = np.unravel_index(int(np.argmax(to_slice(batch, ideal, z))), cam.shape)
-        ceiling += bool(alpha[iy, ix] > 0.5)
+        ceiling += ideal_hit(batch, z, alpha, one.shape[1:])
         if figure is not None and len(panels) < 8:
             panels.append((arr[z], alpha > 0.5, cam, (py, px)))
         to_lesion = ndimage.distance_transform_edt(alpha <= 0.5, sampling=(sp[1], sp[0]))[py, px]
-        rows.append({"z": z, "radius_mm": round(r_mm, 1), "drop_hu": round(drop_hu, 1), "hit": hit,
-                     "p_tumour": round(float(preds.probabilities[row, k]), 3),
-                     "p_tumour_without_lesion": round(p_without[z], 3),
-                     "distance_mm": round(float(np.hypot((py - ys[i]) * sp[1], (px - xs[i]) * sp[0])), 1),
+        row0 = next(s.row for s in batch0.slices if z in s.volume_z)
+        rows.append({"z": z, "radius_mm": round(les["radius_mm"], 1), "drop_hu": round(les["drop_hu"], 1),
+                     "hit": hit, "p_tumour": round(float(preds.probabilities[row, k]), 3),
+                     "p_tumour_without_lesion": round(float(probs0[row0, k0]), 3),
+                     "distance_mm": round(float(np.hypot((py - cy) * sp[1], (px - cx) * sp[0])), 1),
                      "distance_to_lesion_mm": round(float(to_lesion), 1)})
     # the class map's cell: a bilinear map peaks on a cell centre, so a lesion smaller than a
     # cell is hit only when it happens to hold one; "within half a cell" is the map's resolution
@@ -424,12 +460,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--backend", default="auto", help="inference backend, e.g. openvino-int8 (default auto)")
     ap.add_argument("--lesion-figure", type=Path, help="PNG of the first eight pancreas lesion trials")
+    ap.add_argument("--ceiling-cells", help="e.g. 10,20,40: the pancreas lesion check's ceiling for "
+                                            "class maps of n x n cells, slices rendered as the 2.x "
+                                            "recipe renders them at 160 px (no model run)")
     ap.add_argument("--synthetic-only", nargs=4, action="append", default=[],
                     metavar=("ORGAN", "WEIGHTS", "SPLIT_JSON", "SIZE"),
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
     res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend,
               args.lesion_figure)
+    seg = args.data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
+    if args.ceiling_cells and seg.exists():
+        from dicompipe.train.run import spec_v2
+        spec = spec_v2("pancreas", 160)
+        res.setdefault("pancreas", {})["lesion_check_ceiling_by_cells"] = ceiling_by_cells(
+            args.data / "abdomen-ct-dicom" / "series", seg, spec,
+            tuple(int(n) for n in args.ceiling_cells.split(",")), args.lesion_trials)
+        print(json.dumps(res["pancreas"]["lesion_check_ceiling_by_cells"]))
     for organ, w, split, size in args.synthetic_only:
         res.setdefault(organ, {})["synthetic_only"] = synthetic_only_scores(
             Path(w), organ, args.data, Path(split), int(size))
