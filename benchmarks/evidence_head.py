@@ -41,7 +41,7 @@ def head_logits(name: str, p: np.ndarray, logits: np.ndarray, mass: np.ndarray, 
     if name == "evidence":
         return mass * np.exp(p[:k]) + p[k:]
     if name == "malignant evidence":
-        out = logits * np.exp(p[0]) + p[1:k + 1]
+        out = logits * np.exp(p[0]) + p[1:k + 1]      # (the malignant bias here is replaced:)
         out[:, mal] = mass[:, mal] * np.exp(p[k + 1]) + p[k + 2]
         return out
     return logits
