@@ -177,7 +177,14 @@ def _init_retrying(con: sqlite3.Connection, path: Path, seconds: float = 30.0) -
 
 def _init(con: sqlite3.Connection, path: Path) -> None:
     """Check the file is a dicompipe history (read-only), then WAL and the schema."""
-    ver = con.execute("PRAGMA user_version").fetchall()[0][0]
+    # version and tables from one snapshot: read apart, another process creating the
+    # history in between looks like version 0 with tables, i.e. someone else's database
+    con.execute("BEGIN")
+    try:
+        ver = con.execute("PRAGMA user_version").fetchall()[0][0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        _rollback(con)
     if ver > SCHEMA_VERSION:
         raise HistoryError(f"The case history {path} has schema version {ver}, newer than this "
                            f"dicompipe understands ({SCHEMA_VERSION}). Upgrade dicompipe or use "
@@ -185,7 +192,6 @@ def _init(con: sqlite3.Connection, path: Path) -> None:
     if ver == 0:
         # dicompipe creates its tables and sets user_version in one transaction, so a
         # version-0 file with tables belongs to someone else, even with an "analyses" table
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables:
             raise HistoryError(f"{path} is an SQLite database but not a dicompipe case history "
                                f"(tables: {', '.join(sorted(tables))}). It was left untouched; "

@@ -151,6 +151,42 @@ def test_foreign_sqlite_database_is_refused(tmp_path):
     assert db.read_bytes() == before
 
 
+def test_history_created_by_another_process_mid_check_is_not_foreign(tmp_path):
+    """Another process creates the history between our reads of its version and its tables
+    (the race behind a flaky two-writer run): both reads come from one snapshot, so it is
+    not taken for someone else's database."""
+    db = tmp_path / "h.sqlite"
+    setup = sqlite3.connect(db)
+    setup.execute("PRAGMA journal_mode = WAL").fetchall()     # readers and a writer at once
+    setup.close()
+    other = sqlite3.connect(db, isolation_level=None)
+
+    class Rows(list):             # what the code reads of a cursor
+        def fetchall(self):
+            return list(self)
+
+        def fetchone(self):
+            return self[0] if self else None
+
+    class CreatedMidway:          # our connection; the other one creates the history mid-check
+        def __init__(self, con):
+            self.con, self.fired = con, False
+
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+
+        def execute(self, sql, *args):
+            rows = self.con.execute(sql, *args).fetchall()
+            if sql == "PRAGMA user_version" and not self.fired:
+                self.fired = True
+                history._init(other, db)
+            return Rows(rows)
+
+    mine = CreatedMidway(sqlite3.connect(db, isolation_level=None))
+    history._init(mine, db)                                   # no "not a dicompipe case history"
+    assert mine.fired and mine.con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION
+
+
 def test_database_inside_input_is_refused(tmp_path):
     a = make_analysis(tmp_path / "src")
     with pytest.raises(HistoryError, match="inside the analysed input"):
