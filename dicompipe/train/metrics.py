@@ -43,12 +43,13 @@ def roc_curve(y, score):
 
 
 def macro_auroc(y, probs) -> float:
-    """Mean one-vs-rest AUROC over classes (binary: AUROC of the positive class)."""
+    """Mean one-vs-rest AUROC over classes (binary: AUROC of the positive class); classes
+    absent from ``y`` (or alone in it) are left out, NaN when none is left."""
     probs = np.asarray(probs)
     if probs.shape[1] == 2:
         return auroc(np.asarray(y) == 1, probs[:, 1])
-    vals = [auroc(np.asarray(y) == k, probs[:, k]) for k in range(probs.shape[1])]
-    return float(np.nanmean(vals))
+    vals = [v for k in range(probs.shape[1]) if not np.isnan(v := auroc(np.asarray(y) == k, probs[:, k]))]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def confusion(y, pred, k: int) -> np.ndarray:
