@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.real_ct import DATA, ROOT, grid_lps
+from benchmarks.real_ct import DATA, ROOT, box_z_range, lesion_slices
 
 HEADS = ("bundle", "evidence", "malignant evidence")
 
@@ -69,13 +68,14 @@ def features(net, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarra
     """(logits, CAM mass per class) of model inputs ``x`` (n, c, s, s) float32."""
     import torch
 
-    from dicompipe.model.network import cell_logits, forward_with_features
+    from dicompipe.explain.gradcam import class_maps
+    from dicompipe.model.network import forward_with_features
+    w = net.fc.weight.detach().numpy()
     lg, ms = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch):
             logits, a = forward_with_features(net, torch.from_numpy(x[i:i + batch]))
-            cams = (cell_logits(net, a) - net.fc.bias[None, :, None, None]).relu()
-            lg.append(logits.numpy()), ms.append(cams.mean((2, 3)).numpy())
+            lg.append(logits.numpy()), ms.append(class_maps(a.numpy(), w).mean((2, 3)))
     return np.concatenate(lg), np.concatenate(ms)
 
 
@@ -85,13 +85,10 @@ def iq_inputs(bundle, data: Path) -> dict:
     import torch
 
     from dicompipe.train import data as D
-    root = data / "iq-othnccd"
-    items, labels = D.scan(root, "lung")
+    from dicompipe.train.run import rendered_split
     spec = bundle.spec
-    images = D.build_cache(items, spec, ROOT / "training" / f"cache_v2_lung_{spec.size}.npz", log=None)
-    parts = json.loads((Path(bundle.path) / "docs" / "split.json").read_text())["parts"]
-    part = np.array([parts.get(os.path.relpath(it.path, root)) or "" for it in items])
-    y = np.array([it.label for it in items])
+    images, y, part, labels = rendered_split(data / "iq-othnccd", "lung", Path(bundle.path) / "docs" / "split.json",
+                                             spec, ROOT / "training", log=None)
     out = {"labels": labels}
     for p in ("val", "test"):
         x = D.to_input(torch.from_numpy(images[part == p]), spec, spec.size).numpy()
@@ -102,25 +99,22 @@ def iq_inputs(bundle, data: Path) -> dict:
 def dicom_inputs(bundle, data: Path) -> dict:
     """Model inputs of a0001 and LIDC-IDRI-0001 as inference renders them, with the slices
     that hold the tumour (z inside the boxes) or the outlined nodule (malignancy >= 4)."""
-    import dicompipe
     from benchmarks.cam_lidc import lps_points, nodule_masks, parse_lidc
+    from dicompipe import io, preprocess
     out = {}
     for name in ("lung-pet-ct-dx-a0001", "lidc-idri-0001"):
         if not (data / name / "series").exists():
             continue
-        a = dicompipe.analyze(str(data / name / "series"), organ="lung", model=bundle, allow_untrained=True)
-        grid = a.batch.grid
-        z_mm = np.array([grid_lps(grid, (s.z, 0, 0))[2] for s in a.batch.included])
+        vol = io.load(io.select(io.discover(data / name / "series")))
+        batch = preprocess.prepare(vol, bundle.spec, organ="lung")
         if name.startswith("lung-pet"):
-            boxes = json.loads((data / name / "tumour_boxes.json").read_text())["boxes"]
-            zs = [b["lps_min_mm"][2] for b in boxes] + [b["lps_max_mm"][2] for b in boxes]
+            z_range = box_z_range(data / name / "tumour_boxes.json")
         else:
-            nod = [n for n in nodule_masks(a.volume, parse_lidc(data / name / "annotations.xml"))
+            nod = [n for n in nodule_masks(vol, parse_lidc(data / name / "annotations.xml"))
                    if (n["malignancy"] or 0) >= 4]
-            zs = list(lps_points(a.volume.image, np.argwhere(np.any([n["mask"] for n in nod], axis=0)))[:, 2])
-        half = abs(grid.GetSpacing()[2]) / 2
-        flag = (z_mm >= min(zs) - half) & (z_mm <= max(zs) + half)
-        out[name] = (np.asarray(a.batch.tensors, np.float32), flag.astype(int))
+            zs = lps_points(vol.image, np.argwhere(np.any([n["mask"] for n in nod], axis=0)))[:, 2]
+            z_range = (float(zs.min()), float(zs.max()))
+        out[name] = (np.asarray(batch.tensors, np.float32), lesion_slices(batch, *z_range)[1].astype(int))
     return out
 
 

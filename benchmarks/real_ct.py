@@ -94,17 +94,29 @@ def verdict_summary(a) -> dict:
             "uncertain": a.verdict.uncertain, "key_slices_z": [k.z for k in a.verdict.key_slices]}
 
 
+def lesion_slices(batch, z_lo: float, z_hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """(z in mm, holds the lesion) for each analysed slice of ``batch``: z within
+    [``z_lo``, ``z_hi``] mm give or take half a slice."""
+    grid = batch.grid
+    half = abs(grid.GetSpacing()[2]) / 2
+    z_mm = np.array([grid_lps(grid, (s.z, 0, 0))[2] for s in batch.included])
+    return z_mm, (z_mm >= z_lo - half) & (z_mm <= z_hi + half)
+
+
+def box_z_range(boxes_file: Path) -> tuple[float, float]:
+    """The z range (mm) of the Lung-PET-CT-Dx tumour boxes."""
+    zs = [v for b in json.loads(boxes_file.read_text())["boxes"] for v in (b["lps_min_mm"][2], b["lps_max_mm"][2])]
+    return min(zs), max(zs)
+
+
 def lung_tumour_check(a, boxes_file: Path) -> dict:
     """Per-slice AUROC and CAM peak vs the Lung-PET-CT-Dx tumour boxes."""
     from dicompipe.train.metrics import macro_auroc
     boxes = json.loads(boxes_file.read_text())["boxes"]
-    bz = [b["lps_min_mm"][2] for b in boxes]
     grid = a.batch.grid
-    dz = abs(grid.GetSpacing()[2])
     k = a.predictions.labels.index("malignant")
     p = a.predictions.probabilities[:, k]
-    z_mm = np.array([grid_lps(grid, (s.z, 0, 0))[2] for s in a.batch.included])
-    tumour = (z_mm >= min(bz) - dz / 2) & (z_mm <= max(bz) + dz / 2)
+    z_mm, tumour = lesion_slices(a.batch, *box_z_range(boxes_file))
     both = 0 < tumour.sum() < len(p)
     auc = float(macro_auroc(tumour.astype(int), np.stack([1 - p, p], 1))) if both else None
     # the malignant Grad-CAM's mass per slice (ReLU'd, raw): the positive evidence alone,

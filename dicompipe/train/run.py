@@ -3,7 +3,7 @@
 Example::
 
     >>> spec = spec_v2("lung")
-    >>> images, y, parts, normal_idx, items, labels = prepare_data("iq-othnccd/", "lung",
+    >>> images, y, parts, normal_idx, labels = prepare_data("iq-othnccd/", "lung",
     ...     split_file="dicompipe/bundles/lung-resnet50/docs/split.json", workdir="training")
 """
 from __future__ import annotations
@@ -57,18 +57,13 @@ def dicom_normals(series, organ: str, size: int = CACHE_SIZE) -> np.ndarray:
 
 
 def prepare_data(data, organ: str, split_file, workdir="training", extra_normals=(), log=print):
-    """(images uint8 (n, 256, 256), y, parts, lesion-free training+val indices, items, labels),
+    """(images uint8 (n, 256, 256), y, parts, lesion-free training+val indices, labels),
     with the split read from ``split_file`` (a bundle's docs/split.json: relative path -> part).
     ``extra_normals``: DICOM series whose slices join the training part as normal
-    (:func:`dicom_normals`; they have no ``items`` entry)."""
-    from dicompipe.train import data as D  # imports torch: only when data are prepared
-
-    spec = replace(spec_v2(organ), size=CACHE_SIZE)
-    items, labels = D.scan(data, organ)
-    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}.npz", log=log)
-    stored = json.loads(Path(split_file).read_text())["parts"]
-    parts = [stored.get(os.path.relpath(it.path, data)) for it in items]
-    y = np.array([it.label for it in items])
+    (:func:`dicom_normals`)."""
+    images, y, parts, labels = rendered_split(data, organ, split_file, replace(spec_v2(organ), size=CACHE_SIZE),
+                                              workdir, log=log)
+    parts = list(parts)
     if extra_normals:
         # a handful of slices among hundreds: each joins 4 times, so they are drawn at all
         extra = np.repeat(dicom_normals(extra_normals, organ), 4, axis=0)
@@ -77,7 +72,7 @@ def prepare_data(data, organ: str, split_file, workdir="training", extra_normals
         parts += ["train"] * len(extra)
         y = np.concatenate([y, np.zeros(len(extra), y.dtype)])
     normal_idx = np.array([i for i, p in enumerate(parts) if p in ("train", "val") and y[i] == 0])
-    return images, y, parts, normal_idx, items, labels
+    return images, y, parts, normal_idx, labels
 
 
 def prepared_data(path, data, organ: str, split_file, workdir, extra_normals=(),
@@ -108,7 +103,7 @@ def prepared_data(path, data, organ: str, split_file, workdir, extra_normals=(),
         log(f"prepared data: {path} ({n} images)")
         return {"images": z["images"], "y": z["y"], "parts": list(z["parts"]),
                 "normal_idx": z["normal_idx"], "labels": meta["labels"], "fields": fields}
-    images, y, parts, normal_idx, _, labels = prepare_data(
+    images, y, parts, normal_idx, labels = prepare_data(
         data, organ, split_file, workdir, extra_normals=extra_normals, log=log)
     fields = lesion_fields(images, normal_idx, organ, lesion_box)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +176,7 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
         images, y, parts, normal_idx, labels, fields = (d[k] for k in (
             "images", "y", "parts", "normal_idx", "labels", "fields"))
     else:
-        images, y, parts, normal_idx, _, labels = prepare_data(
+        images, y, parts, normal_idx, labels = prepare_data(
             data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
     return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
@@ -213,6 +208,21 @@ def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = Non
     return best
 
 
+def rendered_split(data, organ: str, split_file, spec, workdir="training", log=print):
+    """(images uint8 rendered with ``spec``, labels y, part per image ("" when in none),
+    label names) of ``data`` under a stored split (a bundle's docs/split.json); the
+    rendering is cached in ``workdir`` (``cache_v2_<organ>_<size>.npz``).
+
+    >>> images, y, parts, labels = rendered_split("iq-othnccd", "lung", "split.json", spec)
+    """
+    from dicompipe.train import data as D
+    items, labels = D.scan(data, organ)
+    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}_{spec.size}.npz", log=log)
+    stored = json.loads(Path(split_file).read_text())["parts"]
+    parts = np.array([stored.get(os.path.relpath(it.path, data)) or "" for it in items])
+    return images, np.array([it.label for it in items]), parts, labels
+
+
 def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, version: str,
                     training: dict, workdir="training", calibrate_on: str = "val",
                     n_boot: int = 1000, log=print) -> tuple[Path, dict]:
@@ -236,11 +246,8 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     from dicompipe.types import softmax
 
     spec = spec_v2(organ, size)
-    items, labels = D.scan(data, organ)
-    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}_{size}.npz", log=log)
+    images, y, parts, labels = rendered_split(data, organ, split_file, spec, workdir, log=log)
     stored = json.loads(Path(split_file).read_text())
-    parts = np.array([stored["parts"].get(os.path.relpath(it.path, data)) or "" for it in items])
-    y = np.array([it.label for it in items])
     from safetensors import safe_open
     with safe_open(str(weights), "pt") as f:
         arch = f.metadata() or {}

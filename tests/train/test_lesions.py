@@ -339,7 +339,7 @@ def test_prepared_data_round_trips_and_names_a_mismatch(tmp_path, monkeypatch):
     parts = ["train", "val", "train", None]
     labels = ["normal", "benign", "malignant"]
     monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (images, y, parts, np.array([0, 1]),
-                                                            [], labels))
+                                                            labels))
     npz, split = tmp_path / "lung.npz", tmp_path / "split.json"
     split.write_text('{"parts": {}}')
     first = R.prepared_data(npz, "data", "lung", split, tmp_path, log=lambda m: None,
@@ -372,7 +372,7 @@ def test_bf16_check_is_skipped_when_only_the_bundle_is_left_to_write(tmp_path, m
     from dicompipe.train import run as R
     from dicompipe.train import train as T
     monkeypatch.setattr(T, "native_bf16", lambda: False)
-    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (None,) * 6)
+    monkeypatch.setattr(R, "prepare_data", lambda *a, **k: (None,) * 5)
     monkeypatch.setattr(P, "train_lesions", lambda *a, **k: {"trained": True})
     phases = [("pretrain", 1.0, 32)]
     with pytest.raises(DicompipeError, match="no native bfloat16"):
