@@ -219,9 +219,10 @@ def ceiling_by_cells(series: Path, seg: Path, spec, cells=(10, 20, 40), trials: 
     vol = io.load(io.select(io.discover(series)))
     batch = preprocess.prepare(vol, spec, organ=None, select_slices=False)
     field_mm = batch.pad[2] * batch.grid.GetSpacing()[0]
+    lesions = lesion_trials(vol, seg, trials, seed)
     out = {}
     for n in cells:
-        hits = sum(ideal_hit(batch, t["z"], t["alpha"], (n, n)) for t in lesion_trials(vol, seg, trials, seed))
+        hits = sum(ideal_hit(batch, t["z"], t["alpha"], (n, n)) for t in lesions)
         out[f"{n}x{n}"] = {"cell_mm": round(field_mm / n, 1), "ceiling": hits / trials}
     return {"trials": trials, "size_px": spec.size, "by_cells": out}
 
