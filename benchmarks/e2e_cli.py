@@ -7,15 +7,16 @@ run a fresh process, repeats interleaved across contenders, in one run:
   json, nifti), the compiled-model cache already filled;
 - ``cli-cold``: the same with an empty cache folder (the ONNX export and the OpenVINO
   compile are paid in the run: what the very first run on a machine costs);
-- ``cli-int8``: the pancreas bundle (the built-in bundle that ships a validated int8
-  calibration) with ``--backend openvino-int8 --all-slices``, warm;
+- ``cli-int8``: ``cli-warm`` with ``--backend openvino-int8`` (the lung bundle's validated
+  int8 calibration);
 - ``cli-bf16``: ``cli-warm`` with ``--backend openvino-bf16`` (CPUs with native bf16 only:
   AMX or AVX512-BF16);
 - ``naive``: :mod:`benchmarks.naive`, the straightforward pydicom + eager torch + autograd
   Grad-CAM script writing the same outputs;
 - ``in-process``: one :class:`dicompipe.Analyzer` running the 60-slice study ``n`` times
   in one process (run_case, default formats): the 2nd..Nth case's wall time
-  (``in-process-bf16``, only when named in ``--only``: the same on OpenVINO bf16);
+  (``in-process-bf16`` / ``in-process-int8``, only when named in ``--only``: the same on
+  OpenVINO bf16 / int8);
 - ``cli-baseline`` (with ``--baseline-tree DIR``): the same ``analyze`` command run from
   another checkout of dicompipe (e.g. ``git worktree add --detach DIR v1.0``) with this
   environment's packages, warm: the before/after of a change, measured in one run.
@@ -82,9 +83,7 @@ def contenders(study: Path, work: Path, warm_cache: Path, baseline: Path | None 
     return {
         "cli-warm": lambda: _run(_cli(study, fresh("warm")), env(warm_cache)),
         "cli-cold": cold,
-        "cli-int8": lambda: _run(_cli(study, fresh("int8"), ("--organ", "pancreas", "--backend",
-                                                             "openvino-int8", "--all-slices")),
-                                 env(warm_cache)),
+        "cli-int8": lambda: _run(_cli(study, fresh("int8"), ("--backend", "openvino-int8")), env(warm_cache)),
         "cli-bf16": lambda: _run(_cli(study, fresh("bf16"), ("--backend", "openvino-bf16")), env(warm_cache)),
         "naive": lambda: _run([sys.executable, "-m", "benchmarks.naive", str(study),
                                str(fresh("naive"))]),
@@ -147,9 +146,10 @@ def measure(slices=(60, 300), repeats: int = 3, which=None, n_in_process: int = 
                     v["ratio_to_naive"] = round(v["wall"]["median_s"] / base, 3)
             if n == min(slices) and (which is None or "in-process" in which):
                 summary["in-process"] = in_process(study, work / "inproc", warm_cache, n_in_process)
-            if n == min(slices) and which is not None and "in-process-bf16" in which:
-                summary["in-process-bf16"] = in_process(study, work / "inproc-bf16", warm_cache,
-                                                        n_in_process, "openvino-bf16")
+            for precision in ("bf16", "int8"):
+                if n == min(slices) and which is not None and f"in-process-{precision}" in which:
+                    summary[f"in-process-{precision}"] = in_process(
+                        study, work / f"inproc-{precision}", warm_cache, n_in_process, f"openvino-{precision}")
             res["studies"][f"{n}"] = summary
             for d in work.iterdir():                   # run folders are big; keep the cache
                 if d != warm_cache:
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--slices", default="60,300")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma list of contenders (cli-warm, cli-cold, cli-int8, cli-bf16, "
-                                   "naive, in-process, in-process-bf16, cli-baseline)")
+                                   "naive, in-process, in-process-bf16, in-process-int8, cli-baseline)")
     ap.add_argument("--baseline-tree", type=Path,
                     help="also time `analyze` from this checkout (e.g. the previous release)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/e2e_cli-<machine>.json)")

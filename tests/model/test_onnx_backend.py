@@ -156,9 +156,8 @@ def test_int8_refused_on_a_runtime_that_failed_the_gate(ob, bundle):
         os.unlink(cal)
 
 
-@pytest.mark.slow
-def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
-    """The int8 path end to end on random data: calibrate, store ranges, quantize, run."""
+def _ranges(ob, backend, tmp_path) -> Path:
+    """Calibration ranges of ``backend``'s export from two random batches."""
     from onnxruntime.quantization import CalibrationDataReader
 
     rng = np.random.default_rng(2)
@@ -173,6 +172,14 @@ def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
 
     ranges = tmp_path / "ranges.json"
     ob.quantize_static_file(backend.path, tmp_path / "cal.onnx", Reader(), calibration_cache=ranges)
+    return ranges
+
+
+@pytest.mark.slow
+def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
+    """The int8 path end to end on random data: calibrate, store ranges, quantize, run."""
+    rng = np.random.default_rng(2)
+    ranges = _ranges(ob, backend, tmp_path)
     cal = ob.calibration_path(bundle)
     cal.write_text(json.dumps({"sha256": bundle.sha256, "tensors": json.loads(ranges.read_text())}))
     try:
@@ -187,6 +194,29 @@ def test_int8_from_stored_calibration(ob, bundle, backend, tmp_path):
         cal.write_text(cal.read_text().replace("{", "{\"note\": \"new ranges\", ", 1))
         again = ob.OnnxBackend(bundle, precision="int8")
         assert again.path != run.path and not run.path.exists()      # new ranges, new file
+    finally:
+        os.unlink(cal)
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_classifier_float_when_the_calibration_says_so(ob, bundle, backend, tmp_path):
+    import onnx
+
+    head = ob.classifier_nodes(backend.path)
+    assert head == [n.name for n in onnx.load(str(backend.path)).graph.node if n.op_type == "Gemm"]
+    tensors = json.loads(_ranges(ob, backend, tmp_path).read_text())
+    cal = ob.calibration_path(bundle)
+
+    def gemm_weights_from(float_nodes):
+        cal.write_text(json.dumps({"sha256": bundle.sha256, "tensors": tensors, "float_nodes": float_nodes}))
+        graph = onnx.load(str(ob.OnnxBackend(bundle, precision="int8").path)).graph
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        gemm = next(n for n in graph.node if n.name == head[0])
+        return [made_by.get(i, "initializer") for i in gemm.input[1:]]
+
+    try:
+        assert gemm_weights_from([]) == ["DequantizeLinear"] * 2        # int8 weight, int32 bias
+        assert gemm_weights_from(head) == ["initializer"] * 2           # float32
     finally:
         os.unlink(cal)
 
