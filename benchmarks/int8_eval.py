@@ -250,7 +250,8 @@ def run(bundle, data, calib: int = 300, workdir="training", write=True, torch_ch
                    "max_a0001_tumour_slice_auroc_drop": MAX_DICOM_AUROC_DROP if dicom else None,
                    "shipped": ship, "validated": validated,
                    "decision": (f"int8 shipped for {', '.join(f'--backend {v}' for v in validated)}" if ship else
-                                "int8 NOT shipped: accuracy drop above the gate; fp32 only")}
+                                "int8 NOT shipped: accuracy drop above the gate; fp32 only")
+                   + ("" if dicom or bundle.organ != "lung" else " (8-bit test only: no DICOM gate run)")}
     cal_file = ob.calibration_path(bundle)
     if write:                       # the bundle's int8 calibration: only when shipped
         if ship:
