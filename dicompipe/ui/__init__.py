@@ -91,11 +91,35 @@ def configure(args, host: str, env=None):
     if getattr(args, "max_jobs", None):
         from dicompipe.ui.queue import MAX_JOBS_ENV
         env[MAX_JOBS_ENV] = str(max(1, int(args.max_jobs)))
+    from dicompipe.ui.services import BACKEND_ENV
+    backend = getattr(args, "backend", None)
+    if backend and backend != "auto":
+        env[BACKEND_ENV] = backend
+    else:
+        env.pop(BACKEND_ENV, None)
     settings = access.from_env(env)
     warnings = access.check_launch(host, settings)
     if env.get(access.TOKEN_FILE_ENV) and (w := access.token_file_warning(env[access.TOKEN_FILE_ENV])):
         warnings.append(w)
     return settings, warnings
+
+
+def check_backend(name: str) -> None:
+    """Build backend ``name`` for each organ's bundle once, so that one the bundles cannot use
+    (int8 without a validated calibration, bf16 without native support, a missing extra)
+    stops the launch instead of failing every analysis; it also fills the compiled-model
+    cache. Raises :class:`DicompipeError`.
+
+    >>> check_backend("openvino-int8")      # both built-in bundles ship a validated int8
+    """
+    from dicompipe import organs
+    from dicompipe.model.backends import get_backend
+    from dicompipe.ui import services
+    for organ in organs.names():
+        try:
+            get_backend(services.load_bundle(organ), name)
+        except DicompipeError as e:
+            raise DicompipeError(f"--backend {name} cannot be used for the {organ} model: {e}") from e
 
 
 def launch(args) -> int:
@@ -110,6 +134,10 @@ def launch(args) -> int:
     port = int(getattr(args, "port", 8501) or 8501)
     host = getattr(args, "host", "localhost") or "localhost"
     settings, warnings = configure(args, host)        # may refuse to start
+    backend = getattr(args, "backend", None)
+    if backend and backend != "auto":
+        print(f"dicompipe ui: preparing --backend {backend} for every organ's model…", file=sys.stderr)
+        check_backend(backend)
     cmd = streamlit_command(port=port, host=host,
                             error_details="none" if settings.hide_paths else "type")
     for w in warnings:

@@ -35,6 +35,14 @@ def model_override() -> str | None:
     return os.environ.get("DICOMPIPE_UI_MODEL") or None
 
 
+#: the inference backend of every analysis (``dicompipe ui --backend``); unset: "auto"
+BACKEND_ENV = "DICOMPIPE_UI_BACKEND"
+
+
+def backend_override() -> str:
+    return os.environ.get(BACKEND_ENV) or "auto"
+
+
 def allow_untrained() -> bool:
     return os.environ.get("DICOMPIPE_UI_ALLOW_UNTRAINED", "").lower() in ("1", "true", "yes")
 
@@ -95,6 +103,7 @@ def run_case(path, *, organ: str, series: str | None, include_phi: bool, select_
     return _run_case(path, organ=organ, out=out, formats=FORMATS, user=user,
                      include_phi=include_phi, progress=progress, series=series,
                      select_slices=select_slices, allow_untrained=allow_untrained(),
+                     backend=backend_override(),
                      model=model if model is not None else model_override())
 
 

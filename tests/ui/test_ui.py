@@ -52,7 +52,7 @@ def fake_library(tmp_path, monkeypatch):
         return [analysis.series], analysis.series
 
     def analyze(path, *, organ, series, include_phi, select_slices, progress, model=None,
-                allow_untrained=False):
+                allow_untrained=False, backend="auto"):
         assert Path(path).exists(), "the upload must still be on disk while analysing"
         calls["analyze"].append(dict(path=path, organ=organ, series=series,
                                      include_phi=include_phi, select_slices=select_slices))

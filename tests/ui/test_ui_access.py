@@ -29,7 +29,7 @@ from dicompipe.ui import queue as jobs  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 ENV_KEYS = (access.ROOTS_ENV, access.TOKEN_ENV, access.TOKEN_FILE_ENV, access.AUTH_ENV,
-            access.INSECURE_ENV, jobs.MAX_JOBS_ENV)
+            access.INSECURE_ENV, jobs.MAX_JOBS_ENV, services.BACKEND_ENV)
 REAL_RECORD, REAL_ROWS = history.record, services.history_rows
 
 
@@ -176,6 +176,36 @@ def test_token_file_and_bad_settings(clean_env, no_server, tmp_path, capsys):
     assert cli_main(["ui", "--data-root", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert len(no_server) == 1
+
+
+def test_backend_is_checked_for_every_organ_at_start_and_used_by_every_analysis(
+        clean_env, no_server, capsys, tmp_path):
+    from dicompipe.errors import ModelError
+    built = []
+
+    def fake_backend(bundle, name):
+        if name == "onnx-int8":
+            raise ModelError(f"Bundle {bundle!r} ships no int8 calibration")
+        built.append((bundle, name))
+    clean_env.setattr(services, "load_bundle", lambda organ: f"{organ}-bundle")
+    clean_env.setattr("dicompipe.model.backends.get_backend", fake_backend)
+    assert cli_main(["ui", "--backend", "openvino-int8"]) == 0
+    assert built == [("lung-bundle", "openvino-int8"), ("pancreas-bundle", "openvino-int8")]
+    assert no_server[-1][1][services.BACKEND_ENV] == "openvino-int8"
+    assert cli_main(["ui", "--backend", "onnx-int8"]) == 2          # refused before serving
+    assert "--backend onnx-int8 cannot be used for the lung model" in capsys.readouterr().err
+    assert len(no_server) == 1
+    assert cli_main(["ui"]) == 0 and services.BACKEND_ENV not in no_server[-1][1]
+
+    got = {}
+    clean_env.setattr("dicompipe.pipeline.run_case", lambda path, **kw: got.update(kw))
+    clean_env.setenv("DICOMPIPE_UI_OUT", str(tmp_path))
+    for env, want in ((None, "auto"), ("openvino-int8", "openvino-int8")):
+        if env:
+            clean_env.setenv(services.BACKEND_ENV, env)
+        services.run_case(tmp_path, organ="lung", series=None, include_phi=False,
+                          select_slices=True, progress=None)
+        assert got["backend"] == want
 
 
 # --------------------------------------------------------------------------- sign-in
