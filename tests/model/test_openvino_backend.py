@@ -59,6 +59,20 @@ def test_fp32_agrees_with_torch_and_shares_the_onnx_export(vb, bundle):
     assert np.abs(lg - run(x)[0]).max() == 0                      # outputs are not aliased
 
 
+def test_a_call_is_split_across_the_streams_in_slice_order(vb, bundle):
+    x = np.random.default_rng(1).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    two = vb.OpenVinoBackend(bundle, threads=2)
+    one = vb.OpenVinoBackend(bundle, threads=1)
+    assert len(two.requests) >= 2 and len(one.requests) == 1
+    lg, a = two(x)
+    lg1, a1 = one(x)
+    assert lg.shape == (5, 3) and a.shape == (5, 2048, 2, 2)
+    np.testing.assert_allclose(lg, lg1, rtol=1e-4, atol=1e-4 * np.abs(lg1).max())
+    np.testing.assert_allclose(a, a1, rtol=1e-4, atol=1e-4 * np.abs(a1).max())
+    single = np.concatenate([two(x[i:i + 1])[0] for i in range(5)])   # fewer slices than streams
+    np.testing.assert_allclose(single, lg, rtol=1e-4, atol=1e-4 * np.abs(lg).max())
+
+
 def test_bf16_only_with_native_support(vb, bundle):
     if not vb.native_bf16():
         with pytest.raises(ModelError, match="bfloat16"):
