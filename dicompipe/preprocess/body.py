@@ -10,7 +10,7 @@ a crop to the body.
   from the largest piece, pieces (>= 1 % of it) whose centre lies near the convex hull so
   far (distance of the centre to the hull's polygon), or a quarter of which lies inside it,
   join it; the final convex hull holds lungs, fat and gaps inside. Computed on a <= 256 px
-  copy: about 5 ms a 512² slice on a 2-core AMD EPYC.
+  copy: about 2.2 ms a 512² slice on a 2-core AMD EPYC (4.4 ms before 2026-12-05).
 - :func:`body_box`: the bounding box of a mask with a margin.
 
 Example::
@@ -63,35 +63,47 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
     a = np.asarray(u8, np.float32)
     ny, nx = a.shape
     step = max(1, int(np.ceil(max(ny, nx) / _MASK_SIDE)))
-    small = a
-    if step > 1:   # block maximum, so thin bright structures are not lost by subsampling
-        h, w = (ny // step) * step, (nx // step) * step
-        small = np.maximum.reduce([a[i:h:step, j:w:step] for i in range(step) for j in range(step)])
+    # block maximum, so thin bright structures are not lost by subsampling; without Otsu,
+    # the blocks of the thresholded image (the same pixels, a quarter of the bytes)
+    if adaptive:
+        small = _blocks(a, step, np.maximum)
+        if (small > threshold).sum() > 16:
+            threshold = max(threshold, float(threshold_otsu(small[small > threshold])))
+        above = small > threshold
+    else:
+        above = _blocks(a > threshold, step, np.logical_or)
     # closing joins the speckle of the 8-bit exports; opening drops thin table lines and blankets
-    if adaptive and (small > threshold).sum() > 16:
-        threshold = max(threshold, float(threshold_otsu(small[small > threshold])))
-    fg = close_open(small > threshold)
+    fg = close_open(above)
     lab, n = ndimage.label(fg)
     if n == 0:
         return np.zeros((ny, nx), bool)
-    # per-piece sums by bincount: ndimage.sum_labels / center_of_mass cost a third of the mask
+    # pixels per (row, piece) and (column, piece) by bincount (ndimage.sum_labels and
+    # center_of_mass cost a third of the mask): sizes and centres as exact integer sums
     flat = lab.ravel()
-
-    def per_piece(weights=None):
-        return np.bincount(flat, weights, minlength=n + 1)[1:]
-    sizes = per_piece().astype(np.float64)
-    yy, xx = np.indices(lab.shape)
-    centres = np.stack([per_piece(yy.ravel()), per_piece(xx.ravel())], 1) / sizes[:, None]
-    big = [i for i in range(n) if sizes[i] >= 0.01 * sizes.max()]
+    rows = np.bincount(flat + (n + 1) * np.repeat(np.arange(lab.shape[0]), lab.shape[1]),
+                       minlength=(n + 1) * lab.shape[0]).reshape(lab.shape[0], n + 1)[:, 1:]
+    sizes = rows.sum(0).astype(np.float64)
+    big = np.nonzero(sizes >= 0.01 * sizes.max())[0].tolist()
+    if len(big) > 1:          # centres are only asked of candidates to join the largest piece
+        cols = np.bincount(flat + (n + 1) * np.tile(np.arange(lab.shape[1]), lab.shape[0]),
+                           minlength=(n + 1) * lab.shape[1]).reshape(lab.shape[1], n + 1)[:, 1:]
+        centres = np.stack([np.arange(lab.shape[0]) @ rows, np.arange(lab.shape[1]) @ cols],
+                           1) / sizes[:, None]
     # grow from the largest piece: a piece joins when its centre lies within 3 % of the side
     # of the hull so far (ribs, chest wall) or a quarter of it lies inside the hull (heart and
     # anterior chest wall cut off by black fat, whose centre is beyond the lungs' hull); the
     # table lies farther below and never joins
     kept = {int(np.argmax(sizes))}
-    near = int(round(0.03 * max(small.shape)))
+    near = int(round(0.03 * max(fg.shape)))
     for _ in range(8):
-        hull, v = _filled_hull(np.isin(lab, [i + 1 for i in kept]))
-        share = per_piece(hull.ravel()) / sizes
+        if len(kept) == 1:
+            pieces = lab == next(iter(kept)) + 1
+        else:
+            chosen = np.zeros(n + 1, bool)
+            chosen[[i + 1 for i in kept]] = True
+            pieces = chosen[lab]
+        hull, v = _filled_hull(pieces)
+        share = np.bincount(flat[hull.ravel()], minlength=n + 1)[1:] / sizes
         cand = [i for i in big if i not in kept]
         if not cand:
             break
@@ -105,35 +117,66 @@ def body_mask(u8: np.ndarray, threshold: float = MASK_THRESHOLD, adaptive: bool 
             break
         kept |= more
     if step > 1:
-        hull = np.repeat(np.repeat(hull, step, 0), step, 1)
         out = np.zeros((ny, nx), bool)
-        out[:hull.shape[0], :hull.shape[1]] = hull[:ny, :nx]
+        h, w = hull.shape[0] * step, hull.shape[1] * step
+        for i in range(step):
+            for j in range(step):
+                out[i:h:step, j:w:step] = hull
         return out
     return hull
 
 
-def close_open(mask: np.ndarray, radius: int = 2) -> np.ndarray:
-    """``binary_opening(binary_closing(mask, disk(r)), disk(r))`` as scipy computes it
-    (outside the image counts as background), from shifted copies: ~8x faster at 256 px.
+def _blocks(x: np.ndarray, step: int, ufunc) -> np.ndarray:
+    """``ufunc``-reduce each ``step`` x ``step`` block of ``x`` (a ragged edge is dropped)."""
+    if step == 1:
+        return x
+    h, w = (x.shape[0] // step) * step, (x.shape[1] // step) * step
+    out = x[:h:step, :w:step].copy()
+    for i in range(step):
+        for j in range(step):
+            ufunc(out, x[i:h:step, j:w:step], out=out)
+    return out
+
+
+def close_open(mask: np.ndarray) -> np.ndarray:
+    """``binary_opening(binary_closing(mask, disk(2)), disk(2))`` as scipy computes it
+    (outside the image counts as background), by in-place shifted ORs and ANDs: disk(2) is
+    a 3 x 3 square plus the four pixels at distance 2 (~25x faster than scipy at 256 px).
 
     >>> close_open(np.pad(np.ones((9, 9), bool), 4)).sum()      # a square loses its corners
     np.int64(69)
     """
-    offsets = np.argwhere(disk(radius)) - radius
+    return _disk2(_disk2(_disk2(_disk2(mask, True), False), False), True)
 
-    def shifted(m, dy, dx):
-        out = np.zeros_like(m)
-        h, w = m.shape
-        out[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
-            m[max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)]
+
+def _disk2(m: np.ndarray, grow: bool) -> np.ndarray:
+    """Dilation (``grow``) or erosion of ``m`` by disk(2), zeros beyond the border."""
+    if grow:
+        v = m.copy()
+        v[1:] |= m[:-1]
+        v[:-1] |= m[1:]
+        out = v.copy()
+        out[:, 1:] |= v[:, :-1]
+        out[:, :-1] |= v[:, 1:]
+        out[2:] |= m[:-2]
+        out[:-2] |= m[2:]
+        out[:, 2:] |= m[:, :-2]
+        out[:, :-2] |= m[:, 2:]
         return out
-
-    def dilate(m):
-        return np.logical_or.reduce([shifted(m, dy, dx) for dy, dx in offsets])
-
-    def erode(m):
-        return np.logical_and.reduce([shifted(m, dy, dx) for dy, dx in offsets])
-    return dilate(erode(erode(dilate(mask))))
+    v = m.copy()
+    v[1:] &= m[:-1]
+    v[:-1] &= m[1:]
+    v[[0, -1]] = False
+    out = v.copy()
+    out[:, 1:] &= v[:, :-1]
+    out[:, :-1] &= v[:, 1:]
+    out[:, [0, -1]] = False
+    out[2:] &= m[:-2]
+    out[:-2] &= m[2:]
+    out[:, 2:] &= m[:, :-2]
+    out[:, :-2] &= m[:, 2:]
+    out[:2], out[-2:], out[:, :2], out[:, -2:] = False, False, False, False
+    return out
 
 
 def filled_hull(mask: np.ndarray) -> np.ndarray:
@@ -152,8 +195,8 @@ def _filled_hull(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     the mask is a line or has under 3 pixels)."""
     from scipy.spatial import ConvexHull, QhullError
     rows = np.nonzero(mask.any(1))[0]
-    left = mask[rows].argmax(1)
-    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(1)
+    left = mask.argmax(1)[rows]
+    right = mask.shape[1] - 1 - mask[:, ::-1].argmax(1)[rows]
     # each row's ends span the same hull as all the pixels
     pts = np.concatenate([np.stack([rows, left], 1), np.stack([rows, right], 1)])
     if len(pts) < 3:
@@ -163,14 +206,14 @@ def _filled_hull(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     except QhullError:                      # all on one line: nothing to fill
         return convex_hull_image(mask), None
     ys = np.arange(int(v[:, 0].min()), int(v[:, 0].max()) + 1)
-    lo, hi = np.full(len(ys), np.inf), np.full(len(ys), -np.inf)
-    for a, b in zip(v, np.roll(v, -1, axis=0)):         # each edge: its x on the rows it spans
-        sel = (ys >= min(a[0], b[0])) & (ys <= max(a[0], b[0]))
-        if a[0] == b[0]:                                  # horizontal: both ends on one row
-            x_lo, x_hi = min(a[1], b[1]), max(a[1], b[1])
-        else:
-            x_lo = x_hi = a[1] + (ys[sel] - a[0]) * (b[1] - a[1]) / (b[0] - a[0])
-        lo[sel], hi[sel] = np.minimum(lo[sel], x_lo), np.maximum(hi[sel], x_hi)
+    # each edge (a -> b): its x on the rows it spans; a horizontal edge spans its two ends
+    (a0, a1), (b0, b1) = v.T[:, :, None], np.roll(v, -1, axis=0).T[:, :, None]
+    spans = (ys >= np.minimum(a0, b0)) & (ys <= np.maximum(a0, b0))
+    flat = a0 == b0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = a1 + (ys - a0) * (b1 - a1) / (b0 - a0)
+    lo = np.where(spans, np.where(flat, np.minimum(a1, b1), x), np.inf).min(0)
+    hi = np.where(spans, np.where(flat, np.maximum(a1, b1), x), -np.inf).max(0)
     cols = np.arange(mask.shape[1])
     out = mask.copy()
     # half a pixel wider: the hull of the pixels themselves, as convex_hull_image takes it

@@ -69,6 +69,18 @@ def test_close_open_equals_scipy():
         m = ndimage.binary_dilation(rng.uniform(size=(96, 80)) < 0.03, iterations=k % 4)
         ref = ndimage.binary_opening(ndimage.binary_closing(m, disk(2)), disk(2))
         np.testing.assert_array_equal(close_open(m), ref)
+    for shape in [(1, 1), (1, 7), (2, 3), (4, 1), (5, 5), (6, 9)]:     # smaller than the disk
+        m = rng.uniform(size=shape) < 0.7
+        ref = ndimage.binary_opening(ndimage.binary_closing(m, disk(2)), disk(2))
+        np.testing.assert_array_equal(close_open(m), ref)
+
+
+def test_blocks_of_the_thresholded_image_equal_the_thresholded_block_maximum():
+    from dicompipe.preprocess.body import _blocks
+    a = np.random.default_rng(1).uniform(0, 80, size=(517, 301)).astype(np.float32)
+    for step in (1, 2, 3):
+        np.testing.assert_array_equal(_blocks(a > 40, step, np.logical_or),
+                                      _blocks(a, step, np.maximum) > 40)
 
 
 def test_adaptive_mask_ignores_grey_air_inside_the_field_of_view():
