@@ -17,7 +17,7 @@ _PUBLIC = {
     "Bundle": "bundle", "available_bundles": "bundle", "load_bundle": "bundle",
     "resnet50_from_torchvision": "bundle", "save_bundle": "bundle",
     "resnet50": "network",
-    "get_backend": "backends", "predict": "predict",
+    "get_backend": "backends", "predict": "inference",
     "fit_ood": "ood", "save_ood": "ood", "load_ood": "ood", "OodModel": "ood",
     "assess": "confidence",
 }

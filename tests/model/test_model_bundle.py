@@ -172,3 +172,26 @@ def test_card_names_a_builtin_bundle_without_a_machine_path(tmp_path):
     assert card["builtin"] and card["path"] is None and card["name"] == "lung-resnet50"
     own = load_bundle(make_bundle(tmp_path / "mine"), allow_untrained=True)
     assert not own.card()["builtin"] and own.card()["path"] == str(own.path)
+
+
+def test_no_lazy_public_name_is_also_a_submodule():
+    """Importing a submodule sets the package attribute of its name: a lazily exported
+    function of the same name (``model.predict`` from ``model/predict.py``, before) would
+    become the module for everyone once any code imported the submodule directly."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil\n"
+            "for pkg in ('dicompipe.model', 'dicompipe.explain'):\n"
+            "    mod = importlib.import_module(pkg)\n"
+            "    subs = {m.name for m in pkgutil.iter_modules(mod.__path__)}\n"
+            "    lazy = []\n"
+            "    for name in subs - set(vars(mod)):\n"
+            "        try:\n"
+            "            mod.__getattr__(name)        # a public name imported on first use\n"
+            "            lazy.append(name)\n"
+            "        except AttributeError:\n"
+            "            pass\n"
+            "    print(pkg, lazy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["dicompipe.model", "[]", "dicompipe.explain", "[]"], out.stdout

@@ -69,7 +69,7 @@ def test_predict_is_deterministic_and_batch_size_invariant(bundle, batch):
 def test_default_batch_is_larger_on_a_gpu(bundle, batch, monkeypatch):
     """No batch size given: 16 slices per call on a CPU, 64 where the backend runs on a GPU."""
     import importlib
-    P = importlib.import_module("dicompipe.model.predict")     # the module, not the function
+    P = importlib.import_module("dicompipe.model.inference")
     assert predict(bundle, batch, backend="torch", device="cpu").model_info["batch_size"] == 16
     calls = []
 
