@@ -228,7 +228,6 @@ class SliceBatch:
     grid: Any                                   # SimpleITK.Image (geometry reference)
     pad: tuple[int, int, int]
     volume: Volume
-    display: np.ndarray | None = None           # (n_grid_z, y, x) uint8 display rendering
     warnings: list[str] = field(default_factory=list)
     # set by prepare(..., render_ahead=True): ``pending(n)`` blocks until rows [0, n) of
     # ``tensors`` are rendered (re-raising a rendering error); None when all are there

@@ -142,11 +142,9 @@ def make_analysis(dicom_dir: str | Path | None = None, *, organ: str = "lung",
                                  row=row if inc else None))
         row += inc
     n = row
-    lo, wid = spec.windows[0]
-    disp = hu if windowed else np.clip((hu - (lo - wid / 2)) / wid, 0, 1) * 255
     batch = SliceBatch(tensors=np.zeros((n, 3, 8, 8), np.float32), slices=slices, spec=spec,
                        grid=image, pad=(0, 0, size), volume=volume,
-                       display=disp.astype(np.uint8), warnings=["preprocess: synthetic"])
+                       warnings=["preprocess: synthetic"])
 
     # ---- predictions: the last class wins on lesion slices, the first elsewhere
     inc_z = [s.z for s in slices if s.included]

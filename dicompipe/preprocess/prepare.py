@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from dicompipe.errors import PreprocessError
 from dicompipe.preprocess.body import body_box, body_mask
-from dicompipe.preprocess.render import model_gray, render, square_pad, window
+from dicompipe.preprocess.render import model_gray, render, square_pad
 from dicompipe.preprocess.selection import skip_reasons
 from dicompipe.types import InstanceRef, ModelSlice, PreprocessSpec, SliceBatch, Volume
 
@@ -143,9 +143,8 @@ def prepare(volume: Volume, spec: PreprocessSpec, *, organ: str | None = None,
                 done(i + 1)
     pending = _render_in_background(render_rows, grid) if render_ahead else render_rows()
     _, pad = square_pad(np.empty(arr.shape[1:], np.uint8))
-    display = _display(arr, spec, volume.windowed)
     return SliceBatch(tensors=tensors, slices=slices, spec=spec, grid=grid, pad=pad,
-                      volume=volume, display=display, warnings=warnings, pending=pending)
+                      volume=volume, warnings=warnings, pending=pending)
 
 
 def _render_in_background(render_rows, grid):
@@ -216,15 +215,4 @@ def _sources(volume: Volume, zs: list[int]) -> list[InstanceRef]:
             if key not in seen:
                 seen.add(key)
                 out.append(ref)
-    return out
-
-
-def _display(arr: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:
-    """uint8 (z, y, x) rendering of the grid under the bundle's first window (for reports)."""
-    if windowed:
-        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    out = np.empty(arr.shape, np.uint8)
-    level, width = spec.windows[0]
-    for z in range(arr.shape[0]):
-        out[z] = np.rint(window(arr[z], level, width) * 255.0)
     return out
