@@ -554,7 +554,7 @@ def _case_kwargs(args) -> dict:
 
 
 def _p_pull(sub):
-    from dicompipe.pacs.dicomweb import AUTH_ENV
+    from dicompipe.pacs import AUTH_ENV
     p = sub.add_parser(
         "pull", help="analyse a study from a DICOMweb server (QIDO/WADO-RS), optionally push "
                      "the SR and SC back (STOW-RS)",

@@ -39,16 +39,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dicompipe.errors import ModelError
 from dicompipe.util import atomic_path, cpu_key, physical_cores, user_cache, writable
 
-try:  # the extra: fail at import so backends.get_backend falls back to torch on "auto"
+if TYPE_CHECKING:       # imported where used: the OpenVINO path loads its cached blob without it
     import onnxruntime as ort
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"onnxruntime is not installed ({e})") from e
 
 OPSET = 17
 #: bump when the export recipe changes so cached files are rebuilt
@@ -64,6 +63,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     no busy-wait spinning between ops: ResNet50 ops are long enough that spinning buys
     nothing, while it steals cores from the reader/renderer threads and from other
     processes on a small shared CPU (``DICOMPIPE_ORT_SPIN=1`` turns it back on)."""
+    import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads or os.environ.get("DICOMPIPE_THREADS") or physical_cores())
     so.inter_op_num_threads = 1
@@ -257,6 +257,7 @@ def quantize_static_file(src: Path, dst: Path, reader=None, calibration_cache: P
     import inspect
     import logging
 
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calibration_cache and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
@@ -288,6 +289,7 @@ class OnnxBackend:
 
     def __init__(self, bundle, device: str = "cpu", precision: str = "fp32", *,
                  threads: int | None = None, path: str | Path | None = None):
+        import onnxruntime as ort
         if precision not in PRECISIONS:
             raise ModelError(f"Unknown precision {precision!r}: use {' or '.join(PRECISIONS)}.")
         self.device = "cpu" if device in (None, "", "auto") else str(device)
@@ -325,6 +327,7 @@ class OnnxBackend:
         the optimised graph is CPU specific); the first run optimises and saves it, and drops
         the one made from an earlier file of the same name (a re-export). None when the cache
         is off (``DICOMPIPE_ORT_CACHE=0``) or not writable."""
+        import onnxruntime as ort
         if os.environ.get("DICOMPIPE_ORT_CACHE", "1") == "0":
             return None
         folder = user_cache("onnx-optimized") / f"{ort.__version__}-{cpu_key()}"

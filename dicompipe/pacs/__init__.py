@@ -10,3 +10,6 @@ Example::
     ...                     out="runs", push=True)
     >>> res.case.run_dir, res.pushed
 """
+#: the environment variable holding a DICOMweb credential (here, so that the CLI's help
+#: text names it without importing the PACS modules)
+AUTH_ENV = "DICOMPIPE_DICOMWEB_AUTH"

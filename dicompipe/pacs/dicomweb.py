@@ -30,12 +30,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dicompipe.errors import PacsError
+from dicompipe.pacs import AUTH_ENV
 from dicompipe.pacs.common import is_uid, result_files, short_uid, with_dicom
 from dicompipe.types import CaseResult
 
 log = logging.getLogger("dicompipe.pacs")
 
-AUTH_ENV = "DICOMPIPE_DICOMWEB_AUTH"
 AUTH_KINDS = ("none", "bearer", "basic")
 #: largest download a pull accepts unless told otherwise (bytes)
 MAX_DOWNLOAD = 4 * 1024 ** 3

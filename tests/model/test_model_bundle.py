@@ -166,6 +166,18 @@ def test_onnx_inference_from_a_cached_export_does_not_import_monai(lung_path):
     assert out.stdout.strip() == "False"
 
 
+def test_openvino_backend_module_does_not_import_onnxruntime():
+    """A warm OpenVINO run loads its compiled blob: ONNX Runtime (~50 ms to import) is only
+    needed to make an int8 model, so the module does not import it."""
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+    code = ("import sys\nimport dicompipe.model.openvino_backend\n"
+            "print('onnxruntime' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_card_names_a_builtin_bundle_without_a_machine_path(tmp_path):
     b = load_bundle("lung-resnet50")
     card = b.card()
