@@ -62,27 +62,12 @@ def fit_head(x, y, w0, b0, lam: float) -> tuple[np.ndarray, np.ndarray]:
     return w.detach().numpy(), b.detach().numpy()
 
 
-def balanced_accuracy(z, y) -> float:
-    pred = z.argmax(1)
-    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
-
-
-def prior_offset(z, y) -> tuple[np.ndarray, float]:
-    """Offsets [0, a, c] on the logits maximising balanced accuracy (grid of 0.1)."""
-    best = (balanced_accuracy(z, y), 0.0, 0.0)
-    for a in np.arange(-2, 3.01, 0.1):
-        for c in np.arange(-3, 3.01, 0.1):
-            s = balanced_accuracy(z + [0, a, c], y)
-            if s > best[0] + 1e-9:
-                best = (s, a, c)
-    return np.array([0.0, best[1], best[2]]), best[0]
-
-
 def main(argv=None) -> dict:
     from dicompipe.model import load_bundle
     from dicompipe.model.aggregate import softmax
     from dicompipe.train.calibration import fit_temperature
     from dicompipe.train.metrics import classification_metrics
+    from dicompipe.train.run import fit_prior_bias
     from dicompipe.train.train import load_data
     from dicompipe.types import PreprocessSpec
 
@@ -112,10 +97,11 @@ def main(argv=None) -> dict:
         for lam in LAMBDAS:
             w, bias = fit_head(x, yy, w0, b0, lam)
             zv = f[va] @ w.T + bias
-            off, ba = prior_offset(zv, y[va])
+            off = fit_prior_bias(zv, y[va], positive=labels.index("malignant"))
             t = fit_temperature(zv + off, y[va])
             mv = classification_metrics(y[va], softmax((zv + off) / t), labels, n_boot=0)
-            candidates.append({"flips": flips, "lam": lam, "val_balanced_accuracy": round(ba, 4),
+            candidates.append({"flips": flips, "lam": lam,
+                               "val_balanced_accuracy": round(mv["balanced_accuracy"], 4),
                                "val_macro_auroc": round(mv["macro_auroc"], 4), "val_ece": round(mv["ece"], 4),
                                "offset": off.round(2).tolist(), "temperature": round(float(t), 3),
                                "relative_change_of_w": round(float(np.linalg.norm(w - w0) / np.linalg.norm(w0)), 3),

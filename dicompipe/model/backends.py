@@ -142,8 +142,8 @@ def get_backend(bundle, name: str = "auto", device: str = "auto"):
     else:
         try:
             if family == "onnx":
-                import onnxruntime  # noqa: F401 - the extra (onnx_backend imports it on use)
-
+                if not _installed("onnxruntime"):     # onnx_backend imports it on use
+                    raise ImportError("onnxruntime is not installed")
                 from dicompipe.model.onnx_backend import OnnxBackend as Backend
             else:
                 from dicompipe.model.openvino_backend import OpenVinoBackend as Backend
