@@ -109,6 +109,13 @@ def box_z_range(boxes_file: Path) -> tuple[float, float]:
     return min(zs), max(zs)
 
 
+def calibrated_p(a, label: str) -> np.ndarray:
+    """The verdict's calibrated slice probabilities of ``label``."""
+    from dicompipe.types import softmax
+    return softmax(np.asarray(a.predictions.logits, np.float64) / a.verdict.temperature)[
+        :, a.predictions.labels.index(label)]
+
+
 def lung_tumour_check(a, boxes_file: Path) -> dict:
     """Per-slice AUROC and CAM peak vs the Lung-PET-CT-Dx tumour boxes."""
     from dicompipe.train.metrics import macro_auroc
@@ -140,6 +147,19 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
     top = a.batch.included[int(np.argmax(p))]
     peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
+    ranked = {}
+    if a.verdict.region_share:
+        # the pipeline's ranking: calibrated P x the share of the malignant CAM inside the
+        # lung fields; its first key slice is the first-ranked one
+        key = calibrated_p(a, "malignant") * np.asarray(a.verdict.region_share["malignant"])
+        first = a.verdict.key_slices[0]
+        pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
+        ranked = {"region": a.verdict.region,
+                  "slice_auroc_p_x_share": round(float(macro_auroc(tumour.astype(int), np.stack([-key, key], 1))), 4)
+                  if both else None,
+                  "first_ranked_slice_z_mm": round(float(grid_lps(grid, (first.z, 0, 0))[2]), 1),
+                  "cam_peak_first_ranked_slice": box_distance(grid_lps(grid, (first.z, *pk))),
+                  "key_slices_holding_tumour": int(sum(bool(tumour[k.row]) for k in a.verdict.key_slices))}
     return {"n_slices": int(len(p)), "n_tumour_slices": int(tumour.sum()),
             "slice_auroc_malignant": None if auc is None else round(auc, 4),
             "slice_auroc_malignant_cam_mass": None if auc_mass is None else round(auc_mass, 4),
@@ -147,7 +167,8 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
             "mean_p_malignant_other_slices": round(float(p[~tumour].mean()), 4) if (~tumour).any() else None,
             "most_malignant_slice_z_mm": round(float(z_mm[int(np.argmax(p))]), 1),
             "cam_peak_most_malignant_slice": box_distance(grid_lps(grid, (top.z, *peak2d))),
-            "cam_peak_volume": box_distance(grid_lps(grid, peak3d))}
+            "cam_peak_volume": box_distance(grid_lps(grid, peak3d)),
+            "ranked_by_evidence_in_lung_fields": ranked}
 
 
 def lidc_check(a, xml: Path) -> dict:
@@ -169,7 +190,15 @@ def lidc_check(a, xml: Path) -> dict:
     peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
     zs = sorted({round(float(v), 1) for v in pts[:, 2]})
+    ranked = {}
+    if a.verdict.region_share:
+        first = a.verdict.key_slices[0]
+        pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
+        ranked = {"region": a.verdict.region, "first_ranked_slice_z": first.z,
+                  "cam_peak_first_ranked_slice_to_outline_mm": dist(grid_lps(a.batch.grid, (first.z, *pk))),
+                  "share_in_region_per_slice": a.verdict.region_share["malignant"]}
     return {"nodule_z_mm": [zs[0], zs[-1]],
+            "ranked_by_evidence_in_lung_fields": ranked,
             "p_malignant_per_slice": [round(float(v), 3) for v in p],
             "cam_peak_most_malignant_slice_to_outline_mm": dist(grid_lps(a.batch.grid, (top.z, *peak2d))),
             "cam_peak_volume_to_outline_mm": dist(grid_lps(a.batch.grid, peak3d))}

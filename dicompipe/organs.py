@@ -30,6 +30,7 @@ from dicompipe.errors import DicompipeError, UnsupportedInput
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 AGGREGATION_RULES = ("topk_mean", "max", "mean", "noisy_or")
+EVIDENCE_REGIONS = ("lung_fields",)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Organ:
     finding_site: Code                         # SR finding site
     training: Training
     source: Path                               # the YAML file(s) it was read from
+    evidence_region: str | None = None         # "lung_fields": rank slices by evidence inside
 
     @property
     def display_window(self) -> tuple[float, float]:
@@ -198,6 +200,10 @@ def _parse(name: str, d: dict, where: Path) -> Organ:
         if not set(positive) <= set(labels):
             raise DicompipeError(f"{where}: training.positive {list(positive)} not among the "
                                  f"labels {list(labels)}.")
+        region = d.get("evidence_region")
+        if region not in (None, *EVIDENCE_REGIONS):
+            raise DicompipeError(f"{where}: evidence_region {region!r} is not one of "
+                                 f"{', '.join(EVIDENCE_REGIONS)} (or null).")
         min_slices = int((d.get("series") or {}).get("min_slices", 1))
         if min_slices < 1:
             raise DicompipeError(f"{where}: series.min_slices must be >= 1, got {min_slices}.")
@@ -220,7 +226,7 @@ def _parse(name: str, d: dict, where: Path) -> Organ:
                                             for w in need(tr, "windows", "training.")),
                               flip=bool(tr.get("flip", False)),
                               citation=str(tr.get("citation") or "")),
-            source=where)
+            source=where, evidence_region=region)
     except (TypeError, ValueError) as e:
         raise DicompipeError(f"{where}: {e}") from e
 

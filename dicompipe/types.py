@@ -313,6 +313,7 @@ class KeySlice:
     sop_instance_uids: list[str | None]
     files: list[str]
     probability: float          # calibrated probability of the evidence label on this slice
+    in_region: float | None = None   # share of its Grad-CAM inside the organ region (Verdict.region)
 
 
 NOT_ASSESSABLE = "not assessable"
@@ -328,6 +329,8 @@ class Verdict:
     aggregated probability either way. ``evidence_label`` is the class whose slice
     evidence decided the verdict under the rule; ``key_slices`` show that evidence.
     ``uncertain``: the top probability is at or below the band's upper end.
+    ``region``: the organ region (e.g. the lung fields) whose share of each slice's Grad-CAM
+    (``region_share``) ranked the slices; None when the slices were ranked by probability.
     """
 
     label: str
@@ -344,6 +347,8 @@ class Verdict:
     reason: str | None = None
     ood: OodCheck | None = None
     confidence: Confidence | None = None
+    region: str | None = None                   # organ region that ranked the slices, if any
+    region_share: dict[str, list[float]] | None = None   # per abnormal class, per analysed slice
 
     @property
     def class_label(self) -> str:

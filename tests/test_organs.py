@@ -66,6 +66,12 @@ def test_user_config_over_builtin(tmp_path):
     p.write_text("series:\n  min_slices: 0\n")
     with pytest.raises(DicompipeError, match="min_slices must be >= 1"):
         organs.load("lung", p)
+    assert organs.get("lung").evidence_region == "lung_fields" and organs.get("pancreas").evidence_region is None
+    p.write_text("evidence_region: null\n")
+    assert organs.load("lung", p).evidence_region is None
+    p.write_text("evidence_region: liver\n")
+    with pytest.raises(DicompipeError, match="evidence_region 'liver' is not one of lung_fields"):
+        organs.load("lung", p)
     with pytest.raises(DicompipeError, match="Cannot read pipeline config"):
         organs.load("lung", tmp_path / "missing.yaml")
 

@@ -46,6 +46,10 @@ def test_analyze_dicom_end_to_end(chest_dir, lung_bundle):
     assert [s.included for s in a.batch.slices] == [False] + [True] * 5
     assert a.batch.slices[0].skip_reason.startswith("no lung")
     assert a.cams is not None and a.cams.maps.shape[0] == 5
+    # HU input: key slices ranked by P x the share of their Grad-CAM inside the lung fields
+    assert a.verdict.region.startswith("lung fields")
+    assert all(0.0 <= k.in_region <= 1.0 for k in a.verdict.key_slices)
+    assert len(a.verdict.region_share["malignant"]) == 5
     assert a.model["trained"] is False and a.model["sha256"]
     assert any("UNTRAINED" in w for w in a.warnings)
     assert {"discover", "load", "preprocess", "predict", "aggregate", "explain"} <= set(a.timings)
@@ -113,6 +117,7 @@ def test_png_folder(tmp_path, lung_bundle):
     a = dicompipe.analyze(tmp_path / "png", organ="lung", model=lung_bundle, backend="torch",
                           allow_untrained=True, cam=False)
     assert a.volume.windowed and a.batch.pad == (8, 0, 56)
+    assert a.verdict.region is None and a.verdict.key_slices[0].in_region is None   # no HU
     assert len(a.batch.slices) == 5                       # image slices: never averaged into slabs
     assert any("no physical spacing" in w for w in a.warnings)
     np.testing.assert_allclose(sum(a.verdict.probabilities.values()), 1.0, atol=1e-6)

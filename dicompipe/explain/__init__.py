@@ -15,6 +15,7 @@ from dicompipe.explain.gradcam import (  # noqa: F401
     display_scale,
     gradcam,
     normalise_like_grad_cam,
+    share_inside,
     upsample,
 )
 from dicompipe.util import lazy_getattr

@@ -23,6 +23,12 @@ class is the abnormal class with the highest score (the closest contender). The 
 are then the slices with the highest probability of that class: the k of ``topk_mean``, the
 one of ``max``, and for ``mean``/``noisy_or`` (every slice counts) the k contributing most.
 
+With an organ region (lung: the lung fields, ``preprocess.region``) the slices are ranked by
+probability x the share of the class's Grad-CAM inside the region: a slice whose evidence
+lies outside the organ (the liver dome or the stomach's gas under the lungs) is not taken
+for the tumour. ``topk_mean``/``max`` then average the probabilities of the top-ranked
+slices; ``mean``/``noisy_or`` scores do not change, only the key slices.
+
 With an :class:`OodCheck` (``model.ood.check``) slices out of distribution are left out of
 the aggregate; a volume out of distribution gets the label "not assessable" with the reason
 "input unlike the model's training data", and its probabilities (over all slices) are the
@@ -62,22 +68,40 @@ def negative_index(labels: list[str]) -> int:
     return 0
 
 
-def class_scores(p: np.ndarray, rule: str, k: int, neg: int) -> np.ndarray:
+def ranking(p: np.ndarray, share: np.ndarray | None) -> np.ndarray:
+    """Slices (rows of ``p``) of each class, most evidence first: by probability, or with
+    ``share`` (the share of each slice's class evidence inside the organ region) by
+    probability x share, ties by probability, then slice order. Returns (n, K) indices.
+
+    >>> ranking(np.array([[.1, .9], [.3, .7]]), np.array([[1., .2], [1., 1.]]))[:, 1]
+    array([1, 0])
+    """
+    if share is None:
+        return np.argsort(-p, axis=0, kind="stable")
+    key = p * share
+    return np.stack([np.lexsort((-p[:, c], -key[:, c])) for c in range(p.shape[1])], axis=1)
+
+
+def class_scores(p: np.ndarray, rule: str, k: int, neg: int,
+                 share: np.ndarray | None = None) -> np.ndarray:
     """Volume score per class from calibrated slice probabilities ``p`` (n, K); sums to 1.
+    With ``share`` (n, K), ``topk_mean`` and ``max`` take their slices in :func:`ranking`'s
+    order (the probabilities of the slices with the most evidence inside the organ).
 
     >>> class_scores(np.array([[.9, .1], [.2, .8]]), "max", 1, 0)
     array([0.2, 0.8])
     """
     kk = min(k, len(p))
+    order = ranking(p, share)
     scores = np.zeros(p.shape[1])
     for c in range(p.shape[1]):
         if c == neg:
             continue
         col = p[:, c]
         if rule == "topk_mean":
-            scores[c] = np.sort(col)[-kk:].mean()
+            scores[c] = col[order[:kk, c]].mean()
         elif rule == "max":
-            scores[c] = col.max()
+            scores[c] = col[order[0, c]]
         elif rule == "mean":
             scores[c] = col.mean()
         else:
@@ -105,11 +129,15 @@ def evidence_class(scores: np.ndarray, neg: int) -> int:
 
 def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
               k: int | None = None, temperature: float | None = None,
-              uncertain_band=None, ood: OodCheck | None = None) -> Verdict:
+              uncertain_band=None, ood: OodCheck | None = None,
+              region_share: np.ndarray | None = None, region: str | None = None) -> Verdict:
     """Volume verdict from slice predictions; arguments override the bundle's defaults.
 
     ``ood``: the slices' out-of-distribution check; out slices are left out, and an out
     volume's verdict is "not assessable" (see the module doc).
+    ``region_share``: (n, K) share of each slice's Grad-CAM of each class inside the organ
+    region ``region`` (a description, e.g. the lung fields); slices are then ranked by
+    probability x share (see :func:`ranking`), so evidence outside the organ ranks last.
 
     >>> v = aggregate(preds, rule="topk_mean", k=5, temperature=1.2, uncertain_band=(0.4, 0.6))
     """
@@ -142,15 +170,22 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
             raise ModelError("Every analysed slice is out of distribution, but the volume rule "
                              "did not mark the volume: check the bundle's OOD volume rule.")
     p = p_all[rows]
+    share = None
+    if region_share is not None:
+        share = np.asarray(region_share, np.float64)
+        if share.shape != p_all.shape:
+            raise ModelError(f"region_share must be (n_slices, n_classes) = {p_all.shape}, "
+                             f"got {share.shape}.")
+        share = share[rows]
     neg = negative_index(labels)
     kk = min(k, len(rows))
-    scores = class_scores(p, rule, k, neg)
+    scores = class_scores(p, rule, k, neg, share)
     best = int(np.argmax(scores))
     top = float(scores[best])
     uncertain = top <= band[1]
     ev = evidence_class(scores, neg)
     n_key = 1 if rule == "max" else kk
-    order = rows[np.argsort(-p[:, ev], kind="stable")[:n_key]]
+    order = rows[ranking(p, share)[:n_key, ev]]
     by_row = {s.row: s for s in preds.batch.slices if s.included}
     keys = []
     for r in order:
@@ -161,11 +196,16 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
             row=int(r), z=s.z, volume_z=list(s.volume_z),
             instance_numbers=[i.instance_number for i in s.sources],
             sop_instance_uids=[i.sop_instance_uid for i in s.sources],
-            files=[i.file for i in s.sources], probability=float(p_all[r, ev])))
+            files=[i.file for i in s.sources], probability=float(p_all[r, ev]),
+            in_region=None if region_share is None else float(region_share[r, ev])))
     return Verdict(label=labels[best] if assessable else NOT_ASSESSABLE,
                    probabilities={l: float(v) for l, v in zip(labels, scores)},
                    uncertain=bool(uncertain), uncertain_band=band,
                    rule=f"topk_mean(k={k})" if rule == "topk_mean" else rule,
                    temperature=temp, key_slices=keys, n_slices=len(rows),
                    evidence_label=labels[ev], model_label=labels[best],
-                   assessable=assessable, reason=None if assessable else OOD_REASON, ood=ood)
+                   assessable=assessable, reason=None if assessable else OOD_REASON, ood=ood,
+                   region=region if region_share is not None else None,
+                   region_share=None if region_share is None else
+                   {l: [round(float(v), 4) for v in np.asarray(region_share)[:, c]]
+                    for c, l in enumerate(labels) if c != neg})

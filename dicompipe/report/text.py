@@ -179,14 +179,20 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
     elif not vd.assessable:
         out += _wrap(f"Shown for transparency only: where the model's evidence for {ev} was "
                      "strongest; the input is not assessable.")
+    if vd.region:
+        out += _wrap(f"Slices ranked by P({ev}) x the share of the slice's Grad-CAM inside the {vd.region}, "
+                     "so evidence outside the organ (e.g. under the diaphragm) ranks last.")
     if vd.key_slices:
+        region_col = f" {'in region':>9}" if vd.region else ""
         out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + ev + ')':>10}"
-                   "  SOPInstanceUID")
+                   f"{region_col}  SOPInstanceUID")
         for i, k in enumerate(vd.key_slices, 1):
             inst = ",".join("-" if n is None else str(n) for n in k.instance_numbers) or "-"
             uids = ",".join(u or "-" for u in k.sop_instance_uids) or "-"
             vz = ",".join(str(v) for v in k.volume_z) or "-"
-            out.append(f"  {i:>2} {k.z:>6} {vz:>6} {inst:>8} {k.probability:>10.3f}  {uids}")
+            share = f" {100 * k.in_region:>8.0f}%" if vd.region and k.in_region is not None else \
+                (f" {'-':>9}" if vd.region else "")
+            out.append(f"  {i:>2} {k.z:>6} {vz:>6} {inst:>8} {k.probability:>10.3f}{share}  {uids}")
     else:
         out.append("  none")
 

@@ -1,0 +1,81 @@
+"""Where an organ's findings can lie: the lung fields of an HU grid, mapped to model input.
+
+A lung tumour lies in or against the lung: in the air-filled lung, in a mass that replaced
+it, or against its border (pleura, mediastinum, diaphragm). :func:`lung_fields` finds the
+air-filled lung in 3D — air inside the body whose 3D piece is large (the lungs and airways;
+stomach and bowel gas under the diaphragm are separate, smaller pieces), holes filled per
+slice (masses inside the lung) and widened in-plane by ``margin_mm`` (masses against its
+border); it works on a ~3 mm pitch. :func:`model_space` maps such a mask onto each included
+slice's model input (the same padding and resize as rendering), as the fraction of each
+model pixel inside it.
+
+HU input only: 8-bit PNG/JPG slices carry no HU, so they get no region.
+
+Example::
+
+    >>> fields, step = lung_fields(sitk.GetArrayViewFromImage(batch.grid), 0.8, margin_mm=20)
+    >>> frac = model_space(batch, fields, step)    # (n_included, size, size) in 0..1
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from dicompipe.preprocess.resize import resize
+from dicompipe.preprocess.selection import fill_holes
+from dicompipe.types import SliceBatch
+
+_STEP_MM = 3.0          # lung fields are found on a grid of about this pitch (in-plane)
+
+
+def lung_fields(hu: np.ndarray, spacing_mm: float, margin_mm: float, *, air_hu: float = -400.0,
+                body_hu: float = -500.0, min_share: float = 0.1) -> tuple[np.ndarray, int]:
+    """``(mask, step)``: the lung fields of an HU grid (z, y, x) with in-plane pixel
+    ``spacing_mm``, as a bool mask of the grid's every ``step``-th pixel (the centres of
+    ``step`` x ``step`` blocks; ``step`` makes a pitch of about 3 mm).
+
+    Air (< ``air_hu``) inside the body (> ``body_hu``, holes filled, per slice) whose 3D
+    piece holds at least ``min_share`` of the largest one's voxels; holes filled per slice;
+    widened in-plane by ``margin_mm`` (a square: up to 1.4x that on the diagonals). All False
+    when the grid holds no such air.
+
+    >>> hu = np.full((3, 40, 40), 40.0); hu[:, 10:30, 5:15] = hu[:, 10:30, 25:35] = -850
+    >>> mask, step = lung_fields(hu, 1.0, 0.0)
+    >>> step, int(mask.sum()) * step ** 2
+    (3, 1296)
+    """
+    step = max(1, int(_STEP_MM // spacing_mm))
+    sub = np.asarray(hu[:, step // 2::step, step // 2::step], np.float32)
+    body = np.stack([fill_holes(s > body_hu) for s in sub])
+    lab, n = ndimage.label((sub < air_hu) & body)
+    if n == 0:
+        return np.zeros(sub.shape, bool), step
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_share * sizes.max()
+    lungs = np.stack([fill_holes(s) for s in keep[lab]])
+    r = int(round(margin_mm / (step * spacing_mm)))
+    if r > 0 and lungs.any():
+        # a square of +-margin in-plane (separable, ~15x faster than a disk or a distance map)
+        lungs = ndimage.maximum_filter(lungs, size=(1, 2 * r + 1, 2 * r + 1))
+    return lungs, step
+
+
+def model_space(batch: SliceBatch, mask: np.ndarray, step: int = 1) -> np.ndarray:
+    """Fraction (n_included, size, size) float32 of each model-input pixel inside ``mask``
+    (z, y, x on ``batch.grid``, or on its every ``step``-th pixel as :func:`lung_fields`
+    gives it), through the batch's square padding and resize (to within ``step`` pixels).
+
+    >>> model_space(batch, np.ones(sitk.GetArrayViewFromImage(batch.grid).shape, bool)).max()
+    """
+    y0, x0, side = (int(v) // step for v in batch.pad)
+    side = max(side, y0 + mask.shape[1], x0 + mask.shape[2])
+    size = int(batch.spec.size)
+    included = batch.included
+    out = np.zeros((len(included), size, size), np.float32)
+    for i in range(0, len(included), 64):
+        part = included[i:i + 64]
+        sq = np.zeros((len(part), side, side), np.float32)
+        sq[:, y0:y0 + mask.shape[1], x0:x0 + mask.shape[2]] = mask[[s.z for s in part]]
+        out[[s.row for s in part]] = resize(sq, (size, size))
+    return np.clip(out, 0.0, 1.0)
