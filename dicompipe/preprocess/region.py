@@ -46,14 +46,14 @@ def lung_fields(hu: np.ndarray, spacing_mm: float, margin_mm: float, *, air_hu: 
     """
     step = max(1, int(_STEP_MM // spacing_mm))
     sub = np.asarray(hu[:, step // 2::step, step // 2::step], np.float32)
-    body = np.stack([fill_holes(s > body_hu) for s in sub])
+    body = fill_holes(sub > body_hu)
     lab, n = ndimage.label((sub < air_hu) & body)
     if n == 0:
         return np.zeros(sub.shape, bool), step
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     keep = sizes >= min_share * sizes.max()
-    lungs = np.stack([fill_holes(s) for s in keep[lab]])
+    lungs = fill_holes(keep[lab])
     r = int(round(margin_mm / (step * spacing_mm)))
     if r > 0 and lungs.any():
         # a square of +-margin in-plane (separable, ~15x faster than a disk or a distance map)

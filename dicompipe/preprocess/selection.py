@@ -24,16 +24,23 @@ def _body(slice_hu: np.ndarray, body_hu: float) -> np.ndarray:
     return fill_holes(slice_hu > body_hu)
 
 
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes(mask)``, the same pixels ~4x faster: the background's
-    4-connected pieces that touch the border are outside; every other piece is a hole.
+    4-connected pieces that touch the border are outside; every other piece is a hole. A
+    (z, y, x) stack is filled slice by slice, in one pass.
 
     >>> fill_holes(np.pad(np.pad(np.zeros((1, 1), bool), 1, constant_values=True), 1)).sum()
     np.int64(9)
     """
-    lab, n = ndimage.label(~mask)
+    stack = mask.ndim == 3
+    lab, n = ndimage.label(~mask, structure=_IN_PLANE if stack else None)
     outside = np.zeros(n + 1, bool)
-    outside[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+    edges = (lab[..., 0, :], lab[..., -1, :], lab[..., :, 0], lab[..., :, -1])
+    outside[np.concatenate([e.ravel() for e in edges])] = True
     outside[0] = False                       # label 0: the mask itself
     return ~outside[lab]
 

@@ -295,8 +295,7 @@ def _viewer(res):
             opts = [z for z in sorted(keys) if z in by_z]
             st.selectbox("Jump to a key slice", [None] + opts, key="key_jump",
                          on_change=_jump_to_key, disabled=not opts,
-                         format_func=lambda z: "—" if z is None else
-                         f"z {z} ({views.pct(keys[z].probability)})")
+                         format_func=lambda z: "—" if z is None else views.key_label(keys[z]))
         if a.volume.windowed:
             win_name = None
             st.caption("PNG/JPG slices are already windowed; window presets do not apply.")

@@ -89,6 +89,13 @@ def pct(p: float) -> str:
     return f"{100 * p:.0f}%" if 0.01 <= p <= 0.99 else f"{100 * p:.1f}%"
 
 
+def key_label(k) -> str:
+    """A key slice in the jump list: ``z 44 (99%, CAM 100% in lung)``; the CAM's share in
+    the organ region only when the verdict ranked the slices by it."""
+    where = "" if k.in_region is None else f", CAM {100 * k.in_region:.0f}% in lung"
+    return f"z {k.z} ({pct(k.probability)}{where})"
+
+
 # --------------------------------------------------------------------------- image
 def gray(slice2d: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """uint8 grey image: HU under (level, width), or 8-bit input as is (``window`` None)."""

@@ -166,3 +166,16 @@ def test_fill_holes_equals_scipy():
         m = ndimage.binary_dilation(rng.uniform(size=shape) < rng.uniform(0.02, 0.6),
                                     iterations=k % 3)
         np.testing.assert_array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
+
+
+def test_fill_holes_of_a_stack_fills_each_slice_on_its_own():
+    from scipy import ndimage
+
+    from dicompipe.preprocess.selection import fill_holes
+    rng = np.random.default_rng(3)
+    for k in range(60):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(1, 30)), int(rng.integers(1, 30)))
+        m = rng.uniform(size=shape) < rng.uniform(0.05, 0.6)
+        m = np.stack([ndimage.binary_dilation(s, iterations=k % 3) for s in m])
+        want = np.stack([ndimage.binary_fill_holes(s) for s in m])
+        np.testing.assert_array_equal(fill_holes(m), want)

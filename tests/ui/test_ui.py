@@ -386,3 +386,13 @@ def test_launch_command_and_missing_streamlit(monkeypatch):
                         lambda n, *a: None if n == "streamlit" else real(n, *a))
     with pytest.raises(DicompipeError, match=r"pip install 'dicompipe\[ui\]'"):
         ui.launch(types.SimpleNamespace(port=8765, host="localhost"))
+
+
+def test_key_slice_label_shows_the_share_in_the_lung_fields_when_ranked_by_it():
+    from dicompipe.types import KeySlice
+    from dicompipe.ui import views
+    k = KeySlice(row=0, z=44, volume_z=[44], instance_numbers=[20], sop_instance_uids=["1"],
+                 files=["f"], probability=0.986, in_region=0.996)
+    assert views.key_label(k) == "z 44 (99%, CAM 100% in lung)"
+    k.in_region = None
+    assert views.key_label(k) == "z 44 (99%)"
