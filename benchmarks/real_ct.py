@@ -148,7 +148,7 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
     peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
     ranked = {}
-    if a.verdict.region_share:
+    if a.verdict.region_share and a.verdict.evidence == "malignant":   # key slices show malignant
         # the pipeline's ranking: calibrated P x the share of the malignant CAM inside the
         # lung fields; its first key slice is the first-ranked one
         key = calibrated_p(a, "malignant") * np.asarray(a.verdict.region_share["malignant"])
@@ -191,7 +191,7 @@ def lidc_check(a, xml: Path) -> dict:
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
     zs = sorted({round(float(v), 1) for v in pts[:, 2]})
     ranked = {}
-    if a.verdict.region_share:
+    if a.verdict.region_share and a.verdict.evidence == "malignant":   # key slices show malignant
         first = a.verdict.key_slices[0]
         pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
         ranked = {"region": a.verdict.region, "first_ranked_slice_z": first.z,

@@ -56,7 +56,8 @@ def lung_fields(hu: np.ndarray, spacing_mm: float, margin_mm: float, *, air_hu: 
     lungs = fill_holes(keep[lab])
     r = int(round(margin_mm / (step * spacing_mm)))
     if r > 0 and lungs.any():
-        # a square of +-margin in-plane (separable, ~15x faster than a disk or a distance map)
+        # a square of +-margin in-plane: separable (0.07 s for 300 slices of 122 x 171, a
+        # distance map 0.9-1.6 s)
         lungs = ndimage.maximum_filter(lungs, size=(1, 2 * r + 1, 2 * r + 1))
     return lungs, step
 
