@@ -9,6 +9,10 @@ For each bundle given (default: the built-in lung and pancreas bundles):
   the boxes (inside with 10 mm in-plane and 5 mm z margin? distance in mm); on
   ``lidc-idri-0001`` the distance from the malignant CAM peak to the readers' outline
   (malignancy >= 4).
+- **slice rankings on synthetic masses**: solid masses drawn into the lesion-free lung of
+  ``lung-pet-ct-dx-a0001`` (``--mass-trials``); how P(malignant), P x the CAM's share in the
+  lung fields and the pipeline's ranking (the CAM mass in the lung fields) rank the slices
+  holding the mass (AUROC, the real tumour's slices left out).
 - **CAM mass inside the body** on every key slice of the three shared series for the
   verdict's evidence class and for the positive class: the share of the slice's CAM (on the
   model's grid) inside an HU body mask made independently of the model (HU > -500,
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +154,14 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
     peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
     ranked = {}
     if a.verdict.region_share and a.verdict.evidence == "malignant":   # key slices show malignant
-        # the pipeline's ranking: calibrated P x the share of the malignant CAM inside the
-        # lung fields; its first key slice is the first-ranked one
-        key = calibrated_p(a, "malignant") * np.asarray(a.verdict.region_share["malignant"])
+        # the pipeline's ranking: the malignant CAM mass inside the lung fields; its first
+        # key slice is the first-ranked one
+        key = np.asarray(a.verdict.region_evidence["malignant"])
         first = a.verdict.key_slices[0]
         pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
         ranked = {"region": a.verdict.region,
-                  "slice_auroc_p_x_share": round(float(macro_auroc(tumour.astype(int), np.stack([-key, key], 1))), 4)
-                  if both else None,
+                  "slice_auroc_cam_mass_in_region":
+                      round(float(macro_auroc(tumour.astype(int), np.stack([-key, key], 1))), 4) if both else None,
                   "first_ranked_slice_z_mm": round(float(grid_lps(grid, (first.z, 0, 0))[2]), 1),
                   "cam_peak_first_ranked_slice": box_distance(grid_lps(grid, (first.z, *pk))),
                   "key_slices_holding_tumour": int(sum(bool(tumour[k.row]) for k in a.verdict.key_slices))}
@@ -169,6 +174,62 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
             "cam_peak_most_malignant_slice": box_distance(grid_lps(grid, (top.z, *peak2d))),
             "cam_peak_volume": box_distance(grid_lps(grid, peak3d)),
             "ranked_by_evidence_in_lung_fields": ranked}
+
+
+def lung_mass_ranking_check(bundle, series: Path, boxes_file: Path, trials: int = 16, seed: int = 3,
+                            radius_mm=(12.0, 25.0), backend: str = "auto") -> dict:
+    """Draw one solid mass (0-40 HU, soft 0.8 mm edge, noise sd 25 HU) into the lesion-free
+    lung of ``series`` per trial (>= 85 % of the ball in lung air, away from the real tumour's
+    z range), analyse the CT as NIfTI and ask how each slice ranking ranks the slices that
+    hold the mass (AUROC, the real tumour's slices left out): P(malignant), P x the CAM's
+    share in the lung fields, and the pipeline's (the CAM mass in the lung fields)."""
+    import tempfile
+
+    from dicompipe.train.metrics import macro_auroc
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    img = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+    hu0 = sitk.GetArrayFromImage(img)
+    sp = np.array(img.GetSpacing())[::-1]                                  # z, y, x
+    z_mm = np.array([img.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(hu0.shape[0])])
+    t_lo, t_hi = box_z_range(boxes_file)
+    lung = (hu0 < -400) & np.stack([hu_body(s) for s in hu0])
+    far = (np.abs(z_mm - np.clip(z_mm, t_lo, t_hi)) > radius_mm[1] + sp[0])[:, None, None]
+    cand = np.argwhere(lung & far)
+    zz, yy, xx = (np.arange(n, dtype=np.float32)[s] for n, s in zip(
+        hu0.shape, (np.s_[:, None, None], np.s_[None, :, None], np.s_[None, None, :])))
+    rng = np.random.default_rng(seed)
+    rows, tmp = [], Path(tempfile.mkdtemp(prefix="dicompipe-mass-"))
+    for _ in range(trials):
+        rad = float(rng.uniform(*radius_mm))
+        for _ in range(200):
+            c = cand[rng.integers(len(cand))]
+            d = np.sqrt(((zz - c[0]) * sp[0]) ** 2 + ((yy - c[1]) * sp[1]) ** 2 + ((xx - c[2]) * sp[2]) ** 2)
+            if lung[d < rad].mean() > 0.85:
+                break
+        w = 1 / (1 + np.exp(-(rad - d) / 0.8))
+        hu = hu0 * (1 - w) + (rng.uniform(0, 40) + rng.normal(0, 25, hu0.shape)) * w
+        out = sitk.GetImageFromArray(hu.astype(np.float32))
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(tmp / "ct.nii.gz"))
+        a = analyse(tmp / "ct.nii.gz", "lung", bundle, backend)
+        p = calibrated_p(a, "malignant")
+        gz = np.array([grid_lps(a.batch.grid, (s.z, 0, 0))[2] for s in a.batch.included])
+        half = abs(a.batch.grid.GetSpacing()[2]) / 2
+        holds = np.abs(gz - z_mm[c[0]]) <= rad + half
+        keep = ~((gz >= t_lo - half) & (gz <= t_hi + half))
+        keys = {"p": p, "p_x_share": p * np.asarray(a.verdict.region_share["malignant"]),
+                "cam_mass_in_lung": np.asarray(a.verdict.region_evidence["malignant"])}
+        rows.append({"radius_mm": round(rad, 1), "z_mm": round(float(z_mm[c[0]]), 1),
+                     "slices_holding_mass": int(holds.sum()),
+                     **{k: round(float(macro_auroc(holds[keep].astype(int), np.stack([-v[keep], v[keep]], 1))), 4)
+                        for k, v in keys.items()}})
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"trials": rows, "mean_auroc": {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys},
+            "mass_vs_p_x_share_wins_ties_losses": [
+                sum(r["cam_mass_in_lung"] > r["p_x_share"] for r in rows),
+                sum(r["cam_mass_in_lung"] == r["p_x_share"] for r in rows),
+                sum(r["cam_mass_in_lung"] < r["p_x_share"] for r in rows)]}
 
 
 def lidc_check(a, xml: Path) -> dict:
@@ -456,7 +517,8 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
 
 
 def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
-        organs=("lung", "pancreas"), backend: str = "auto", figure: Path | None = None) -> dict:
+        organs=("lung", "pancreas"), backend: str = "auto", figure: Path | None = None,
+        mass_trials: int = 16) -> dict:
     from dicompipe import model as model_stage
     out: dict = {}
     given = {"lung": lung, "pancreas": pancreas}
@@ -484,6 +546,10 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
     for organ, b in bundles.items():
         if (data / KAGGLE[organ]).exists():
             out[organ]["domain_probe"] = domain_probe(organ, b, data)
+    a0001 = data / "lung-pet-ct-dx-a0001"
+    if a0001.exists() and mass_trials and "lung" in bundles:
+        out["lung"]["synthetic_mass_ranking"] = lung_mass_ranking_check(
+            bundles["lung"], a0001 / "series", a0001 / "tumour_boxes.json", mass_trials, backend=backend)
     seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if seg.exists() and lesion_trials and "pancreas" in bundles:
         out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
@@ -498,6 +564,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pancreas", help="pancreas bundle folder (default: built-in)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--lesion-trials", type=int, default=20)
+    ap.add_argument("--mass-trials", type=int, default=16,
+                    help="synthetic masses drawn into a0001's lung to compare slice rankings (0: skip)")
     ap.add_argument("--organs", default="lung,pancreas", help="which bundles to measure")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--backend", default="auto", help="inference backend, e.g. openvino-int8 (default auto)")
@@ -510,7 +578,7 @@ def main(argv=None) -> dict:
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
     res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend,
-              args.lesion_figure)
+              args.lesion_figure, args.mass_trials)
     seg = args.data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if args.ceiling_cells and seg.exists():
         from dicompipe.train.run import spec_v2

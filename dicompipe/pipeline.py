@@ -111,10 +111,10 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
         say("explain", 0.85, "Grad-CAM for every analysed slice")
         cams = explain.gradcam(preds)
         lap("explain")
-    share, region = _organ_region(cfg, volume, batch, preds, cams)
+    (evidence, share), region = _organ_region(cfg, volume, batch, preds, cams)
     lap("region")
-    verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, region_share=share,
-                                    region=region, **cfg.aggregation.overrides())
+    verdict = model_stage.aggregate(preds, bundle=bundle, ood=ood, region_evidence=evidence,
+                                    region_share=share, region=region, **cfg.aggregation.overrides())
     verdict.confidence = confidence.assess(verdict, bundle.card(),
                                            calibration.input_kind(volume.windowed))
     lap("aggregate")
@@ -146,15 +146,16 @@ def analyze(path, organ: str = "auto", model=None, *, series: str | None = None,
 
 
 def _organ_region(cfg, volume, batch, preds, cams):
-    """(share (n, K) of each slice's Grad-CAM inside the organ region, its description) for
-    an organ with ``evidence_region`` on HU input; (None, None) otherwise. The lung fields are
-    widened by half a class-map cell: the map cannot place evidence more finely than that."""
+    """((mass, share) (n, K) of each slice's Grad-CAM inside the organ region, its
+    description) for an organ with ``evidence_region`` on HU input; ((None, None), None)
+    otherwise. The lung fields are widened by half a class-map cell: the map cannot place
+    evidence more finely than that."""
     if cfg.evidence_region != "lung_fields" or volume.windowed or batch.grid is None \
             or preds.features is None or not batch.included:
-        return None, None
+        return (None, None), None
     import SimpleITK as sitk
 
-    from dicompipe.explain import class_maps, share_inside
+    from dicompipe.explain import class_maps, evidence_inside
     from dicompipe.preprocess.region import lung_fields, model_space
     maps = cams.maps if cams is not None and cams.labels == list(preds.labels) \
         else class_maps(preds.features, preds.head_weight)
@@ -162,8 +163,8 @@ def _organ_region(cfg, volume, batch, preds, cams):
     margin = int(batch.pad[2]) * spacing / (2 * maps.shape[-1])
     fields, step = lung_fields(sitk.GetArrayViewFromImage(batch.grid), spacing, margin,
                                air_hu=cfg.selection.lung_air_hu[1], body_hu=cfg.selection.body_hu)
-    share = share_inside(maps, model_space(batch, fields, step))
-    return share, (f"lung fields (the air-filled lung in 3D, widened by {margin:.0f} mm, half "
+    inside = evidence_inside(maps, model_space(batch, fields, step))
+    return inside, (f"lung fields (the air-filled lung in 3D, widened by {margin:.0f} mm, half "
                    "a Grad-CAM cell)")
 
 

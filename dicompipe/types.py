@@ -329,8 +329,9 @@ class Verdict:
     aggregated probability either way. ``evidence_label`` is the class whose slice
     evidence decided the verdict under the rule; ``key_slices`` show that evidence.
     ``uncertain``: the top probability is at or below the band's upper end.
-    ``region``: the organ region (e.g. the lung fields) whose share of each slice's Grad-CAM
-    (``region_share``) ranked the slices; None when the slices were ranked by probability.
+    ``region``: the organ region (e.g. the lung fields) whose Grad-CAM mass on each slice
+    (``region_evidence``) ranked the slices, with the share of each map inside it
+    (``region_share``); None when the slices were ranked by probability.
     """
 
     label: str
@@ -348,7 +349,8 @@ class Verdict:
     ood: OodCheck | None = None
     confidence: Confidence | None = None
     region: str | None = None                   # organ region that ranked the slices, if any
-    region_share: dict[str, list[float]] | None = None   # per abnormal class, per analysed slice
+    region_evidence: dict[str, list[float]] | None = None   # per abnormal class, per analysed slice
+    region_share: dict[str, list[float]] | None = None
 
     @property
     def class_label(self) -> str:

@@ -46,10 +46,12 @@ def test_analyze_dicom_end_to_end(chest_dir, lung_bundle):
     assert [s.included for s in a.batch.slices] == [False] + [True] * 5
     assert a.batch.slices[0].skip_reason.startswith("no lung")
     assert a.cams is not None and a.cams.maps.shape[0] == 5
-    # HU input: key slices ranked by P x the share of their Grad-CAM inside the lung fields
+    # HU input: key slices ranked by their Grad-CAM mass inside the lung fields
     assert a.verdict.region.startswith("lung fields")
     assert all(0.0 <= k.in_region <= 1.0 for k in a.verdict.key_slices)
     assert len(a.verdict.region_share["malignant"]) == 5
+    mass = a.verdict.region_evidence["malignant"]
+    assert [k.row for k in a.verdict.key_slices] == sorted(range(5), key=lambda r: -mass[r])
     assert a.model["trained"] is False and a.model["sha256"]
     assert any("UNTRAINED" in w for w in a.warnings)
     assert {"discover", "load", "preprocess", "predict", "aggregate", "explain"} <= set(a.timings)

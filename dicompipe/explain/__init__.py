@@ -13,9 +13,9 @@ from dicompipe.explain.gradcam import (  # noqa: F401
     cam_volume_uint8,
     class_maps,
     display_scale,
+    evidence_inside,
     gradcam,
     normalise_like_grad_cam,
-    share_inside,
     upsample,
 )
 from dicompipe.util import lazy_getattr

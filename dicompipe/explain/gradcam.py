@@ -86,26 +86,30 @@ def upsample(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return resize(m, hw)
 
 
-def share_inside(maps: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Share (n, K) of each raw map's mass inside ``region``: (n, size, size) fractions in
-    0..1 on the model input (``preprocess.region.model_space``); maps (n, K, h, w) are
-    upsampled to that size as the reports upsample them. 0 where a map is empty (the class
-    has no located evidence on that slice).
+def evidence_inside(maps: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mass, share), each (n, K), of each raw map inside ``region`` ((n, size, size)
+    fractions in 0..1 on the model input, ``preprocess.region.model_space``): ``mass`` is the
+    map's mean over the input inside the region, in Grad-CAM units comparable between the
+    slices of one volume (the class's evidence there); ``share`` is the part of the map's mass
+    that lies inside (0 where a map is empty: no located evidence on that slice). Maps
+    (n, K, h, w) are upsampled to the input size as the reports upsample them.
 
     Example::
 
-        >>> share_inside(cams.maps, model_space(batch, *lung_fields(hu, 0.8, 20)))[:, 2]
+        >>> mass, share = evidence_inside(cams.maps, model_space(batch, *lung_fields(hu, 0.8, 20)))
     """
     m = np.asarray(maps, np.float32)
     r = np.asarray(region, np.float32)
     n, k = m.shape[:2]
-    out = np.zeros((n, k), np.float64)
+    mass = np.zeros((n, k), np.float64)
+    share = np.zeros((n, k), np.float64)
     for i in range(0, n, 32):
         up = upsample(m[i:i + 32], r.shape[-2:])                       # (b, K, size, size)
         total = up.sum(axis=(-2, -1), dtype=np.float64)
         inside = np.einsum("bkyx,byx->bk", up, r[i:i + 32], dtype=np.float64)
-        out[i:i + 32] = np.where(total > 0, inside / np.maximum(total, 1e-30), 0.0)
-    return np.clip(out, 0.0, 1.0)
+        mass[i:i + 32] = inside / (r.shape[-1] * r.shape[-2])
+        share[i:i + 32] = np.where(total > 0, inside / np.maximum(total, 1e-30), 0.0)
+    return mass, np.clip(share, 0.0, 1.0)
 
 
 def normalise_like_grad_cam(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

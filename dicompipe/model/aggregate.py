@@ -24,10 +24,12 @@ are then the slices with the highest probability of that class: the k of ``topk_
 one of ``max``, and for ``mean``/``noisy_or`` (every slice counts) the k contributing most.
 
 With an organ region (lung: the lung fields, ``preprocess.region``) the slices are ranked by
-probability x the share of the class's Grad-CAM inside the region: a slice whose evidence
+the class's Grad-CAM mass inside the region (ties by probability): a slice whose evidence
 lies outside the organ (the liver dome or the stomach's gas under the lungs) is not taken
-for the tumour. ``topk_mean``/``max`` then average the probabilities of the top-ranked
-slices; ``mean``/``noisy_or`` scores do not change, only the key slices.
+for the tumour, and a tumour's local evidence is not diluted, as in the probability, by the
+rest of the slice and the competing classes. ``topk_mean``/``max`` then average the
+probabilities of the top-ranked slices; ``mean``/``noisy_or`` scores do not change, only the
+key slices.
 
 With an :class:`OodCheck` (``model.ood.check``) slices out of distribution are left out of
 the aggregate; a volume out of distribution gets the label "not assessable" with the reason
@@ -68,31 +70,30 @@ def negative_index(labels: list[str]) -> int:
     return 0
 
 
-def ranking(p: np.ndarray, share: np.ndarray | None) -> np.ndarray:
-    """Slices (rows of ``p``) of each class, most evidence first: by probability, or with
-    ``share`` (the share of each slice's class evidence inside the organ region) by
-    probability x share, ties by probability, then slice order. Returns (n, K) indices.
+def ranking(p: np.ndarray, evidence: np.ndarray | None) -> np.ndarray:
+    """Slices (rows of ``p``) of each class, most evidence first: by probability, or by
+    ``evidence`` (each slice's class evidence inside the organ region), ties by probability,
+    then slice order. Returns (n, K) indices.
 
-    >>> ranking(np.array([[.1, .9], [.3, .7]]), np.array([[1., .2], [1., 1.]]))[:, 1]
+    >>> ranking(np.array([[.1, .9], [.3, .7]]), np.array([[1., .2], [1., .5]]))[:, 1]
     array([1, 0])
     """
-    if share is None:
+    if evidence is None:
         return np.argsort(-p, axis=0, kind="stable")
-    key = p * share
-    return np.stack([np.lexsort((-p[:, c], -key[:, c])) for c in range(p.shape[1])], axis=1)
+    return np.stack([np.lexsort((-p[:, c], -evidence[:, c])) for c in range(p.shape[1])], axis=1)
 
 
 def class_scores(p: np.ndarray, rule: str, k: int, neg: int,
-                 share: np.ndarray | None = None) -> np.ndarray:
+                 evidence: np.ndarray | None = None) -> np.ndarray:
     """Volume score per class from calibrated slice probabilities ``p`` (n, K); sums to 1.
-    With ``share`` (n, K), ``topk_mean`` and ``max`` take their slices in :func:`ranking`'s
+    With ``evidence`` (n, K), ``topk_mean`` and ``max`` take their slices in :func:`ranking`'s
     order (the probabilities of the slices with the most evidence inside the organ).
 
     >>> class_scores(np.array([[.9, .1], [.2, .8]]), "max", 1, 0)
     array([0.2, 0.8])
     """
     kk = min(k, len(p))
-    order = ranking(p, share)
+    order = ranking(p, evidence)
     scores = np.zeros(p.shape[1])
     for c in range(p.shape[1]):
         if c == neg:
@@ -130,14 +131,17 @@ def evidence_class(scores: np.ndarray, neg: int) -> int:
 def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
               k: int | None = None, temperature: float | None = None,
               uncertain_band=None, ood: OodCheck | None = None,
-              region_share: np.ndarray | None = None, region: str | None = None) -> Verdict:
+              region_evidence: np.ndarray | None = None, region_share: np.ndarray | None = None,
+              region: str | None = None) -> Verdict:
     """Volume verdict from slice predictions; arguments override the bundle's defaults.
 
     ``ood``: the slices' out-of-distribution check; out slices are left out, and an out
     volume's verdict is "not assessable" (see the module doc).
-    ``region_share``: (n, K) share of each slice's Grad-CAM of each class inside the organ
-    region ``region`` (a description, e.g. the lung fields); slices are then ranked by
-    probability x share (see :func:`ranking`), so evidence outside the organ ranks last.
+    ``region_evidence``, ``region_share``: (n, K) Grad-CAM mass of each class on each slice
+    inside the organ region ``region`` (a description, e.g. the lung fields), and the share
+    of the map inside it (``explain.evidence_inside``); slices are then ranked by that
+    evidence (see :func:`ranking`), so evidence outside the organ ranks last. Both are kept
+    in the verdict; each key slice shows its share.
 
     >>> v = aggregate(preds, rule="topk_mean", k=5, temperature=1.2, uncertain_band=(0.4, 0.6))
     """
@@ -170,22 +174,25 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
             raise ModelError("Every analysed slice is out of distribution, but the volume rule "
                              "did not mark the volume: check the bundle's OOD volume rule.")
     p = p_all[rows]
-    share = None
-    if region_share is not None:
-        share = np.asarray(region_share, np.float64)
-        if share.shape != p_all.shape:
-            raise ModelError(f"region_share must be (n_slices, n_classes) = {p_all.shape}, "
-                             f"got {share.shape}.")
-        share = share[rows]
+    in_region = {}
+    for name, v in (("region_evidence", region_evidence), ("region_share", region_share)):
+        if v is not None:
+            in_region[name] = np.asarray(v, np.float64)
+            if in_region[name].shape != p_all.shape:
+                raise ModelError(f"{name} must be (n_slices, n_classes) = {p_all.shape}, "
+                                 f"got {in_region[name].shape}.")
+    if len(in_region) == 1:
+        raise ModelError("region_evidence and region_share come together (explain.evidence_inside).")
+    evidence = in_region["region_evidence"][rows] if in_region else None
     neg = negative_index(labels)
     kk = min(k, len(rows))
-    scores = class_scores(p, rule, k, neg, share)
+    scores = class_scores(p, rule, k, neg, evidence)
     best = int(np.argmax(scores))
     top = float(scores[best])
     uncertain = top <= band[1]
     ev = evidence_class(scores, neg)
     n_key = 1 if rule == "max" else kk
-    order = rows[ranking(p, share)[:n_key, ev]]
+    order = rows[ranking(p, evidence)[:n_key, ev]]
     by_row = {s.row: s for s in preds.batch.slices if s.included}
     keys = []
     for r in order:
@@ -197,7 +204,7 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
             instance_numbers=[i.instance_number for i in s.sources],
             sop_instance_uids=[i.sop_instance_uid for i in s.sources],
             files=[i.file for i in s.sources], probability=float(p_all[r, ev]),
-            in_region=None if region_share is None else float(region_share[r, ev])))
+            in_region=float(in_region["region_share"][r, ev]) if in_region else None))
     return Verdict(label=labels[best] if assessable else NOT_ASSESSABLE,
                    probabilities={l: float(v) for l, v in zip(labels, scores)},
                    uncertain=bool(uncertain), uncertain_band=band,
@@ -205,7 +212,7 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
                    temperature=temp, key_slices=keys, n_slices=len(rows),
                    evidence_label=labels[ev], model_label=labels[best],
                    assessable=assessable, reason=None if assessable else OOD_REASON, ood=ood,
-                   region=region if region_share is not None else None,
-                   region_share=None if region_share is None else
-                   {l: [round(float(v), 4) for v in np.asarray(region_share)[:, c]]
-                    for c, l in enumerate(labels) if c != neg})
+                   region=region if in_region else None,
+                   **{name: {l: [round(float(x), 4 if name == "region_share" else 6) for x in v[:, c]]
+                             for c, l in enumerate(labels) if c != neg}
+                      for name, v in in_region.items()})

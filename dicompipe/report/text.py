@@ -180,8 +180,9 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
         out += _wrap(f"Shown for transparency only: where the model's evidence for {ev} was "
                      "strongest; the input is not assessable.")
     if vd.region:
-        out += _wrap(f"Slices ranked by P({ev}) x the share of the slice's Grad-CAM inside the {vd.region}, "
-                     "so evidence outside the organ (e.g. under the diaphragm) ranks last.")
+        out += _wrap(f"Slices ranked by the {ev} Grad-CAM mass inside the {vd.region}, so "
+                     "evidence outside the organ (e.g. under the diaphragm) ranks last; \"in "
+                     "region\" is the share of the slice's map that lies there.")
     if vd.key_slices:
         region_col = f" {'in region':>9}" if vd.region else ""
         out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + ev + ')':>10}"

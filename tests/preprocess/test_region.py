@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tiny_bundle import chest_phantom, make_volume
 
-from dicompipe.explain import share_inside
+from dicompipe.explain import evidence_inside
 from dicompipe.model import aggregate, softmax
 from dicompipe.preprocess import prepare
 from dicompipe.preprocess.region import lung_fields, model_space
@@ -64,16 +64,18 @@ def test_model_space_follows_the_padding(batch):
     assert frac[:, 0, 16].max() == 0.0                      # padding is outside
 
 
-def test_share_inside_measures_the_map_mass_in_the_region():
+def test_evidence_inside_measures_the_map_mass_in_the_region():
     region = np.zeros((3, 20, 20), np.float32)
     region[:, :, :10] = 1.0                                  # left half
     maps = np.zeros((3, 2, 4, 4), np.float32)
     maps[0, :, :, 0] = 1.0                                   # left column: inside
+    maps[0, 1] *= 3.0                                        # class 1: three times the evidence
     maps[1, :, :, 3] = 1.0                                   # right column: outside
-    share = share_inside(maps, region)                      # row 2: empty maps
+    mass, share = evidence_inside(maps, region)             # row 2: empty maps
     assert share[0] == pytest.approx([1.0, 1.0], abs=0.01)
     assert share[1] == pytest.approx([0.0, 0.0], abs=0.01)
-    assert (share[2] == 0).all()
+    assert (share[2] == 0).all() and (mass[1:] == pytest.approx(0.0, abs=0.01))
+    assert mass[0, 1] == pytest.approx(3 * mass[0, 0]) and mass[0, 0] == pytest.approx(0.25, abs=0.03)
 
 
 def test_region_ranking_puts_evidence_outside_the_organ_last(batch):
@@ -87,14 +89,24 @@ def test_region_ranking_puts_evidence_outside_the_organ_last(batch):
                              head_bias=np.zeros(3, np.float32), batch=batch)
     share = np.ones((n, 3))
     share[0] = 0.05                                          # ... has its evidence outside
+    mass = share * np.linspace(1.0, 0.5, n)[:, None]         # in the lung: more on early rows
     plain = aggregate(preds, rule="topk_mean", k=2)
-    ranked = aggregate(preds, rule="topk_mean", k=2, region_share=share, region="lung fields")
+    ranked = aggregate(preds, rule="topk_mean", k=2, region_evidence=mass, region_share=share,
+                       region="lung fields")
     assert plain.key_slices[0].row == 0 and plain.region is None
     assert [k.row for k in ranked.key_slices] == [1, 2] and ranked.region == "lung fields"
     assert [k.in_region for k in ranked.key_slices] == [1.0, 1.0]
+    # evidence in the lung outranks a higher probability: row 2 has more mass there than row 3
+    p[2], p[3] = [0.3, 0.3, 0.4], [0.05, 0.05, 0.9]
+    preds.logits = np.log(p).astype(np.float32)
+    assert [k.row for k in aggregate(preds, rule="topk_mean", k=2, region_evidence=mass,
+                                     region_share=share).key_slices] == [1, 2]
     # the score is the mean calibrated P of the slices the ranking chose
     assert ranked.probabilities["malignant"] == pytest.approx(
         np.mean([k.probability for k in ranked.key_slices]), abs=1e-6)
     assert len(ranked.region_share["malignant"]) == n and "normal" not in ranked.region_share
+    assert ranked.region_evidence["malignant"][1] == pytest.approx(mass[1, 2], abs=1e-6)
     with pytest.raises(Exception, match="region_share must be"):
-        aggregate(preds, region_share=share[:2])
+        aggregate(preds, region_evidence=mass, region_share=share[:2])
+    with pytest.raises(Exception, match="come together"):
+        aggregate(preds, region_share=share)
