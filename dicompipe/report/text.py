@@ -185,7 +185,9 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
                      "region\" is the share of the slice's map that lies there.")
     if vd.key_slices:
         region_col = f" {'in region':>9}" if vd.region else ""
-        out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {'P(' + ev + ')':>10}"
+        p_head = f"P({ev})"
+        pw = max(10, len(p_head))
+        out.append(f"  {'#':>2} {'grid z':>6} {'vol z':>6} {'Instance':>8} {p_head:>{pw}}"
                    f"{region_col}  SOPInstanceUID")
         for i, k in enumerate(vd.key_slices, 1):
             inst = ",".join("-" if n is None else str(n) for n in k.instance_numbers) or "-"
@@ -193,7 +195,7 @@ def render(analysis: Analysis, *, include_phi: bool = False, files: list[str] | 
             vz = ",".join(str(v) for v in k.volume_z) or "-"
             share = f" {100 * k.in_region:>8.0f}%" if vd.region and k.in_region is not None else \
                 (f" {'-':>9}" if vd.region else "")
-            out.append(f"  {i:>2} {k.z:>6} {vz:>6} {inst:>8} {k.probability:>10.3f}{share}  {uids}")
+            out.append(f"  {i:>2} {k.z:>6} {vz:>6} {inst:>8} {k.probability:>{pw}.3f}{share}  {uids}")
     else:
         out.append("  none")
 

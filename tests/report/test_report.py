@@ -79,6 +79,13 @@ def test_report_txt_content(figures, lung):
     for k in lung.verdict.key_slices:
         assert k.sop_instance_uids[0] in t
         assert f" {k.instance_numbers[0]:>8} " in t
+    # the key-slice table's columns line up under a long class name ("P(malignant)")
+    lines = t.splitlines()
+    head = next(i for i, l in enumerate(lines) if "P(malignant)" in l and "SOPInstanceUID" in l)
+    first = lines[head + 1]
+    assert lines[head].index("SOPInstanceUID") == first.index(lung.verdict.key_slices[0].sop_instance_uids[0])
+    assert lines[head].index("P(malignant)") + len("P(malignant)") == first.index(
+        f"{lung.verdict.key_slices[0].probability:.3f}") + len(f"{lung.verdict.key_slices[0].probability:.3f}")
     assert "7 of 8 model slices analysed, 1 skipped" in t
     assert "skipped 1: no lung in slice (synthetic)" in t
     assert "volume: synthetic test data" in t and "predict" in t
