@@ -288,14 +288,18 @@ def _viewer(res):
             ss.last_pick = None
         st.markdown('<div class="dp-caption" style="margin-top:-10px">Click a point to open that '
                     'slice · ◇ key slices behind the verdict</div>', unsafe_allow_html=True)
-        s1, s2 = st.columns([1.6, 1])
+        s1, s2 = st.columns([1.25, 1])
         with s1:
             st.slider("Slice z (from 0)", z0, max(z1, z0), key="slice", disabled=z1 == z0)
         with s2:
-            opts = [z for z in sorted(keys) if z in by_z]
+            rank = {k.z: i for i, k in enumerate(a.verdict.key_slices, 1)}
+            opts = [z for z in rank if z in by_z]            # in the order that ranked them
             st.selectbox("Jump to a key slice", [None] + opts, key="key_jump",
                          on_change=_jump_to_key, disabled=not opts,
-                         format_func=lambda z: "—" if z is None else views.key_label(keys[z]))
+                         format_func=lambda z: "—" if z is None else views.key_label(keys[z], rank[z]),
+                         help=f"The key slices in rank order: P({a.verdict.evidence}) and, when the "
+                              "slices were ranked inside the lung fields, the share of the slice's "
+                              "Grad-CAM there.")
         if a.volume.windowed:
             win_name = None
             st.caption("PNG/JPG slices are already windowed; window presets do not apply.")

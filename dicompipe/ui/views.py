@@ -89,11 +89,11 @@ def pct(p: float) -> str:
     return f"{100 * p:.0f}%" if 0.01 <= p <= 0.99 else f"{100 * p:.1f}%"
 
 
-def key_label(k) -> str:
-    """A key slice in the jump list: ``z 44 (99%, CAM 100% in lung)``; the CAM's share in
-    the organ region only when the verdict ranked the slices by it."""
-    where = "" if k.in_region is None else f", CAM {100 * k.in_region:.0f}% in lung"
-    return f"z {k.z} ({pct(k.probability)}{where})"
+def key_label(k, rank: int) -> str:
+    """A key slice in the jump list, by its rank: ``#1 z 44 (99%, 100% in lung)``; the
+    share of its Grad-CAM in the organ region only when the verdict ranked the slices there."""
+    where = "" if k.in_region is None else f", {100 * k.in_region:.0f}% in lung"
+    return f"#{rank} z {k.z} ({pct(k.probability)}{where})"
 
 
 # --------------------------------------------------------------------------- image

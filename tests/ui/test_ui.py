@@ -225,7 +225,11 @@ def test_key_slice_jump(fake_library, tmp_path):
     jump.select_index(len(jump.options) - 1)
     at.run()
     assert not at.exception, at.exception
-    assert target.startswith(f"z {at.slider(key='slice').value} ")
+    assert f" z {at.slider(key='slice').value} " in target
+    # the jump list follows the verdict's ranking, not the slice order
+    ranked = fake_library["analysis"].verdict.key_slices
+    assert [o.split()[:3] for o in jump.options[1:]] == [[f"#{i}", "z", str(k.z)]
+                                                          for i, k in enumerate(ranked, 1)]
 
 
 def test_downloads_offer_report_files(fake_library, tmp_path):
@@ -393,6 +397,6 @@ def test_key_slice_label_shows_the_share_in_the_lung_fields_when_ranked_by_it():
     from dicompipe.ui import views
     k = KeySlice(row=0, z=44, volume_z=[44], instance_numbers=[20], sop_instance_uids=["1"],
                  files=["f"], probability=0.986, in_region=0.996)
-    assert views.key_label(k) == "z 44 (99%, CAM 100% in lung)"
+    assert views.key_label(k, 1) == "#1 z 44 (99%, 100% in lung)"
     k.in_region = None
-    assert views.key_label(k) == "z 44 (99%)"
+    assert views.key_label(k, 2) == "#2 z 44 (99%)"
