@@ -7,7 +7,8 @@ Content tree (Imaging Measurement Report, TID 1500):
 - one measurement group (TID 1501) for the verdict: finding site (the organ registry's code),
   finding type = the verdict class, coded qualitative evaluation "Finding" = that class,
   measurement "Probability" (calibrated, unit "1"), "Probability of cancer" for a
-  malignant class, algorithm identification (name, version, aggregation parameters), and
+  malignant class, algorithm identification (name, version, aggregation parameters and,
+  when the key slices were ranked inside an organ region, that ranking), and
   references to the key images (source images for the group);
 - one group per class with its calibrated probability.
 
@@ -81,7 +82,9 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
         name=name, version=version,
         parameters=[f"rule={vd.rule}", f"temperature={vd.temperature:.4g}",
                     f"uncertain_band={vd.uncertain_band[0]:.2f}-{vd.uncertain_band[1]:.2f}"]
-        + ([f"sha256={sha[:40]}"] if sha else []))
+        + ([f"sha256={sha[:40]}"] if sha else [])
+        + ([f"key_slices=gradcam_mass_in_{organs.get(analysis.organ).evidence_region}"]
+           if vd.region else []))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

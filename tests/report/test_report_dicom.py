@@ -5,6 +5,7 @@ validate without errors (the test skips that part otherwise).
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 
@@ -15,6 +16,7 @@ from analysis_factory import make_analysis
 from synth import tree_hash
 
 from dicompipe import report
+from dicompipe.report import dicom_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -76,6 +78,15 @@ def test_sr_content(run):
     images = {it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for it in items
               if it.ValueType == "IMAGE"}
     assert refd <= images
+
+
+def test_sr_records_how_the_key_slices_were_ranked(run):
+    a, _ = run
+    params = lambda an: [it.TextValue for it in _items(dicom_sr.build(an))          # noqa: E731
+                         if it.ValueType == "TEXT" and _name(it) == "Algorithm Parameters"]
+    assert a.verdict.region is None and not any(p.startswith("key_slices=") for p in params(a))
+    ranked = dataclasses.replace(a, verdict=dataclasses.replace(a.verdict, region="lung fields (...)"))
+    assert "key_slices=gradcam_mass_in_lung_fields" in params(ranked)
 
 
 def test_sc_series(run):
