@@ -84,16 +84,16 @@ def ranking(p: np.ndarray, evidence: np.ndarray | None) -> np.ndarray:
 
 
 def class_scores(p: np.ndarray, rule: str, k: int, neg: int,
-                 evidence: np.ndarray | None = None) -> np.ndarray:
+                 order: np.ndarray | None = None) -> np.ndarray:
     """Volume score per class from calibrated slice probabilities ``p`` (n, K); sums to 1.
-    With ``evidence`` (n, K), ``topk_mean`` and ``max`` take their slices in :func:`ranking`'s
-    order (the probabilities of the slices with the most evidence inside the organ).
+    ``topk_mean`` and ``max`` take their slices in ``order`` (:func:`ranking`; default: by
+    probability), e.g. the slices with the most evidence inside the organ.
 
     >>> class_scores(np.array([[.9, .1], [.2, .8]]), "max", 1, 0)
     array([0.2, 0.8])
     """
     kk = min(k, len(p))
-    order = ranking(p, evidence)
+    order = ranking(p, None) if order is None else order
     scores = np.zeros(p.shape[1])
     for c in range(p.shape[1]):
         if c == neg:
@@ -186,13 +186,14 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
     evidence = in_region["region_evidence"][rows] if in_region else None
     neg = negative_index(labels)
     kk = min(k, len(rows))
-    scores = class_scores(p, rule, k, neg, evidence)
+    ranked = ranking(p, evidence)
+    scores = class_scores(p, rule, k, neg, ranked)
     best = int(np.argmax(scores))
     top = float(scores[best])
     uncertain = top <= band[1]
     ev = evidence_class(scores, neg)
     n_key = 1 if rule == "max" else kk
-    order = rows[ranking(p, evidence)[:n_key, ev]]
+    order = rows[ranked[:n_key, ev]]
     by_row = {s.row: s for s in preds.batch.slices if s.included}
     keys = []
     for r in order:
