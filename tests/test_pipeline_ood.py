@@ -98,6 +98,8 @@ def test_cli_exits_0_and_every_output_says_so(noise_dir, ood_bundle, tmp_path, c
     assert "confidence: outside training data" in out
     run = next((tmp_path / "runs").iterdir())
     d = json.loads((run / "analysis.json").read_text())
+    zs = ", ".join(str(k["z"]) for k in d["verdict"]["key_slices"])
+    assert f"key slices: z {zs} (z from 0; evidence for malignant, ranked by its Grad-CAM in the lung fields)" in out
     assert d["verdict"]["label"] == "not assessable" and d["verdict"]["assessable"] is False
     assert d["verdict"]["reason"] == "input unlike the model's training data"
     assert d["verdict"]["confidence"]["status"] == "outside training data"
