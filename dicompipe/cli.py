@@ -209,9 +209,8 @@ def _cmd_analyze(args) -> int:
                                           if conf.reasons else ""))
     print(f"measured performance: {performance_text(conf.performance)}")
     if v.key_slices:
-        how = f"its Grad-CAM in the {v.region.split(' (')[0]}" if v.region else f"P({v.evidence})"
         print(f"key slices: z {', '.join(str(k.z) for k in v.key_slices)} (z from 0; evidence for "
-              f"{v.evidence}, ranked by {how})")
+              f"{v.evidence}, ranked by {v.ranked_by})")
     name = (a.series.series_description if args.include_phi else None) or a.series.key
     print(f"series: {name} ({scrub(a.series.reason or '')})")
     for w in a.warnings:

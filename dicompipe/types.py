@@ -362,6 +362,12 @@ class Verdict:
         """The class whose evidence the key slices (and their Grad-CAM) show."""
         return self.evidence_label or self.class_label
 
+    @property
+    def ranked_by(self) -> str:
+        """What ranked the key slices, in words: "its Grad-CAM in the lung fields" or
+        "P(malignant)"."""
+        return f"its Grad-CAM in the {self.region.split(' (')[0]}" if self.region else f"P({self.evidence})"
+
     def to_dict(self) -> dict:
         return _plain(self)
 

@@ -86,6 +86,9 @@ def test_noise_volume_is_not_assessable(noise_dir, ood_bundle):
     card = verdict_card_html(a)
     assert "outside training data" in card and "Not Assessable" in card
     assert "transparency only" in card and "balanced accuracy 0.900" in card
+    assert "ranked by its Grad-CAM in the lung fields" in card and v.region.startswith("lung fields")
+    v.region = None
+    assert "ranked by P(malignant)" in verdict_card_html(a)
 
 
 def test_cli_exits_0_and_every_output_says_so(noise_dir, ood_bundle, tmp_path, capsys):

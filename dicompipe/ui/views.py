@@ -223,7 +223,8 @@ def verdict_card_html(a: Analysis, test_model: bool = False) -> str:
     meta = [f"{html.escape(a.organ.title())} CT ({html.escape(a.organ_reason)}) · "
             f"{v.n_slices} slices in the verdict" + (f", {n_skip} skipped" if n_skip else "")
             + (f", {n_out} out of distribution" if n_out else ""),
-            f"Key slices: evidence for <b>{html.escape(v.evidence)}</b>",
+            f"Key slices: evidence for <b>{html.escape(v.evidence)}</b>, ranked by "
+            f"{html.escape(v.ranked_by)}",
             f"Measured performance: {html.escape(performance_text(conf.performance))}",
             "OOD check: " + html.escape(
                 (ood.note if ood is not None and not ood.available else None)
