@@ -518,7 +518,7 @@ def domain_probe(organ: str, bundle, data: Path, n_images: int = 300) -> dict:
 
 def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
         organs=("lung", "pancreas"), backend: str = "auto", figure: Path | None = None,
-        mass_trials: int = 16) -> dict:
+        mass_trials: int = 16, mass_radius=(12.0, 25.0)) -> dict:
     from dicompipe import model as model_stage
     out: dict = {}
     given = {"lung": lung, "pancreas": pancreas}
@@ -549,7 +549,8 @@ def run(lung=None, pancreas=None, data: Path = DATA, lesion_trials: int = 20,
     a0001 = data / "lung-pet-ct-dx-a0001"
     if a0001.exists() and mass_trials and "lung" in bundles:
         out["lung"]["synthetic_mass_ranking"] = lung_mass_ranking_check(
-            bundles["lung"], a0001 / "series", a0001 / "tumour_boxes.json", mass_trials, backend=backend)
+            bundles["lung"], a0001 / "series", a0001 / "tumour_boxes.json", mass_trials,
+            radius_mm=mass_radius, backend=backend)
     seg = data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if seg.exists() and lesion_trials and "pancreas" in bundles:
         out["pancreas"]["synthetic_lesion_check"] = pancreas_lesion_check(
@@ -566,6 +567,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lesion-trials", type=int, default=20)
     ap.add_argument("--mass-trials", type=int, default=16,
                     help="synthetic masses drawn into a0001's lung to compare slice rankings (0: skip)")
+    ap.add_argument("--mass-radius", default="12,25", help="their radius range in mm (default 12,25)")
     ap.add_argument("--organs", default="lung,pancreas", help="which bundles to measure")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--backend", default="auto", help="inference backend, e.g. openvino-int8 (default auto)")
@@ -578,7 +580,7 @@ def main(argv=None) -> dict:
                     help="also score a synthetic-only network's safetensors on the real test part")
     args = ap.parse_args(argv)
     res = run(args.lung, args.pancreas, args.data, args.lesion_trials, tuple(args.organs.split(",")), args.backend,
-              args.lesion_figure, args.mass_trials)
+              args.lesion_figure, args.mass_trials, tuple(float(r) for r in args.mass_radius.split(",")))
     seg = args.data / "abdomen-ct-dicom" / "reference_segmentation.nii.gz"
     if args.ceiling_cells and seg.exists():
         from dicompipe.train.run import spec_v2
