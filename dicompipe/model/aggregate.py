@@ -214,6 +214,7 @@ def aggregate(preds: SlicePredictions, *, bundle=None, rule: str | None = None,
                    evidence_label=labels[ev], model_label=labels[best],
                    assessable=assessable, reason=None if assessable else OOD_REASON, ood=ood,
                    region=region if in_region else None,
-                   **{name: {l: [round(float(x), 4 if name == "region_share" else 6) for x in v[:, c]]
+                   **{name: {l: [float(f"{x:.4f}" if name == "region_share" else f"{x:.6g}")
+                                 for x in v[:, c]]
                              for c, l in enumerate(labels) if c != neg}
                       for name, v in in_region.items()})
