@@ -137,9 +137,9 @@ def _window_text(analysis: Analysis) -> str:
 
 
 def slice_image(analysis: Analysis, row: int, label: str | None = None, *,
-                title: str | None = None) -> np.ndarray:
+                title: str | None = None, note: str | None = None) -> np.ndarray:
     """One analysed slice: the windowed CT alone and with the CAM overlay (colour bar, hot
-    outline), and a legend below (class, probabilities, slice, instance number).
+    outline), and a legend below (class, probabilities, slice, instance number, ``note``).
 
     >>> rgb = slice_image(analysis, row=3, label="malignant")
     """
@@ -168,7 +168,7 @@ def slice_image(analysis: Analysis, row: int, label: str | None = None, *,
         f"This slice: P({label}) = {v.probability:.2f} (calibrated)" if v.probability is not None
         else "This slice: no probability",
         f"Model {analysis.model.get('name', '?')} {analysis.model.get('version', '')}".rstrip(),
-    ]
+    ] + ([note] if note else [])
     right = [
         f"InstanceNumber {v.instance_number if v.instance_number is not None else '-'}   "
         f"z index {v.volume_z} (0..{analysis.volume.shape[0] - 1})   z = {v.z_mm:.1f} mm",
@@ -188,13 +188,25 @@ def slice_image(analysis: Analysis, row: int, label: str | None = None, *,
     return np.asarray(img)
 
 
+def rank_note(verdict, key: KeySlice) -> str:
+    """What ranked a key slice, for its image's legend.
+
+    >>> rank_note(verdict, key)
+    'Ranked by its Grad-CAM in the lung fields (97 % of it there)'
+    """
+    share = f" ({100 * key.in_region:.0f} % of it there)" if verdict.region and key.in_region is not None else ""
+    return f"Ranked by {verdict.ranked_by}{share}"
+
+
 def key_slice_image(analysis: Analysis, key: KeySlice, label: str | None = None) -> np.ndarray:
-    """:func:`slice_image` for one of ``analysis.verdict.key_slices``, titled with its rank."""
+    """:func:`slice_image` for one of ``analysis.verdict.key_slices``, titled with its rank;
+    the legend says what ranked it."""
     keys = analysis.verdict.key_slices
     rank = next((i for i, k in enumerate(keys) if k.row == key.row), 0) + 1
     label = label or analysis.verdict.evidence
     return slice_image(analysis, key.row, label,
-                       title=f"Key slice {rank} of {len(keys)} - Grad-CAM for '{label}'")
+                       title=f"Key slice {rank} of {len(keys)} - Grad-CAM for '{label}'",
+                       note=rank_note(analysis.verdict, key))
 
 
 @dataclasses.dataclass(frozen=True)

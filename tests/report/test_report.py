@@ -110,6 +110,17 @@ def test_analysis_json_schema_and_phi(tmp_path, lung):
     assert lung.include_phi is False                   # the Analysis itself is not changed
 
 
+def test_key_slice_legend_says_what_ranked_it(lung):
+    import copy
+
+    from dicompipe.report.slice_images import rank_note
+    key = lung.verdict.key_slices[0]
+    assert rank_note(lung.verdict, key) == "Ranked by P(malignant)"
+    v = copy.deepcopy(lung.verdict)
+    v.region, v.key_slices[0].in_region = "lung fields (widened by 16 mm)", 0.966
+    assert rank_note(v, v.key_slices[0]) == "Ranked by its Grad-CAM in the lung fields (97 % of it there)"
+
+
 def test_key_png_is_annotated_and_cam_scale_is_volume_wide(figures, tmp_path, lung):
     from dicompipe.report import slice_images
     path = figures.save_rgb(slice_images.key_slice_image(lung, lung.verdict.key_slices[0]),
