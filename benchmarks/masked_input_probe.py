@@ -31,7 +31,6 @@ from dicompipe import organs
 from dicompipe.types import softmax
 
 ROOT = Path(__file__).resolve().parent.parent
-NODULE_Z_MM = {"lidc-idri-0001": (-125.0, -105.0)}     # the readers' outline (data README)
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:
@@ -58,7 +57,10 @@ def dicom_part(bundle, run, name: str, margin_cells: float) -> dict:
     p = rc.calibrated_p(a, "malignant")
     z_mm = np.array([rc.grid_lps(batch.grid, (s.z, 0, 0))[2] for s in batch.included])
     half = abs(batch.grid.GetSpacing()[2]) / 2
-    lo, hi = NODULE_Z_MM.get(name) or rc.box_z_range(rc.DATA / name / "tumour_boxes.json")
+    if name == "lidc-idri-0001":         # the z range of the readers' outline, from their XML
+        lo, hi = rc.lidc_check(a, rc.DATA / name / "annotations.xml")["nodule_z_mm"]
+    else:
+        lo, hi = rc.box_z_range(rc.DATA / name / "tumour_boxes.json")
     y = (z_mm >= lo - half) & (z_mm <= hi + half)
     top = lambda s: round(float(z_mm[int(np.argmax(s))]), 1)      # noqa: E731
     return {"series": name, "margin_cells": margin_cells, "n_slices": int(len(p)),

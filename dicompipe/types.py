@@ -363,10 +363,15 @@ class Verdict:
         return self.evidence_label or self.class_label
 
     @property
+    def region_name(self) -> str | None:
+        """The organ region without its details: "lung fields" (None when none ranked)."""
+        return self.region.split(" (")[0] if self.region else None
+
+    @property
     def ranked_by(self) -> str:
         """What ranked the key slices, in words: "its Grad-CAM in the lung fields" or
         "P(malignant)"."""
-        return f"its Grad-CAM in the {self.region.split(' (')[0]}" if self.region else f"P({self.evidence})"
+        return f"its Grad-CAM in the {self.region_name}" if self.region else f"P({self.evidence})"
 
     def to_dict(self) -> dict:
         return _plain(self)

@@ -83,7 +83,7 @@ def build(analysis: Analysis, ctx: SourceContext | None = None, *,
         parameters=[f"rule={vd.rule}", f"temperature={vd.temperature:.4g}",
                     f"uncertain_band={vd.uncertain_band[0]:.2f}-{vd.uncertain_band[1]:.2f}"]
         + ([f"sha256={sha[:40]}"] if sha else [])
-        + ([f"key_slices=gradcam_mass_in_{vd.region.split(' (')[0].replace(' ', '_')}"[:64]]
+        + ([f"key_slices=gradcam_mass_in_{vd.region_name.replace(' ', '_')}"[:64]]
            if vd.region else []))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
