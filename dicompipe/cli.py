@@ -355,6 +355,10 @@ def _p_train(sub):
                         "half-width (fraction of the body crop) around the centre; 0.45 = "
                         "nearly the whole body, so only their look says where they are "
                         "(default %(default)s: the central abdomen)")
+    p.add_argument("--input-region", choices=["lung_fields"],
+                   help="with --pretrain, lung: the network sees only the lung fields (widened "
+                        "by 5 %% of the image side; everything else background), in training "
+                        "and, through the bundle's spec, at inference")
     p.add_argument("--prepared", metavar="NPZ",
                    help="with --pretrain: the rendered training data in one file, written on "
                         "first use; when it exists DATA is not read (e.g. on a GPU machine "
@@ -415,7 +419,7 @@ def _cmd_train(args) -> int:
                                 extra_normals=args.extra_normals, real_share=args.real_share,
                                 lesion_box=args.lesion_box, bf16=args.bf16, device=args.device,
                                 workers=args.workers, prepared=args.prepared, bs=args.batch_size,
-                                log=log)
+                                input_region=args.input_region, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     if args.no_bundle:
         print(f"trained: {last}; the same command without --no-bundle writes the bundle")
@@ -427,6 +431,7 @@ def _cmd_train(args) -> int:
                           + (f" --abnormal-top {args.abnormal_top:g}" if args.abnormal_top else "")
                           + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
+                          + (f" --input-region {args.input_region}" if args.input_region else "")
                           + (" --bf16" if args.bf16 else "")
                           + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
                           + (" --device cuda" if state.get("trained_on", "cpu") != "cpu" else "")

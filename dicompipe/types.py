@@ -165,6 +165,10 @@ class PreprocessSpec:
     Otsu's level above it, for exports that show air as grey).
     ``equalize``: rank-equalise intensities inside the body, which makes the input the same
     under any monotone display transfer (an 8-bit export's window, or HU).
+    ``input_region``: "lung_fields" sets everything outside the slice's lung fields, widened
+    by ``region_margin`` x the image side, to background (``preprocess.region.lung_only``,
+    found on the rendered slice at 256 px, so the same for HU and 8-bit input); None keeps
+    the whole body.
     """
 
     windows: list[tuple[float, float]] = field(default_factory=lambda: [(-600.0, 1500.0)])
@@ -181,6 +185,8 @@ class PreprocessSpec:
     mask_adaptive: bool = False
     crop_margin: float = 0.04
     equalize: bool = False
+    input_region: str | None = None
+    region_margin: float = 0.05
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:

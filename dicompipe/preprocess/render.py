@@ -1,5 +1,5 @@
 """Rendering one model slice: window (or transfer) -> body mask and crop -> square pad ->
-resize -> normalise.
+(lung-only region) -> resize -> normalise.
 
 Training and inference both call :func:`render`, so a bundle's images look the same in
 both. Already-windowed 8-bit input (PNG/JPG) is scaled to [0, 1], never windowed again.
@@ -17,6 +17,7 @@ import numpy as np
 
 from dicompipe.preprocess import resize as _resize
 from dicompipe.preprocess.body import body_box, body_mask, to_u8
+from dicompipe.preprocess.region import GRAY_SIDE, lung_only
 from dicompipe.types import PreprocessSpec
 
 
@@ -123,9 +124,39 @@ def body_layers(layers: np.ndarray, spec: PreprocessSpec, crop: bool) -> np.ndar
     return layers
 
 
+INPUT_REGIONS = ("lung_fields",)
+
+
+def keep_region(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """One square image (256, 256) or (C, 256, 256), in [0, 1] or uint8, with everything
+    outside ``spec.input_region`` set to background (0); unchanged when the spec has none.
+    The mask comes from the middle channel. Training applies this to its 256 px cache,
+    inference (:func:`render`) to the slice resized to 256 px: one mask for both.
+
+    >>> keep_region(cache_u8[0], spec)         # (256, 256) uint8 -> the same, masked
+    """
+    m = region_mask(image if image.ndim == 2 else image[len(image) // 2], spec)
+    return image if m is None else image * m
+
+
+def region_mask(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray | None:
+    """The bool mask (256, 256) of ``spec.input_region`` on one grey image (256, 256), in
+    [0, 1] or uint8; None when the spec has no region."""
+    if not spec.input_region:
+        return None
+    if spec.input_region not in INPUT_REGIONS:
+        raise ValueError(f"input_region {spec.input_region!r} is not one of {', '.join(INPUT_REGIONS)}")
+    if gray.shape[-1] != GRAY_SIDE:
+        raise ValueError(f"an input region is found on {GRAY_SIDE} px images, got {gray.shape[-1]}")
+    scale = 255.0 if gray.dtype == np.uint8 else 1.0
+    return lung_only(gray.astype(np.float32) / scale, spec.region_margin)
+
+
 def render(stack: np.ndarray, spec: PreprocessSpec, windowed: bool = False,
            crop: bool = True) -> np.ndarray:
     """One model input (spec.channels, size, size), normalised: window, body mask/crop, pad,
     resize, (x-mean)/std. ``crop=False`` when the caller has cropped to the body already."""
     sq, _ = square_pad(body_layers(channels(stack, spec, windowed), spec, crop))
+    if spec.input_region:
+        sq = keep_region(resize(sq, GRAY_SIDE), spec)
     return (resize(sq, spec.size) - spec.mean) / spec.std

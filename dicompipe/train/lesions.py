@@ -33,23 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.morphology import convex_hull_image, disk
+
+from dicompipe.preprocess.region import gray_lung_fields as lung_fields  # noqa: F401  (re-exported)
 
 MM_PER_PX = 1.3          # a ~330 mm wide body crop rendered at 256 px
-
-
-def lung_fields(img: np.ndarray) -> np.ndarray:
-    """Lung-field mask of a rendered chest slice (s, s) in [0, 1]: regions inside the body
-    that are dark over 11 x 11 px (~14 mm; thin fat layers and vessels are not), each
-    >= 1.5 % of the body."""
-    body = convex_hull_image(ndimage.binary_closing(img > 0.15, disk(2)))
-    inner = ndimage.binary_erosion(body, disk(4))
-    dark = (ndimage.uniform_filter(img, 11) < 0.05) & inner
-    lab, n = ndimage.label(dark)
-    if n == 0:
-        return dark
-    sizes = ndimage.sum_labels(dark, lab, np.arange(1, n + 1))
-    return np.isin(lab, 1 + np.nonzero(sizes >= 0.015 * max(1, body.sum()))[0])
 
 
 def _shape(r: float, rng, lobes: float, spikes: int, edge: float) -> np.ndarray:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dicompipe.model.network import cell_logits, forward_with_features, resnet50
+from dicompipe.preprocess.render import keep_region, region_mask
 from dicompipe.train import data as D
 from dicompipe.train import lesions as L
 from dicompipe.train.metrics import macro_auroc
@@ -45,9 +46,11 @@ from dicompipe.types import softmax
 
 
 def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, organ: str,
-                n_classes: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                n_classes: int, rng, spec=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (n, s, s) float, labels (n,), masks (n, s, s) from lesion-free ``images[idx]``:
-    an equal share of every class; a slice where no lesion fits stays normal."""
+    an equal share of every class; a slice where no lesion fits stays normal. With a
+    ``spec`` that has an ``input_region``, each image (lesion drawn) is then seen through
+    it, as inference sees a slice, and the lesion mask keeps only what remains visible."""
     out, ys, ms = [], [], []
     for j, i in enumerate(idx):
         img = images[i].astype(np.float32) / 255.0
@@ -58,10 +61,11 @@ def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, o
                                        else "malignant", rng)
         elif cls:
             res = L.insert_pancreas_lesion(img, fields[i], rng)
-        if res is None:
-            out.append(img), ys.append(0), ms.append(np.zeros(img.shape, bool))
-        else:
-            out.append(res[0]), ys.append(cls), ms.append(res[1])
+        img, lesion = (img, np.zeros(img.shape, bool)) if res is None else res
+        keep = region_mask(img, spec) if spec is not None else None
+        if keep is not None:
+            img, lesion = img * keep, lesion & keep
+        out.append(img), ys.append(cls if lesion.any() else 0), ms.append(lesion)
     return np.stack(out), np.array(ys), np.stack(ms)
 
 
@@ -74,7 +78,7 @@ def _synth_u8(task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx, seed = task
     w = _WORKER
     img, ys, ms = synth_batch(w["images"], w["fields"], idx, w["organ"], w["k"],
-                              np.random.default_rng(seed))
+                              np.random.default_rng(seed), w.get("spec"))
     return np.rint(img * 255).astype(np.uint8), ys, ms
 
 
@@ -84,13 +88,13 @@ class SynthFeed:
     Synthesis is numpy/scipy on one core per batch; on a GPU it is the bottleneck, so the
     pool keeps ``2 * workers`` batches in flight. Create it before CUDA is initialised.
 
-    >>> feed = SynthFeed(images, fields, "lung", 3, workers=8)
+    >>> feed = SynthFeed(images, fields, "lung", 3, workers=8, spec=spec)
     >>> img_u8, y, masks = feed.next(lambda: (base_idx, seed))   # an earlier request's batch
     """
 
-    def __init__(self, images, fields, organ: str, k: int, workers: int):
+    def __init__(self, images, fields, organ: str, k: int, workers: int, spec=None):
         import multiprocessing as mp
-        _WORKER.update(images=images, fields=fields, organ=organ, k=k)
+        _WORKER.update(images=images, fields=fields, organ=organ, k=k, spec=spec)
         self.pool, self.pending, self.depth = mp.get_context("fork").Pool(workers), [], 2 * workers
 
     def next(self, make_task):
@@ -218,9 +222,11 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     vrng = np.random.default_rng(12345)
     reps = max(1, 150 // max(1, len(val_normals)))
     v_idx = np.concatenate([val_normals] * reps)
-    sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng)
+    sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng, spec)
+    # real slices as the network sees them (lesions go into the whole slice, then the region)
+    seen = np.stack([keep_region(im, spec) for im in images]) if spec.input_region else images
 
-    feed = SynthFeed(images, fields, organ, k, workers) if workers else None   # before CUDA
+    feed = SynthFeed(images, fields, organ, k, workers, spec) if workers else None   # before CUDA
     net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation, abnormal_top=abnormal_top)
     if init is not None:
         # the head too when its classes match (it is half of the class map); not from
@@ -248,7 +254,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     real_va = np.nonzero(parts == "val")[0]
 
     # the weights cannot tell; finalize reads it
-    arch = {"layer4_dilation": str(layer4_dilation), "abnormal_top": str(abnormal_top)}
+    arch = {"layer4_dilation": str(layer4_dilation), "abnormal_top": str(abnormal_top),
+            "input_region": spec.input_region or "", "region_margin": str(spec.region_margin)}
 
     def save(tag=None):
         sd = {kk: v.detach().cpu().contiguous() for kk, v in net.state_dict().items()}
@@ -265,7 +272,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                **synthetic_check(net, sv_img, sv_y, sv_m, spec, size, device)}
         if phase.startswith("finetune") and len(real_va):
             from dicompipe.train.train import predict_logits
-            p = softmax(predict_logits(net, images[real_va], spec, size=size, device=device), np.float64)
+            p = softmax(predict_logits(net, seen[real_va], spec, size=size, device=device), np.float64)
             rec["real_val_macro_auroc"] = float(macro_auroc(y[real_va], p))
         log("CHECK " + json.dumps(rec))
         state["history"].append(rec)
@@ -294,7 +301,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             # each base slice once per class: within a batch the lesion is the only difference
             if feed is None:
                 base = np.repeat(rng.choice(train_normals, -(-n_syn // k)), k)[:n_syn]
-                s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng)
+                s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng, spec)
             else:
                 s_img, s_y, s_m = feed.next(lambda n=n_syn: (
                     np.repeat(rng.choice(train_normals, -(-n // k)), k)[:n], int(rng.integers(2**31))))
@@ -303,7 +310,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             ys = torch.from_numpy(s_y).long().to(device)
             if name.startswith("finetune") and n_syn < bs:      # --real-share 0: synthetic only
                 b = rng.choice(real_tr, bs - n_syn, p=w_real)
-                xs = torch.cat([xs, aug(torch.from_numpy(images[b]).to(device), spec, size)])
+                xs = torch.cat([xs, aug(torch.from_numpy(seen[b]).to(device), spec, size)])
                 ys = torch.cat([ys, torch.from_numpy(y[b]).long().to(device)])
             with autocast(bf16, device):
                 logits, feat = forward_with_features(net, xs.contiguous(memory_format=torch.channels_last))

@@ -29,11 +29,15 @@ LUNG_TRANSFER = {"kind": "floor", "floor_hu": 0.0, "ceil_hu": 150.0, "low": 130.
 PANCREAS_TRANSFER = {"kind": "window", "window": [50.0, 500.0]}
 
 
-def spec_v2(organ: str, size: int = 160) -> PreprocessSpec:
-    """The 2.x rendering of ``organ``: transfer, body mask and crop (and equalisation)."""
+def spec_v2(organ: str, size: int = 160, input_region: str | None = None) -> PreprocessSpec:
+    """The 2.x rendering of ``organ``: transfer, body mask and crop (and equalisation);
+    ``input_region`` "lung_fields": lung-only input (lung only)."""
     if organ == "lung":
         return PreprocessSpec(windows=[(-600.0, 1500.0)], size=size, transfer=LUNG_TRANSFER,
-                              body_mask=True, mask_threshold=40.0, crop_margin=0.04)
+                              body_mask=True, mask_threshold=40.0, crop_margin=0.04,
+                              input_region=input_region)
+    if input_region:
+        raise ValueError(f"input_region {input_region!r} is for the lung only")
     return PreprocessSpec(windows=[(50.0, 400.0)], size=size, transfer=PANCREAS_TRANSFER,
                           body_mask=True, mask_threshold=15.0, mask_adaptive=True, crop_margin=0.04,
                           equalize=True)
@@ -158,7 +162,8 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
                         layer4_dilation: int = 1, abnormal_top: float = 0.0,
                         extra_normals=(), real_share: float = 0.5,
                         lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
-                        workers: int = 0, prepared=None, bs: int = 32, log=print) -> dict:
+                        workers: int = 0, prepared=None, bs: int = 32,
+                        input_region: str | None = None, log=print) -> dict:
     """Set up the data (:func:`prepare_data`, or :func:`prepared_data` when ``prepared``
     names an .npz) and run :func:`dicompipe.train.pretrain.train_lesions`; resumable from
     ``workdir``."""
@@ -178,7 +183,7 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
     else:
         images, y, parts, normal_idx, labels = prepare_data(
             data, organ, split_file, Path(workdir).parent, extra_normals=extra_normals, log=log)
-    return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ), workdir,
+    return train_lesions(images, y, parts, normal_idx, labels, spec_v2(organ, input_region=input_region), workdir,
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
                          abnormal_top=abnormal_top, real_share=real_share, lesion_box=lesion_box,
@@ -211,13 +216,14 @@ def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = Non
 def rendered_split(data, organ: str, split_file, spec, workdir="training", log=print):
     """(images uint8 rendered with ``spec``, labels y, part per image ("" when in none),
     label names) of ``data`` under a stored split (a bundle's docs/split.json); the
-    rendering is cached in ``workdir`` (``cache_v2_<organ>_<size>.npz``).
+    rendering is cached in ``workdir`` (``cache_v2_<organ>_<size>[_<input region>].npz``).
 
     >>> images, y, parts, labels = rendered_split("iq-othnccd", "lung", "split.json", spec)
     """
     from dicompipe.train import data as D
     items, labels = D.scan(data, organ)
-    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}_{spec.size}.npz", log=log)
+    region = f"_{spec.input_region}" if spec.input_region else ""
+    images = D.build_cache(items, spec, Path(workdir) / f"cache_v2_{organ}_{spec.size}{region}.npz", log=log)
     stored = json.loads(Path(split_file).read_text())["parts"]
     parts = np.array([stored.get(os.path.relpath(it.path, data)) or "" for it in items])
     return images, np.array([it.label for it in items]), parts, labels
@@ -235,6 +241,7 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     standard ResNet50's.
     """
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from dicompipe.model.bundle import save_bundle
@@ -244,13 +251,12 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     from dicompipe.train.metrics import classification_metrics
     from dicompipe.train.train import predict_logits
     from dicompipe.types import softmax
-
-    spec = spec_v2(organ, size)
-    images, y, parts, labels = rendered_split(data, organ, split_file, spec, workdir, log=log)
-    stored = json.loads(Path(split_file).read_text())
-    from safetensors import safe_open
     with safe_open(str(weights), "pt") as f:
         arch = f.metadata() or {}
+    spec = replace(spec_v2(organ, size, arch.get("input_region") or None),
+                   region_margin=float(arch.get("region_margin", 0.05)))
+    images, y, parts, labels = rendered_split(data, organ, split_file, spec, workdir, log=log)
+    stored = json.loads(Path(split_file).read_text())
     layer4_dilation, abnormal_top = int(arch.get("layer4_dilation", 1)), float(arch.get("abnormal_top", 0))
     net = resnet50(len(labels), layer4_dilation=layer4_dilation, abnormal_top=abnormal_top)
     net.load_state_dict(load_file(str(weights)))

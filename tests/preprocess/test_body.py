@@ -179,3 +179,51 @@ def test_fill_holes_of_a_stack_fills_each_slice_on_its_own():
         m = np.stack([ndimage.binary_dilation(s, iterations=k % 3) for s in m])
         want = np.stack([ndimage.binary_fill_holes(s) for s in m])
         np.testing.assert_array_equal(fill_holes(m), want)
+
+
+def _gray(x, spec):
+    return x[0] * spec.std + spec.mean
+
+
+def test_lung_only_input_keeps_the_lungs_and_a_mass_in_them_and_hides_the_rest():
+    hu, _, _ = chest_hu(512)
+    yy, xx = np.mgrid[:512, :512] / 512
+    with_mass = hu.copy()
+    with_mass[((xx - 0.33) / 0.05) ** 2 + ((yy - 0.45) / 0.05) ** 2 < 1] = 40.0
+    plain_spec = spec_v2("lung", 160)
+    spec = spec_v2("lung", 160, input_region="lung_fields")
+    plain, masked = _gray(render(with_mass, plain_spec), spec), _gray(render(with_mass, spec), spec)
+    mass = np.abs(plain - _gray(render(hu, plain_spec), spec)) > 0.3
+    assert mass.sum() > 20
+    np.testing.assert_allclose(masked[mass], plain[mass], atol=0.05)      # the mass is seen
+    tissue = plain > 0.3
+    assert (masked[tissue] > 0.3).mean() < 0.6            # a rim around the lungs only
+    mid = (slice(60, 100), slice(77, 83))
+    assert plain[mid].min() > 0.3 and masked[mid].max() < 0.05      # the mediastinum: background (but a resize blur)
+    assert masked[:, :8].max() == 0 and masked[:, -8:].max() == 0         # the sides too
+
+
+def test_lung_only_input_is_the_same_from_hu_from_an_8bit_export_and_from_the_training_cache():
+    from dicompipe.preprocess.render import keep_region
+    from dicompipe.train.data import to_cache
+    hu, _, _ = chest_hu(512)
+    spec = spec_v2("lung", 256, input_region="lung_fields")
+    from_hu = render(hu, spec)[0] > spec.mean / -spec.std + 1e-3
+    from_u8 = render(to_u8(hu, LUNG_TRANSFER), spec, windowed=True)[0] > -spec.mean / spec.std + 1e-3
+    cache = to_cache(render(hu, spec_v2("lung", 256)), spec)   # what training renders once
+    from_cache = keep_region(cache, spec) > 0
+    assert from_hu.mean() > 0.1
+    assert (from_hu != from_u8).mean() < 0.005 and (from_hu != from_cache).mean() < 0.005
+
+
+def test_a_spec_without_input_region_renders_as_before_and_an_unknown_region_is_refused():
+    from dataclasses import replace
+
+    from dicompipe.types import PreprocessSpec
+    old = PreprocessSpec.from_dict({k: v for k, v in spec_v2("lung", 64).to_dict().items()
+                                    if k not in ("input_region", "region_margin")})
+    assert old.input_region is None
+    hu, _, _ = chest_hu(128)
+    np.testing.assert_array_equal(render(hu, old), render(hu, spec_v2("lung", 64)))
+    with pytest.raises(ValueError, match="input_region 'liver' is not one of lung_fields"):
+        render(hu, replace(old, input_region="liver"))

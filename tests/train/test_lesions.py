@@ -189,6 +189,20 @@ def test_lesion_training_runs_checkpoints_and_resumes(tmp_path):
     assert list(ys) == [0, 1, 2] and not ms[0].any() and ms[1].any() and ms[2].any()
 
 
+def test_synthetic_slices_are_seen_through_the_input_region_as_inference_sees_them():
+    from dicompipe.preprocess.render import keep_region, region_mask
+    from dicompipe.train.pretrain import synth_batch
+    spec = spec_v2("lung", 160, input_region="lung_fields")
+    images = (rendered_chest(256)[None] * 255).astype(np.uint8).repeat(3, 0)
+    imgs, ys, ms = synth_batch(images, [L.lung_fields(i / 255.0) for i in images], np.arange(3),
+                               "lung", 3, np.random.default_rng(0), spec)
+    assert list(ys) == [0, 1, 2] and ms[2].any()
+    for img, m in zip(imgs, ms):
+        np.testing.assert_array_equal(img, keep_region(img, spec))   # masking again changes nothing
+        assert not (m & ~region_mask(img, spec)).any()      # the lesion lies inside what is seen
+    assert (imgs[0] == 0).mean() > (images[0] == 0).mean() + 0.1   # the outside of the lungs is gone
+
+
 def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -241,7 +255,8 @@ def test_init_keeps_the_head_when_its_classes_match(tmp_path):
     assert "network initialised from three.safetensors" in logs
     out = tmp_path / "a" / "phase0_finetune-head.safetensors"
     with safe_open(str(out), "pt") as f:                 # what finalize_bundle reads
-        assert f.metadata() == {"layer4_dilation": "2", "abnormal_top": "0.05"}
+        assert f.metadata() == {"layer4_dilation": "2", "abnormal_top": "0.05", "input_region": "",
+                                "region_margin": "0.05"}
     kept = load_file(str(out))
     assert all(np.array_equal(v.numpy(), kept[k].numpy()) for k, v in load_file(str(three)).items())
     train_lesions(*args, tmp_path / "b", organ="lung", phases=[("finetune-head", 0.0, 32)],
