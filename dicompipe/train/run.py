@@ -236,9 +236,9 @@ def finalize_bundle(weights, organ: str, data, split_file, out, *, size: int, ve
     inference renders it, a prior correction (:func:`fit_prior_bias`, folded into the
     head's bias, so every backend applies it) and a temperature fitted on the validation
     part, leak-free test metrics with bootstrap intervals. Returns (bundle folder, metrics).
-    The architecture (layer4 dilation, evidence pooling) is what the weights file's
-    metadata says (:func:`dicompipe.train.pretrain.train_lesions` records it), else the
-    standard ResNet50's.
+    The architecture (layer4 dilation, evidence pooling) and the input region are what the
+    weights file's metadata says (:func:`dicompipe.train.pretrain.train_lesions` records
+    them), else the standard ResNet50's on the whole body.
     """
     import torch
     from safetensors import safe_open

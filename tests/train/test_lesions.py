@@ -408,3 +408,30 @@ def test_a_device_torch_cannot_use_is_refused_before_any_work(monkeypatch):
     with pytest.raises(DicompipeError, match="not a device name"):
         R.check_device("gpu0")
     R.check_device("cpu")
+
+
+def test_finalize_writes_the_input_region_the_weights_were_trained_with_into_the_bundle(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from dicompipe.model import load_bundle
+    from dicompipe.model.network import resnet50
+    from dicompipe.train.run import finalize_bundle
+    img = (rendered_chest(128) * 255).astype(np.uint8)
+    parts = {}
+    for folder in ("Normal cases", "Bengin cases", "Malignant cases"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i, part in enumerate(["train", "val", "val", "test", "test"]):
+            Image.fromarray(np.roll(img, 3 * i, axis=1)).save(tmp_path / "data" / folder / f"{i}.png")
+            parts[f"{folder}/{i}.png"] = part
+    (tmp_path / "split.json").write_text(json.dumps({"parts": parts}))
+    weights = tmp_path / "w.safetensors"
+    save_file(resnet50(3, layer4_dilation=2).state_dict(), str(weights),
+              metadata={"layer4_dilation": "2", "abnormal_top": "0.0", "input_region": "lung_fields",
+                        "region_margin": "0.05"})
+    folder, _ = finalize_bundle(weights, "lung", tmp_path / "data", tmp_path / "split.json",
+                                tmp_path / "bundle", size=32, version="9.9.9", training={},
+                                workdir=tmp_path / "work", n_boot=10, log=lambda m: None)
+    bundle = load_bundle(str(folder), organ="lung")
+    assert bundle.spec.input_region == "lung_fields" and bundle.spec.region_margin == 0.05
+    assert (tmp_path / "work" / "cache_v2_lung_32_lung_fields.npz").exists()
