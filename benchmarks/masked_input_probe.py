@@ -8,7 +8,7 @@ background, the fields widened by half (or one) class-map cell:
   ``preprocess.region.lung_fields``): per-slice AUROC of P(malignant), tumour slices vs the
   rest, and the slice with the highest P, plain and masked;
 - on the IQ-OTH/NCCD leak-free test part (8-bit; intensity lung fields,
-  ``train.lesions.lung_fields``): macro AUROC and malignant-vs-normal AUROC, plain and masked.
+  ``preprocess.region.gray_lung_fields``): macro AUROC and malignant-vs-normal AUROC, plain and masked.
 
 A masked slice is unlike anything the network was trained on, so this says what a network
 *trained* on lung-only input might do, not what to ship.
@@ -74,8 +74,8 @@ def iq_oth_part(bundle, cells: int, margin_cells: float = 0.5) -> list[dict]:
     (widened by ``margin_cells`` of a class map of ``cells`` x ``cells``)."""
     import torch
 
+    from dicompipe.preprocess.region import gray_lung_fields as lung_fields
     from dicompipe.train import data as D
-    from dicompipe.train.lesions import lung_fields
     from dicompipe.train.metrics import macro_auroc
     from dicompipe.train.train import predict_logits
     root = rc.DATA / "iq-othnccd"
