@@ -401,6 +401,9 @@ def _cmd_train(args) -> int:
     if not 0 <= args.abnormal_top < 1:
         raise DicompipeError(f"--abnormal-top {args.abnormal_top:g} is not in [0, 1): the share of "
                              "class-map cells each abnormal logit averages (0 = all, the standard head).")
+    if args.input_region and args.organ != "lung":
+        raise DicompipeError(f"--input-region {args.input_region} is for the lung only (the "
+                             f"{args.organ} has no such region yet); leave it out.")
     if not 0 <= args.real_share < 1:
         raise DicompipeError(f"--real-share {args.real_share:g} is not in [0, 1): each batch "
                              "needs synthetic lesion slices for the location loss.")

@@ -51,6 +51,12 @@ def test_lesion_training_options_are_checked_before_any_work(tmp_path, capsys, e
     assert message in capsys.readouterr().err
 
 
+def test_input_region_is_refused_for_the_pancreas_before_any_work(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--organ", "pancreas", "--out", str(tmp_path / "b"),
+                 "--pretrain", "synthetic-lesions", "--input-region", "lung_fields"]) == 2
+    assert "--input-region lung_fields is for the lung only" in capsys.readouterr().err
+
+
 def test_train_needs_out_unless_no_bundle(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--organ", "lung"]) == 2
     assert "needs --out" in capsys.readouterr().err
