@@ -59,13 +59,16 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
         torch.set_num_threads(n_threads)
     t_inf = time.perf_counter()
     try:
-        logits, feats = [], []
+        logits = features = None
         n = len(x)
         for i in range(0, n, batch_size):
             batch.wait_rows(i + batch_size)          # rendered ahead in a thread, maybe
             lg, a = run(x[i:i + batch_size])
-            logits.append(lg)
-            feats.append(a)
+            if logits is None:   # filled in place: one copy of the layer4 maps, not two
+                logits = np.empty((n,) + lg.shape[1:], np.float32)
+                features = np.empty((n,) + a.shape[1:], np.float32)
+            logits[i:i + len(lg)] = lg
+            features[i:i + len(a)] = a
             if progress:
                 progress(min(1.0, (i + batch_size) / n))
         t_inf = time.perf_counter() - t_inf
@@ -73,8 +76,8 @@ def predict(bundle, batch: SliceBatch, *, device: str = "auto", backend: str = "
         if torch:
             torch.set_num_threads(old_threads)
     k = len(labels)
-    logits = np.concatenate(logits).astype(np.float32) if logits else np.zeros((0, k), np.float32)
-    features = np.concatenate(feats).astype(np.float32, copy=False) if feats else None
+    if logits is None:
+        logits = np.zeros((0, k), np.float32)
     if logits.shape[1] != k:
         raise ModelError(f"Bundle {bundle.name!r}: the network returned {logits.shape[1]} "
                          f"classes but metadata lists {k} labels.")

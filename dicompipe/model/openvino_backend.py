@@ -102,12 +102,18 @@ class OpenVinoBackend:
         running = self.requests[:len(parts)]
         for req, part in zip(running, parts):
             req.start_async({0: part})
-        outs = []
-        for req in running:
+        outs: list[np.ndarray] = []
+        start = 0
+        for req, part in zip(running, parts):
             req.wait()
-            # copies: the request's output buffers are reused by the next call
-            outs.append([np.array(req.get_tensor(o).data, dtype=np.float32) for o in self.compiled.outputs])
-        return tuple(np.concatenate(per_output) for per_output in zip(*outs))
+            # copied once, into the call's result: the request's buffers serve the next call
+            for k, o in enumerate(self.compiled.outputs):
+                data = req.get_tensor(o).data
+                if len(outs) <= k:
+                    outs.append(np.empty((len(x),) + data.shape[1:], np.float32))
+                outs[k][start:start + len(part)] = data
+            start += len(part)
+        return outs[0], outs[1]
 
     def __repr__(self) -> str:
         return f"OpenVinoBackend({self.path.name}, {self.precision}, threads={self.threads})"

@@ -27,8 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from dicompipe.errors import PreprocessError
-from dicompipe.preprocess.body import body_box, body_mask
-from dicompipe.preprocess.render import model_gray, render, square_pad
+from dicompipe.preprocess.body import body_box, body_mask, foreground_box
+from dicompipe.preprocess.render import model_foreground, model_gray, render, square_pad
 from dicompipe.preprocess.selection import skip_reasons
 from dicompipe.types import InstanceRef, ModelSlice, PreprocessSpec, SliceBatch, Volume
 
@@ -186,7 +186,9 @@ def _crop_to_body(grid, arr, rows: list[int], spec: PreprocessSpec, windowed: bo
     second core would idle (about a tenth faster on 2 cores; most of a mask's work is small
     numpy calls that hold the GIL)."""
     def box_of(z):
-        m = body_mask(model_gray(arr[z], spec, windowed) * 255.0, spec.mask_threshold, spec.mask_adaptive)
+        if not spec.mask_adaptive:
+            return foreground_box(model_foreground(arr[z], spec, windowed), spec.crop_margin)
+        m = body_mask(model_gray(arr[z], spec, windowed) * 255.0, spec.mask_threshold, True)
         return body_box(m, spec.crop_margin)
     with ThreadPoolExecutor(2 if len(rows) > 8 else 1) as ex:
         boxes = np.array([b for b in ex.map(box_of, rows) if b is not None])

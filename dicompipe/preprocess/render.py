@@ -82,6 +82,20 @@ def model_gray(slice_: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.n
     return _model_window(slice_, spec, 0)
 
 
+def model_foreground(slice_: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:
+    """``model_gray(slice_) * 255 > spec.mask_threshold``: the pixels a body mask starts
+    from. Under a "floor" transfer whose ramp starts above the threshold that is exactly
+    ``HU >= floor``, one comparison instead of the transfer.
+
+    >>> model_foreground(hu, spec, windowed=False).dtype
+    dtype('bool')
+    """
+    t = spec.transfer or {}
+    if not windowed and t.get("kind") == "floor" and float(t["low"]) > spec.mask_threshold:
+        return np.asarray(slice_) >= np.float32(t["floor_hu"])
+    return model_gray(slice_, spec, windowed) * 255.0 > spec.mask_threshold
+
+
 def _model_window(hu: np.ndarray, spec: PreprocessSpec, i: int) -> np.ndarray:
     if spec.transfer:
         return to_u8(hu, spec.transfer) / np.float32(255.0)

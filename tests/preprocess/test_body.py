@@ -1,6 +1,8 @@
 """Input hygiene: 8-bit representation, body mask (table, FOV circle), crop, equalisation."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -101,6 +103,24 @@ def test_body_box_margin_and_empty():
     assert body_box(m, 0.0) == (10, 20, 5, 45)
     assert body_box(m, 0.1) == (6, 24, 1, 49)
     assert body_box(np.zeros((4, 4), bool)) is None
+
+
+@pytest.mark.parametrize("transfer", [LUNG_TRANSFER, {"kind": "window", "window": [50.0, 500.0]}])
+@pytest.mark.parametrize("shape", [(256, 256), (512, 512), (511, 389), (700, 250)])
+def test_the_crop_box_from_the_thresholded_slice_is_the_body_masks_box(transfer, shape):
+    """prepare() asks the box of every slice before the model starts: foreground_box (no
+    full-size mask, HU >= floor instead of the transfer) must give exactly body_box's box."""
+    from dicompipe.preprocess.body import foreground_box
+    from dicompipe.preprocess.render import model_foreground, model_gray
+    hu = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.GetImageFromArray(chest_hu()[0]), shape[::-1], sitk.Transform(), sitk.sitkLinear,
+        (0.0, 0.0), (256 / shape[1], 256 / shape[0]), (1.0, 0.0, 0.0, 1.0), -1000.0))
+    spec = replace(spec_v2("lung"), transfer=transfer)
+    above = model_foreground(hu, spec, windowed=False)
+    np.testing.assert_array_equal(above, model_gray(hu, spec, False) * 255.0 > spec.mask_threshold)
+    box = foreground_box(above, 0.04)
+    assert box is not None and box == body_box(body_mask(to_u8(hu, transfer)), 0.04)
+    assert foreground_box(np.zeros(shape, bool)) is None
 
 
 def test_equalize_is_invariant_to_monotone_transfers():
