@@ -55,6 +55,15 @@ def channels(stack: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndar
     "windows" mode: one channel per window of the centre slice (repeated up to
     ``spec.channels``); "neighbours" mode: slices z-1, z, z+1 under the first window.
     """
+    return _stack(_layers(stack, spec, windowed), spec.channels)
+
+
+def _stack(layers: list[np.ndarray], n: int) -> np.ndarray:
+    return np.stack([layers[i % len(layers)] for i in range(n)]).astype(np.float32, copy=False)
+
+
+def _layers(stack: np.ndarray, spec: PreprocessSpec, windowed: bool) -> list[np.ndarray]:
+    """The distinct channels of :func:`channels` (one when they are all the same image)."""
     stack = np.asarray(stack)
     if stack.ndim == 2:
         stack = stack[None]
@@ -71,8 +80,7 @@ def channels(stack: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndar
             layers = [_model_window(centre, spec, 0)]
         else:
             layers = [window(centre, lvl, wid) for lvl, wid in spec.windows]
-        layers = [layers[i % len(layers)] for i in range(spec.channels)]
-    return np.stack(layers).astype(np.float32, copy=False)
+    return layers
 
 
 def model_gray(slice_: np.ndarray, spec: PreprocessSpec, windowed: bool) -> np.ndarray:
@@ -170,7 +178,12 @@ def render(stack: np.ndarray, spec: PreprocessSpec, windowed: bool = False,
            crop: bool = True) -> np.ndarray:
     """One model input (spec.channels, size, size), normalised: window, body mask/crop, pad,
     resize, (x-mean)/std. ``crop=False`` when the caller has cropped to the body already."""
-    sq, _ = square_pad(body_layers(channels(stack, spec, windowed), spec, crop))
+    layers = _layers(stack, spec, windowed)
+    # one image in every channel (8-bit input, a transfer, one window): rendered once
+    one = len(layers) == 1 and spec.channel_mode == "windows"
+    x = _stack(layers, 1 if one else spec.channels)
+    sq, _ = square_pad(body_layers(x, spec, crop))
     if spec.input_region:
         sq = keep_region(resize(sq, GRAY_SIDE), spec)
-    return (resize(sq, spec.size) - spec.mean) / spec.std
+    out = (resize(sq, spec.size) - spec.mean) / spec.std
+    return np.repeat(out, spec.channels, axis=0) if one else out

@@ -80,6 +80,18 @@ def test_tensors_are_render_of_grid_slices_and_pad_is_square_pad():
     assert b.pad == square_pad(grid[0])[1] == (12, 0, 64)
 
 
+@pytest.mark.parametrize("body", [False, True])
+def test_one_image_in_every_channel_is_rendered_once_with_the_same_numbers(body):
+    """One window (or a transfer, or 8-bit input) puts one image in all channels: render()
+    then works on one channel; the result equals the per-channel path (two equal windows)."""
+    from dataclasses import replace
+    hu = chest_phantom((1, 40, 64))[0]
+    spec = PreprocessSpec(windows=[(40.0, 400.0)], channels=3, size=24, body_mask=body)
+    one, each = render(hu, spec), render(hu, replace(spec, windows=[(40.0, 400.0)] * 2))
+    assert one.shape == (3, 24, 24)
+    np.testing.assert_array_equal(one, each)
+
+
 def test_neighbours_mode_uses_adjacent_slices():
     hu = _ramp((5, 8, 8))
     spec = PreprocessSpec(windows=[(-480.0, 200.0)], channel_mode="neighbours", size=8,
