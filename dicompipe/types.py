@@ -146,6 +146,10 @@ class _ImageBuffer:
 
 
 # --------------------------------------------------------------------------- preprocess
+#: the ``PreprocessSpec.input_region`` values this dicompipe renders
+INPUT_REGIONS = ("lung_fields",)
+
+
 @dataclass
 class PreprocessSpec:
     """How a bundle wants its input rendered; stored in the bundle's metadata.json.

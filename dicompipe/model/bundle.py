@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dicompipe.errors import ModelError
-from dicompipe.types import RESEARCH_USE, PreprocessSpec
+from dicompipe.types import INPUT_REGIONS, RESEARCH_USE, PreprocessSpec
 
 if TYPE_CHECKING:           # torch is imported where weights are read: not on the ONNX/OpenVINO path
     import torch
@@ -365,6 +365,10 @@ def _read_metadata(root: Path) -> dict:
             raise ModelError(f"{f}: missing {key!r}.")
     if not (md["weights"] or {}).get("file") or not md["weights"].get("sha256"):
         raise ModelError(f"{f}: 'weights' needs 'file' and 'sha256'.")
+    region = (md.get("preprocessing") or {}).get("input_region")
+    if region and region not in INPUT_REGIONS:
+        raise ModelError(f"{f}: preprocessing.input_region {region!r} is not one this dicompipe "
+                         f"renders ({', '.join(INPUT_REGIONS)}): the bundle needs a newer dicompipe.")
     return md
 
 

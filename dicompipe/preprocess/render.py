@@ -18,7 +18,7 @@ import numpy as np
 from dicompipe.preprocess import resize as _resize
 from dicompipe.preprocess.body import body_box, body_mask, to_u8
 from dicompipe.preprocess.region import GRAY_SIDE, lung_only
-from dicompipe.types import PreprocessSpec
+from dicompipe.types import INPUT_REGIONS, PreprocessSpec
 
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -144,9 +144,6 @@ def body_layers(layers: np.ndarray, spec: PreprocessSpec, crop: bool) -> np.ndar
         y0, y1, x0, x1 = body_box(m, spec.crop_margin)
         layers = layers[:, y0:y1, x0:x1]
     return layers
-
-
-INPUT_REGIONS = ("lung_fields",)
 
 
 def keep_region(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

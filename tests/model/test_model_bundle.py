@@ -76,6 +76,16 @@ def test_sha256_mismatch_names_the_file(tmp_path):
         load_bundle(p, allow_untrained=True)
 
 
+def test_an_unknown_input_region_is_refused_when_the_bundle_loads(tmp_path):
+    p = make_bundle(tmp_path / "b", organ="lung")
+    mdf = p / METADATA_FILE
+    md = json.loads(mdf.read_text())
+    md["preprocessing"]["input_region"] = "liver"
+    mdf.write_text(json.dumps(md))
+    with pytest.raises(ModelError, match="input_region 'liver' is not one this dicompipe renders"):
+        load_bundle(p, allow_untrained=True)
+
+
 def test_shape_mismatch_names_the_file(tmp_path):
     p = make_bundle(tmp_path / "b", organ="lung")
     md = json.loads((p / METADATA_FILE).read_text())
