@@ -150,15 +150,11 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
                 "inside_box_with_margin": best[1]}
 
     top = a.batch.included[int(np.argmax(p))]
-    peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
-    peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
+    peak2d, peak3d = _peak(g[top.z]), _peak(g)
     ranked = {}
-    if a.verdict.region_share and a.verdict.evidence == "malignant":   # key slices show malignant
-        # the pipeline's ranking: the malignant CAM mass inside the lung fields; its first
-        # key slice is the first-ranked one
+    if (fk := _first_key_peak(a, g)) is not None:
+        first, pk = fk
         key = np.asarray(a.verdict.region_evidence["malignant"])
-        first = a.verdict.key_slices[0]
-        pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
         ranked = {"region": a.verdict.region,
                   "slice_auroc_cam_mass_in_region":
                       round(float(macro_auroc(tumour.astype(int), np.stack([-key, key], 1))), 4) if both else None,
@@ -174,6 +170,20 @@ def lung_tumour_check(a, boxes_file: Path) -> dict:
             "cam_peak_most_malignant_slice": box_distance(grid_lps(grid, (top.z, *peak2d))),
             "cam_peak_volume": box_distance(grid_lps(grid, peak3d)),
             "ranked_by_evidence_in_lung_fields": ranked}
+
+
+def _peak(a: np.ndarray) -> tuple:
+    """Index of the maximum of ``a`` (a slice's or the volume's Grad-CAM)."""
+    return np.unravel_index(int(np.argmax(a)), a.shape)
+
+
+def _first_key_peak(a, g: np.ndarray):
+    """(first key slice, its malignant CAM peak) when the key slices show malignant evidence
+    ranked by the pipeline (the malignant CAM mass inside the lung fields); else None."""
+    if not (a.verdict.region_share and a.verdict.evidence == "malignant"):
+        return None
+    first = a.verdict.key_slices[0]
+    return first, _peak(g[first.z])
 
 
 def lung_mass_ranking_check(bundle, series: Path, boxes_file: Path, trials: int = 16, seed: int = 3,
@@ -248,13 +258,11 @@ def lidc_check(a, xml: Path) -> dict:
     def dist(pt):
         return round(float(np.min(np.linalg.norm(pts - pt, axis=1))), 1)
 
-    peak2d = np.unravel_index(int(np.argmax(g[top.z])), g[top.z].shape)
-    peak3d = np.unravel_index(int(np.argmax(g)), g.shape)
+    peak2d, peak3d = _peak(g[top.z]), _peak(g)
     zs = sorted({round(float(v), 1) for v in pts[:, 2]})
     ranked = {}
-    if a.verdict.region_share and a.verdict.evidence == "malignant":   # key slices show malignant
-        first = a.verdict.key_slices[0]
-        pk = np.unravel_index(int(np.argmax(g[first.z])), g[first.z].shape)
+    if (fk := _first_key_peak(a, g)) is not None:
+        first, pk = fk
         ranked = {"region": a.verdict.region, "first_ranked_slice_z": first.z,
                   "cam_peak_first_ranked_slice_to_outline_mm": dist(grid_lps(a.batch.grid, (first.z, *pk))),
                   "share_in_region_per_slice": a.verdict.region_share["malignant"]}
