@@ -104,7 +104,7 @@ def knn_probe(images, y, parts, size: int = 32) -> dict:
 
 def _short(m: dict) -> dict:
     keys = ["n", "macro_auroc", "macro_auroc_ci95", "balanced_accuracy", "balanced_accuracy_ci95",
-            "ece", "ece_ci95", "ece_uncalibrated"]
+            "ece", "ece_ci95", "ece_uncalibrated", "ece_noise_floor"]
     keys += [k for k in m if k.startswith(("sensitivity_", "specificity_", "auroc_"))]
     return {k: m[k] for k in keys if k in m}
 
@@ -255,6 +255,8 @@ def metrics_table(res: dict, labels: list[str]) -> str:
              "| n slices | " + " | ".join(str(m.get("n", "")) for _, m in cols) + " |"]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_fmt(m, k) for _, m in cols) + " |")
+    lines.append("| ece a perfectly calibrated model would show at this n (median) | " + " | ".join(
+        f"{m['ece_noise_floor']['median']:.3f}" if "ece_noise_floor" in m else "" for _, m in cols) + " |")
     nv = res.get("naive_split", {})
     if nv:
         a, b = nv.get("knn_probe_leak_free", {}), nv.get("knn_probe_naive", {})

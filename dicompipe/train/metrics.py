@@ -73,6 +73,22 @@ def ece(y, probs, bins: int = 15) -> float:
     return float(e)
 
 
+def ece_noise_floor(probs, bins: int = 15, draws: int = 1000, seed: int = 0) -> dict:
+    """The ECE a perfectly calibrated model with these confidences would still show on this
+    many cases: labels drawn from ``probs`` themselves, median and 95th percentile over
+    ``draws``. An ECE target below the median cannot be told apart from chance at this n.
+
+    >>> ece_noise_floor(np.full((200, 2), 0.5))["median"] > 0
+    True
+    """
+    probs = np.asarray(probs, float)
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(probs, 1)
+    vals = [ece((rng.random((len(probs), 1)) > cum).sum(1).clip(0, probs.shape[1] - 1), probs, bins)
+            for _ in range(draws)]
+    return {"median": float(np.median(vals)), "p95": float(np.percentile(vals, 95)), "draws": draws}
+
+
 def reliability(y, probs, bins: int = 10):
     """(bin centres, accuracy, confidence, counts) for a reliability diagram."""
     probs = np.asarray(probs)
@@ -145,4 +161,5 @@ def classification_metrics(y, probs, labels, n_boot: int = 1000, seed: int = 0,
             arr = arr[~np.isnan(arr)]
             if len(arr):
                 out[key + "_ci95"] = [float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))]
+    out["ece_noise_floor"] = ece_noise_floor(probs, draws=200, seed=seed)
     return out

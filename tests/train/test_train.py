@@ -7,7 +7,7 @@ from PIL import Image
 
 from dicompipe.preprocess.render import render
 from dicompipe.train.calibration import fit_temperature
-from dicompipe.train.metrics import auroc, classification_metrics, ece
+from dicompipe.train.metrics import auroc, classification_metrics, ece, ece_noise_floor
 from dicompipe.types import PreprocessSpec, softmax
 
 
@@ -86,6 +86,19 @@ def test_metrics_and_temperature():
     m = classification_metrics(y, softmax(z, np.float64), ["a", "b", "c"], n_boot=50)
     assert m["macro_auroc_ci95"][0] <= m["macro_auroc"] <= m["macro_auroc_ci95"][1]
     assert {"sensitivity_a", "specificity_c", "balanced_accuracy", "ece"} <= set(m)
+
+
+def test_ece_noise_floor_is_what_a_calibrated_model_shows_by_chance():
+    """Labels drawn from the probabilities themselves: a calibrated model. Its ECE shrinks
+    with n, and on 199 cases sits near the floor's median, not at 0."""
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet([2, 2, 2], 4000)
+    y = (rng.random((4000, 1)) > np.cumsum(p, 1)).sum(1)
+    small, big = ece_noise_floor(p[:199], draws=200), ece_noise_floor(p, draws=50)
+    assert 0.03 < small["median"] < small["p95"] < 0.2 and big["median"] < small["median"] / 3
+    assert ece(y[:199], p[:199]) < small["p95"] and ece(y, p) < big["p95"]
+    m = classification_metrics(y[:199], p[:199], ["a", "b", "c"], n_boot=10)
+    assert m["ece_noise_floor"]["median"] > 0
 
 
 @pytest.mark.slow
