@@ -359,6 +359,10 @@ def _p_train(sub):
                    help="with --pretrain, lung: the network sees only the lung fields (widened "
                         "by 5 %% of the image side; everything else background), in training "
                         "and, through the bundle's spec, at inference")
+    p.add_argument("--region-dropout", type=float, default=0.0, metavar="P",
+                   help="with --pretrain, lung, without --input-region: show this share of the "
+                        "training slices through the lung fields only (context dropped at random); "
+                        "the bundle still sees the whole body (default 0)")
     p.add_argument("--prepared", metavar="NPZ",
                    help="with --pretrain: the rendered training data in one file, written on "
                         "first use; when it exists DATA is not read (e.g. on a GPU machine "
@@ -404,6 +408,11 @@ def _cmd_train(args) -> int:
     if args.input_region and args.organ != "lung":
         raise DicompipeError(f"--input-region {args.input_region} is for the lung only (the "
                              f"{args.organ} has no such region yet); leave it out.")
+    if args.region_dropout and (args.organ != "lung" or args.input_region
+                                or not 0 < args.region_dropout <= 1):
+        raise DicompipeError(f"--region-dropout {args.region_dropout:g}: a share in (0, 1], for "
+                             "the lung, without --input-region (which shows every slice through "
+                             "the lung fields).")
     if not 0 <= args.real_share < 1:
         raise DicompipeError(f"--real-share {args.real_share:g} is not in [0, 1): each batch "
                              "needs synthetic lesion slices for the location loss.")
@@ -422,7 +431,8 @@ def _cmd_train(args) -> int:
                                 extra_normals=args.extra_normals, real_share=args.real_share,
                                 lesion_box=args.lesion_box, bf16=args.bf16, device=args.device,
                                 workers=args.workers, prepared=args.prepared, bs=args.batch_size,
-                                input_region=args.input_region, log=log)
+                                input_region=args.input_region,
+                                region_dropout=args.region_dropout, log=log)
     last = workdir / f"phase{len(phases) - 1}_{phases[-1][0]}.safetensors"
     if args.no_bundle:
         print(f"trained: {last}; the same command without --no-bundle writes the bundle")
@@ -435,6 +445,7 @@ def _cmd_train(args) -> int:
                           + (f" --lesion-box {args.lesion_box:g}" if args.organ == "pancreas" else "")
                           + (f" --init {Path(args.init).name}" if args.init else "")
                           + (f" --input-region {args.input_region}" if args.input_region else "")
+                          + (f" --region-dropout {args.region_dropout:g}" if args.region_dropout else "")
                           + (" --bf16" if args.bf16 else "")
                           + (f" --batch-size {args.batch_size}" if args.batch_size != 32 else "")
                           + (" --device cuda" if state.get("trained_on", "cpu") != "cpu" else "")

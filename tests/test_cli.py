@@ -57,6 +57,14 @@ def test_input_region_is_refused_for_the_pancreas_before_any_work(tmp_path, caps
     assert "--input-region lung_fields is for the lung only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--organ", "pancreas"], ["--organ", "lung", "--input-region", "lung_fields"],
+                                   ["--organ", "lung", "--region-dropout", "1.5"]])
+def test_region_dropout_is_refused_where_it_means_nothing(tmp_path, capsys, extra):
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "b"), "--pretrain",
+                 "synthetic-lesions", "--region-dropout", "0.5", *extra]) == 2   # the last one counts
+    assert "--region-dropout" in capsys.readouterr().err
+
+
 def test_train_needs_out_unless_no_bundle(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--organ", "lung"]) == 2
     assert "needs --out" in capsys.readouterr().err

@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,13 @@ from dicompipe.types import softmax
 
 
 def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, organ: str,
-                n_classes: int, rng, spec=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                n_classes: int, rng, spec=None,
+                region_p: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (n, s, s) float, labels (n,), masks (n, s, s) from lesion-free ``images[idx]``:
     an equal share of every class; a slice where no lesion fits stays normal. With a
     ``spec`` that has an ``input_region``, each image (lesion drawn) is then seen through
-    it, as inference sees a slice, and the lesion mask keeps only what remains visible."""
+    it, as inference sees a slice, and the lesion mask keeps only what remains visible;
+    ``region_p`` < 1: only that share of the images, drawn at random (region dropout)."""
     out, ys, ms = [], [], []
     for j, i in enumerate(idx):
         img = images[i].astype(np.float32) / 255.0
@@ -62,7 +65,8 @@ def synth_batch(images: np.ndarray, fields: list[np.ndarray], idx: np.ndarray, o
         elif cls:
             res = L.insert_pancreas_lesion(img, fields[i], rng)
         img, lesion = (img, np.zeros(img.shape, bool)) if res is None else res
-        keep = region_mask(img, spec) if spec is not None else None
+        keep = region_mask(img, spec) if spec is not None and (
+            region_p >= 1 or rng.random() < region_p) else None
         if keep is not None:
             img, lesion = img * keep, lesion & keep
         out.append(img), ys.append(cls if lesion.any() else 0), ms.append(lesion)
@@ -78,7 +82,7 @@ def _synth_u8(task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx, seed = task
     w = _WORKER
     img, ys, ms = synth_batch(w["images"], w["fields"], idx, w["organ"], w["k"],
-                              np.random.default_rng(seed), w.get("spec"))
+                              np.random.default_rng(seed), w.get("spec"), w.get("region_p", 1.0))
     return np.rint(img * 255).astype(np.uint8), ys, ms
 
 
@@ -92,9 +96,10 @@ class SynthFeed:
     >>> img_u8, y, masks = feed.next(lambda: (base_idx, seed))   # an earlier request's batch
     """
 
-    def __init__(self, images, fields, organ: str, k: int, workers: int, spec=None):
+    def __init__(self, images, fields, organ: str, k: int, workers: int, spec=None,
+                 region_p: float = 1.0):
         import multiprocessing as mp
-        _WORKER.update(images=images, fields=fields, organ=organ, k=k, spec=spec)
+        _WORKER.update(images=images, fields=fields, organ=organ, k=k, spec=spec, region_p=region_p)
         self.pool, self.pending, self.depth = mp.get_context("fork").Pool(workers), [], 2 * workers
 
     def next(self, make_task):
@@ -187,7 +192,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
                   init: Path | None = None, layer4_dilation: int = 1, abnormal_top: float = 0.0,
                   real_share: float = 0.5,
                   lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
-                  workers: int = 0, fields: list | None = None, log=print) -> dict:
+                  workers: int = 0, fields: list | None = None, region_dropout: float = 0.0,
+                  log=print) -> dict:
     """Run the phases; returns the state (history of checks). Resumes from ``workdir``.
 
     ``images`` uint8 (n, s, s) rendered slices; ``normal_idx`` the lesion-free training
@@ -202,6 +208,10 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     2 CPU cores). ``fields``: the lesion regions per image (:func:`lesion_fields`), when
     already computed. ``abnormal_top``: evidence pooling of the abnormal logits
     (:func:`dicompipe.model.network.class_logits`; 0 = global average).
+    ``region_dropout``: the share of training slices (real and synthetic) shown through the
+    lung fields only while ``spec`` keeps the whole body: context dropped at random, so the
+    network must also find the tumour without it; inference and validation see the spec's
+    input unchanged.
     """
     from safetensors.torch import load_file, save_file
     torch.manual_seed(seed)
@@ -225,8 +235,14 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
     sv_img, sv_y, sv_m = synth_batch(images, fields, v_idx, organ, k, vrng, spec)
     # real slices as the network sees them (lesions go into the whole slice, then the region)
     seen = np.stack([keep_region(im, spec) for im in images]) if spec.input_region else images
+    drop_spec, drop_p = spec, 1.0
+    if region_dropout > 0:
+        if spec.input_region:
+            raise ValueError("region dropout is for a spec that keeps the whole body")
+        drop_spec, drop_p = replace(spec, input_region="lung_fields"), region_dropout
+        dropped = np.stack([keep_region(im, drop_spec) for im in images])
 
-    feed = SynthFeed(images, fields, organ, k, workers, spec) if workers else None   # before CUDA
+    feed = SynthFeed(images, fields, organ, k, workers, drop_spec, drop_p) if workers else None   # before CUDA
     net = resnet50(k, zero_init_residual=True, layer4_dilation=layer4_dilation, abnormal_top=abnormal_top)
     if init is not None:
         # the head too when its classes match (it is half of the class map); not from
@@ -255,7 +271,8 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
 
     # the weights cannot tell; finalize reads it
     arch = {"layer4_dilation": str(layer4_dilation), "abnormal_top": str(abnormal_top),
-            "input_region": spec.input_region or "", "region_margin": str(spec.region_margin)}
+            "input_region": spec.input_region or "", "region_margin": str(spec.region_margin),
+            **({"region_dropout": str(region_dropout)} if region_dropout else {})}
 
     def save(tag=None):
         sd = {kk: v.detach().cpu().contiguous() for kk, v in net.state_dict().items()}
@@ -301,7 +318,7 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             # each base slice once per class: within a batch the lesion is the only difference
             if feed is None:
                 base = np.repeat(rng.choice(train_normals, -(-n_syn // k)), k)[:n_syn]
-                s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng, spec)
+                s_img, s_y, s_m = synth_batch(images, fields, base, organ, k, rng, drop_spec, drop_p)
             else:
                 s_img, s_y, s_m = feed.next(lambda n=n_syn: (
                     np.repeat(rng.choice(train_normals, -(-n // k)), k)[:n], int(rng.integers(2**31))))
@@ -310,7 +327,11 @@ def train_lesions(images: np.ndarray, y: np.ndarray, parts: list, normal_idx: np
             ys = torch.from_numpy(s_y).long().to(device)
             if name.startswith("finetune") and n_syn < bs:      # --real-share 0: synthetic only
                 b = rng.choice(real_tr, bs - n_syn, p=w_real)
-                xs = torch.cat([xs, aug(torch.from_numpy(seen[b]).to(device), spec, size)])
+                real = seen[b]
+                if region_dropout > 0:
+                    drop = rng.random(len(b)) < region_dropout
+                    real = np.where(drop[:, None, None], dropped[b], real)
+                xs = torch.cat([xs, aug(torch.from_numpy(real).to(device), spec, size)])
                 ys = torch.cat([ys, torch.from_numpy(y[b]).long().to(device)])
             with autocast(bf16, device):
                 logits, feat = forward_with_features(net, xs.contiguous(memory_format=torch.channels_last))

@@ -163,7 +163,8 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
                         extra_normals=(), real_share: float = 0.5,
                         lesion_box: float = 0.2, bf16: bool = False, device: str = "cpu",
                         workers: int = 0, prepared=None, bs: int = 32,
-                        input_region: str | None = None, log=print) -> dict:
+                        input_region: str | None = None, region_dropout: float = 0.0,
+                        log=print) -> dict:
     """Set up the data (:func:`prepare_data`, or :func:`prepared_data` when ``prepared``
     names an .npz) and run :func:`dicompipe.train.pretrain.train_lesions`; resumable from
     ``workdir``."""
@@ -187,7 +188,8 @@ def run_lesion_training(data, organ: str, split_file, workdir, phases, *, thread
                          organ=organ, phases=phases, threads=threads, cam_weight=cam_weight, lr=lr, init=init,
                          flip=True, vflip=organ == "pancreas", layer4_dilation=layer4_dilation,
                          abnormal_top=abnormal_top, real_share=real_share, lesion_box=lesion_box,
-                         bf16=bf16, device=device, workers=workers, fields=fields, bs=bs, log=log)
+                         bf16=bf16, device=device, workers=workers, fields=fields, bs=bs,
+                         region_dropout=region_dropout, log=log)
 
 
 def fit_prior_bias(logits: np.ndarray, y: np.ndarray, positive: int | None = None,

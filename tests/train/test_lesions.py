@@ -203,6 +203,34 @@ def test_synthetic_slices_are_seen_through_the_input_region_as_inference_sees_th
     assert (imgs[0] == 0).mean() > (images[0] == 0).mean() + 0.1   # the outside of the lungs is gone
 
 
+def test_region_dropout_shows_a_share_of_the_slices_through_the_lung_fields(tmp_path):
+    """--region-dropout: some training slices lose their context, the bundle keeps the body."""
+    from safetensors import safe_open
+
+    from dicompipe.preprocess.render import keep_region
+    from dicompipe.train.pretrain import synth_batch, train_lesions
+    region = spec_v2("lung", 160, input_region="lung_fields")
+    images = (rendered_chest(256)[None] * 255).astype(np.uint8).repeat(8, 0)
+    fields = [L.lung_fields(i / 255.0) for i in images]
+
+    def masked(imgs):
+        return [bool(np.array_equal(im, keep_region(im, region))) for im in imgs]
+    for p, expect in ((0.0, {False}), (1.0, {True}), (0.5, {False, True})):
+        imgs, _, _ = synth_batch(images, fields, np.arange(8), "lung", 3, np.random.default_rng(1),
+                                 region, region_p=p)
+        assert set(masked(imgs)) == expect
+    y, parts = np.array([0, 0, 0, 0, 2, 1, 2, 1]), ["train", "train", "val", "val"] + ["train"] * 4
+    args = (images, y, parts, np.arange(4), ["normal", "benign", "malignant"])
+    train_lesions(*args, spec_v2("lung", 32), tmp_path, organ="lung", phases=[("finetune-l4", 0.01, 32)],
+                  bs=4, threads=1, region_dropout=0.5, log=lambda m: None)
+    with safe_open(str(tmp_path / "phase0_finetune-l4.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["region_dropout"] == "0.5" and md["input_region"] == ""      # inference: whole body
+    with pytest.raises(ValueError, match="keeps the whole body"):
+        train_lesions(*args, region, tmp_path / "x", organ="lung", phases=[("finetune-l4", 0.01, 32)],
+                      bs=4, threads=1, region_dropout=0.5, log=lambda m: None)
+
+
 def test_finetune_l4_changes_only_layer4_and_the_head(tmp_path):
     import torch
     from safetensors.torch import load_file
