@@ -346,10 +346,11 @@ def _p_train(sub):
                         "SHARE most abnormal class-map cells (MIL-style evidence pooling, e.g. "
                         "0.05 = 5 of 10 x 10 cells), so a slice scores by its strongest "
                         "evidence; 0 = the global average (default)")
-    p.add_argument("--extra-normals", nargs="+", default=[], metavar="SERIES",
+    p.add_argument("--extra-normals", nargs="+", action="extend", default=[], metavar="SERIES",
                    help="with --pretrain: lesion-free DICOM series whose slices join the "
                         "training part as normal (e.g. an upper-abdomen series: lung bases "
-                        "under the diaphragm dome as hard negatives)")
+                        "under the diaphragm dome as hard negatives); repeat the option or "
+                        "name several series, all are used")
     p.add_argument("--lesion-box", type=float, default=0.2,
                    help="with --pretrain, pancreas: lesions go into soft tissue within this "
                         "half-width (fraction of the body crop) around the centre; 0.45 = "

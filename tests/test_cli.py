@@ -70,3 +70,10 @@ def test_train_needs_out_unless_no_bundle(tmp_path, capsys):
     assert "needs --out" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--organ", "lung", "--no-bundle"]) == 2   # 1.x trainer
     assert "needs --out" in capsys.readouterr().err
+
+
+def test_train_extra_normals_repeated_keeps_every_series():
+    """Repeating --extra-normals adds series; argparse's default would keep only the last."""
+    args = build_parser().parse_args(["train", "data", "--organ", "lung", "--extra-normals", "a",
+                                      "--extra-normals", "b", "c"])
+    assert args.extra_normals == ["a", "b", "c"]
